@@ -1,0 +1,1 @@
+//! Blocking adapter for the `nbd-proto` NBD client: std sockets, blocking calls.

@@ -1,0 +1,6 @@
+//! The `nbd` command.
+
+fn main() {
+    eprintln!("nbd: no subcommands yet");
+    std::process::exit(2);
+}

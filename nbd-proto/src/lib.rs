@@ -1,0 +1,2 @@
+//! Sans-IO NBD client.
+#![forbid(unsafe_code)]
