@@ -1,0 +1,814 @@
+//! The [`Connection`]: one NBD connection as a state machine with no I/O of its own.
+//!
+//! This file holds the state, the byte paths in and out, and the queries.
+//! Negotiation lives in `negotiate.rs`, commands and replies in `transmit.rs`.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::event::{Completion, Event};
+use crate::flags::{Strict, TransmissionFlags};
+use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
+use crate::output::Output;
+use crate::slab::{Cookie, Slab};
+use crate::stage::Stage;
+use crate::tls::{TlsLayer, TlsSession};
+use crate::transmit::Command;
+use crate::wire::{ChunkHeader, OptionReplyHeader};
+
+/// Where a connection is in its life, as libnbd's `aio_is_*` calls see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Greeting and option exchange in progress (libnbd's "connecting").
+    Handshake,
+    /// Opt mode: waiting for the caller's next `opt_*` call.
+    Negotiating,
+    /// Transmission: commands may be issued.
+    Ready,
+    /// Ended as asked (disconnect, abort).
+    Closed,
+    /// Ended by an error; [`Connection::error`] says which.
+    Dead,
+}
+
+/// Whether the connection wants the socket to be read, written, both or neither
+/// (libnbd's `aio_get_direction`). Arm the event loop's interest from this after
+/// every call that changes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Nothing to do: the connection is over.
+    None,
+    /// Waiting for server bytes.
+    Read,
+    /// Output pending; nothing expected from the server.
+    Write,
+    /// Output pending and server bytes expected.
+    Both,
+}
+
+impl Direction {
+    /// Whether reading is wanted.
+    pub fn is_read(self) -> bool {
+        matches!(self, Direction::Read | Direction::Both)
+    }
+    /// Whether writing is wanted.
+    pub fn is_write(self) -> bool {
+        matches!(self, Direction::Write | Direction::Both)
+    }
+}
+
+/// What the byte parser expects next from the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rx {
+    Greeting,
+    OldstyleRest,
+    HandshakeFlags,
+    OptReplyHeader,
+    OptReplyData(OptionReplyHeader),
+    ExportNameReply,
+    ReplyHeader,
+    /// The 8-byte offset at the start of an `OFFSET_DATA` payload.
+    DataOffset(ChunkHeader),
+    /// A non-data chunk payload, buffered whole.
+    ChunkPayload(ChunkHeader),
+    /// Read data landing in a command's buffer at `pos..end`.
+    ReadData(ReadData),
+    /// Bytes to skip.
+    Discard {
+        left: u64,
+        then: AfterDiscard,
+    },
+    /// Nothing more: the connection is over.
+    Nothing,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadData {
+    pub(crate) cookie: Cookie,
+    /// Where this payload starts in the buffer (for the chunk event).
+    pub(crate) start: usize,
+    pub(crate) pos: usize,
+    pub(crate) end: usize,
+    /// Structured chunk: finish the command when done if its DONE flag was set.
+    pub(crate) structured_done: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AfterDiscard {
+    /// Export name reply padding: transmission starts.
+    Ready,
+    /// A skipped chunk payload: the command finishes if `done`.
+    Chunk { cookie: Cookie, done: bool },
+}
+
+/// Where the adapter's last `recv_buf` pointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecvTarget {
+    Stage,
+    Caller,
+    Tls,
+}
+
+#[derive(Debug)]
+pub(crate) enum State {
+    Handshake,
+    Negotiating,
+    Ready,
+    Closed,
+    Dead(Error),
+}
+
+/// One NBD client connection: a pure state machine.
+///
+/// It never blocks and never does I/O. The adapter moves bytes:
+/// - in: read into [`recv_buf`](Self::recv_buf) and report with
+///   [`notify_read`](Self::notify_read) (zero-copy), or hand bytes to
+///   [`handle_input`](Self::handle_input) (copying);
+/// - out: write what [`output`](Self::output) lists and report with
+///   [`notify_write`](Self::notify_write);
+/// - and arms its event loop from [`direction`](Self::direction).
+///
+/// Results come out of [`poll_event`](Self::poll_event).
+///
+/// ```
+/// use nbd_proto::{Config, Connection, Direction, Event};
+/// use nbd_proto::wire::{consts, ExportNameReply, GreetingStart};
+///
+/// let mut conn = Connection::new(Config::default());
+/// assert_eq!(conn.direction(), Direction::Read);
+///
+/// // A newstyle server without the fixed flag: the client goes straight to EXPORT_NAME.
+/// let mut server = Vec::new();
+/// GreetingStart::Newstyle.encode(&mut server);
+/// server.extend_from_slice(&0u16.to_be_bytes());
+/// conn.handle_input(&server).unwrap();
+/// assert!(conn.direction().is_write());
+/// let sent = conn.take_output();
+/// assert_eq!(&sent[..4], &0u32.to_be_bytes()); // client flags
+///
+/// let mut reply = Vec::new();
+/// ExportNameReply { size: 1 << 20, flags: consts::FLAG_HAS_FLAGS }.encode(true, &mut reply);
+/// conn.handle_input(&reply).unwrap();
+/// assert!(matches!(conn.poll_event(), Some(Event::Ready)));
+/// assert_eq!(conn.size().unwrap(), 1 << 20);
+/// assert_eq!(conn.protocol(), Some("newstyle"));
+/// ```
+pub struct Connection {
+    pub(crate) config: Config,
+    pub(crate) state: State,
+    pub(crate) rx: Rx,
+    pub(crate) stage: Stage,
+    pub(crate) output: Output,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) info: ExportInfo,
+    pub(crate) style: Option<HandshakeStyle>,
+    pub(crate) structured: bool,
+    pub(crate) no_zeroes: bool,
+    pub(crate) client_flags: Option<u32>,
+    pub(crate) commands: Slab<Command>,
+    pub(crate) tls: Option<TlsLayer>,
+    pub(crate) pending_opt: Option<crate::negotiate::PendingOpt>,
+    /// `NBD_CMD_DISC` is queued; no new commands.
+    pub(crate) disconnecting: bool,
+    /// The server sent `ESHUTDOWN`: disconnect once nothing is in flight.
+    pub(crate) soft_shutdown: bool,
+    /// Why the connection ends once the abort sent after `NBD_REP_ERR_SHUTDOWN` completes.
+    pub(crate) shutdown_error: Option<Error>,
+    recv_target: RecvTarget,
+}
+
+impl Connection {
+    /// A connection that will negotiate as `config` says, waiting for the server's greeting.
+    pub fn new(config: Config) -> Self {
+        Connection {
+            config,
+            state: State::Handshake,
+            rx: Rx::Greeting,
+            stage: Stage::new(),
+            output: Output::new(),
+            events: VecDeque::new(),
+            info: ExportInfo::default(),
+            style: None,
+            structured: false,
+            no_zeroes: false,
+            client_flags: None,
+            commands: Slab::new(),
+            tls: None,
+            pending_opt: None,
+            disconnecting: false,
+            soft_shutdown: false,
+            shutdown_error: None,
+            recv_target: RecvTarget::Stage,
+        }
+    }
+
+    /// Runs every byte through `session` from now on (the seam STARTTLS will use).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn install_tls(&mut self, session: Box<dyn TlsSession>) {
+        self.tls = Some(TlsLayer::new(session));
+    }
+
+    // ------------------------------------------------------------ bytes in
+
+    /// Where the adapter should read the next server bytes to.
+    ///
+    /// During a large read payload with nothing buffered this is the exact
+    /// unfilled region of the caller's read buffer (zero-copy); otherwise it is
+    /// the connection's own buffer. Empty when no more input is expected.
+    /// Follow each read with [`notify_read`](Self::notify_read).
+    pub fn recv_buf(&mut self) -> &mut [u8] {
+        if matches!(self.rx, Rx::Nothing) {
+            self.recv_target = RecvTarget::Stage;
+            return &mut [];
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            self.recv_target = RecvTarget::Tls;
+            return &mut tls.cipher_in[..];
+        }
+        if let Rx::ReadData(rd) = self.rx {
+            if self.stage.is_empty() {
+                let cmd = self.commands.get_mut(rd.cookie);
+                if let Some(buf) = cmd.and_then(|c| c.buf.as_mut()) {
+                    self.recv_target = RecvTarget::Caller;
+                    return &mut buf[rd.pos..rd.end];
+                }
+            }
+        }
+        self.recv_target = RecvTarget::Stage;
+        self.stage.space()
+    }
+
+    /// Reports that `n` bytes were read into the last [`recv_buf`](Self::recv_buf);
+    /// `n == 0` means the server closed its end.
+    ///
+    /// Errors only if the connection cannot take input (it is over, or TLS failed);
+    /// protocol errors arrive as events and make the connection dead.
+    pub fn notify_read(&mut self, n: usize) -> Result<()> {
+        self.check_alive()?;
+        if n == 0 {
+            self.on_eof();
+            return Ok(());
+        }
+        match self.recv_target {
+            RecvTarget::Caller => {
+                if let Rx::ReadData(mut rd) = self.rx {
+                    rd.pos += n.min(rd.end - rd.pos);
+                    self.rx = Rx::ReadData(rd);
+                    if rd.pos == rd.end {
+                        self.read_data_done(rd);
+                    }
+                }
+                self.process();
+            }
+            RecvTarget::Stage => {
+                self.stage.commit(n);
+                self.process();
+            }
+            RecvTarget::Tls => self.tls_input(n),
+        }
+        self.recv_target = RecvTarget::Stage;
+        Ok(())
+    }
+
+    /// Feeds server bytes by copying them: the same result as reading them through
+    /// [`recv_buf`](Self::recv_buf) in any split. For fuzzers, tests and adapters
+    /// that already hold the bytes. An empty slice means end of stream.
+    pub fn handle_input(&mut self, mut input: &[u8]) -> Result<()> {
+        if input.is_empty() {
+            return self.notify_read(0);
+        }
+        while !input.is_empty() {
+            let buf = self.recv_buf();
+            if buf.is_empty() {
+                // The connection is over; what the server sent after is ignored.
+                return self.check_alive();
+            }
+            let n = buf.len().min(input.len());
+            buf[..n].copy_from_slice(&input[..n]);
+            self.notify_read(n)?;
+            input = &input[n..];
+        }
+        Ok(())
+    }
+
+    fn tls_input(&mut self, n: usize) {
+        let Some(tls) = self.tls.as_mut() else { return };
+        let mut taken = 0;
+        while taken < n {
+            match tls.session.read_tls(&tls.cipher_in[taken..n]) {
+                Ok(0) => break,
+                Ok(k) => taken += k,
+                Err(e) => return self.kill(e),
+            }
+        }
+        loop {
+            let Some(tls) = self.tls.as_mut() else { return };
+            let space = self.stage.space();
+            match tls.session.read_plaintext(space) {
+                Ok(0) => break,
+                Ok(k) => {
+                    self.stage.commit(k);
+                    self.process();
+                }
+                Err(e) => return self.kill(e),
+            }
+            if matches!(self.rx, Rx::Nothing) {
+                break;
+            }
+        }
+    }
+
+    /// Parses everything parseable in the stage.
+    fn process(&mut self) {
+        while self.step() {}
+    }
+
+    /// Takes exactly `N` staged bytes, if that many are there.
+    pub(crate) fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        if self.stage.len() < N {
+            return None;
+        }
+        let mut out = [0; N];
+        out.copy_from_slice(&self.stage.data()[..N]);
+        self.stage.consume(N);
+        Some(out)
+    }
+
+    /// Takes exactly `n` staged bytes (`n` at most the stage's bounded payload size).
+    pub(crate) fn take_vec(&mut self, n: usize) -> Option<Vec<u8>> {
+        if self.stage.len() < n {
+            return None;
+        }
+        let out = self.stage.data()[..n].to_vec();
+        self.stage.consume(n);
+        Some(out)
+    }
+
+    /// One parsing step; false when more input is needed or nothing is expected.
+    fn step(&mut self) -> bool {
+        match self.rx {
+            Rx::Nothing => false,
+            Rx::Greeting => self.rx_greeting(),
+            Rx::OldstyleRest => self.rx_oldstyle_rest(),
+            Rx::HandshakeFlags => self.rx_handshake_flags(),
+            Rx::OptReplyHeader => self.rx_opt_reply_header(),
+            Rx::OptReplyData(h) => self.rx_opt_reply_data(h),
+            Rx::ExportNameReply => self.rx_export_name_reply(),
+            Rx::ReplyHeader => self.rx_reply_header(),
+            Rx::DataOffset(h) => self.rx_data_offset(h),
+            Rx::ChunkPayload(h) => self.rx_chunk_payload(h),
+            Rx::ReadData(rd) => self.rx_read_data(rd),
+            Rx::Discard { left, then } => {
+                if self.stage.is_empty() {
+                    return false;
+                }
+                let n = (self.stage.len() as u64).min(left);
+                self.stage.consume(n as usize);
+                if n < left {
+                    self.rx = Rx::Discard {
+                        left: left - n,
+                        then,
+                    };
+                    return true;
+                }
+                match then {
+                    AfterDiscard::Ready => self.enter_ready(),
+                    AfterDiscard::Chunk { cookie, done } => {
+                        self.rx = Rx::ReplyHeader;
+                        if done {
+                            self.finish_command(cookie);
+                        }
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn rx_read_data(&mut self, mut rd: ReadData) -> bool {
+        if self.stage.is_empty() {
+            return false;
+        }
+        let n = self.stage.len().min(rd.end - rd.pos);
+        if let Some(buf) = self
+            .commands
+            .get_mut(rd.cookie)
+            .and_then(|c| c.buf.as_mut())
+        {
+            buf[rd.pos..rd.pos + n].copy_from_slice(&self.stage.data()[..n]);
+        }
+        self.stage.consume(n);
+        rd.pos += n;
+        self.rx = Rx::ReadData(rd);
+        if rd.pos == rd.end {
+            self.read_data_done(rd);
+        }
+        true
+    }
+
+    // ------------------------------------------------------------ bytes out
+
+    /// Lists the bytes waiting to go to the server, in order, as slices for one
+    /// `write_vectored`; returns how many of `slices` were set. Follow the write
+    /// with [`notify_write`](Self::notify_write). Write payloads appear as the
+    /// caller's own memory, never copied.
+    pub fn output<'a>(&'a mut self, slices: &mut [IoSlice<'a>]) -> usize {
+        if slices.is_empty() {
+            return 0;
+        }
+        if self.tls.is_some() {
+            self.pump_tls_output();
+            let tls = self.tls.as_ref().expect("checked above");
+            let pending = tls.pending_cipher();
+            if pending.is_empty() {
+                return 0;
+            }
+            slices[0] = IoSlice::new(pending);
+            return 1;
+        }
+        self.output.slices(slices)
+    }
+
+    /// Reports that the socket took `n` bytes of what [`output`](Self::output) listed.
+    pub fn notify_write(&mut self, n: usize) {
+        match self.tls.as_mut() {
+            Some(tls) => tls.consume_cipher(n),
+            None => self.output.consume(n.min(self.output.pending())),
+        }
+        self.maybe_close_after_disconnect();
+    }
+
+    /// Copies out and marks as written everything pending: for tests and simple
+    /// adapters that do not need the zero-copy path.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = self.output(&mut iov);
+            if n == 0 {
+                break;
+            }
+            let before = all.len();
+            for s in &iov[..n] {
+                all.extend_from_slice(s);
+            }
+            let taken = all.len() - before;
+            self.notify_write(taken);
+        }
+        all
+    }
+
+    fn pump_tls_output(&mut self) {
+        let Some(tls) = self.tls.as_mut() else { return };
+        let mut failure = None;
+        while !self.output.is_empty() {
+            match tls.session.write_plaintext(self.output.first()) {
+                Ok(0) => break,
+                Ok(k) => self.output.consume(k),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            if let Err(e) = tls.session.write_tls(&mut tls.cipher_out) {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            self.kill(e);
+        }
+    }
+
+    /// Whether bytes are waiting to go out.
+    pub fn wants_write(&self) -> bool {
+        match &self.tls {
+            Some(tls) => {
+                !self.output.is_empty()
+                    || !tls.pending_cipher().is_empty()
+                    || tls.session.wants_write()
+            }
+            None => !self.output.is_empty(),
+        }
+    }
+
+    /// What the event loop should wait for.
+    pub fn direction(&self) -> Direction {
+        let read = !matches!(self.rx, Rx::Nothing);
+        match (read, self.wants_write()) {
+            (true, true) => Direction::Both,
+            (true, false) => Direction::Read,
+            (false, true) => Direction::Write,
+            (false, false) => Direction::None,
+        }
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// The next event, oldest first. O(1); `None` when nothing happened since.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ------------------------------------------------------------ phase and errors
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Handshake => Phase::Handshake,
+            State::Negotiating => Phase::Negotiating,
+            State::Ready => Phase::Ready,
+            State::Closed => Phase::Closed,
+            State::Dead(_) => Phase::Dead,
+        }
+    }
+
+    /// Transmission phase: commands may be issued (libnbd's `aio_is_ready`).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready)
+    }
+
+    /// Opt mode, waiting for the caller (libnbd's `aio_is_negotiating`).
+    pub fn is_negotiating(&self) -> bool {
+        matches!(self.state, State::Negotiating)
+    }
+
+    /// Ended as asked (libnbd's `aio_is_closed`).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Ended by an error (libnbd's `aio_is_dead`).
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, State::Dead(_))
+    }
+
+    /// The error that killed the connection, if it is dead.
+    pub fn error(&self) -> Option<&Error> {
+        match &self.state {
+            State::Dead(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Errors with the sticky error if the connection is dead or closed.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        match &self.state {
+            State::Dead(e) => Err(e.clone()),
+            State::Closed => Err(Error::NotConnected("connection is closed".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Kills the connection: the error becomes sticky, every pending command and
+    /// option fails exactly once, and a `Closed` event reports why.
+    pub(crate) fn kill(&mut self, error: Error) {
+        if matches!(self.state, State::Dead(_) | State::Closed) {
+            return;
+        }
+        let reason = format!("connection failed: {error}");
+        self.fail_all(&reason);
+        if let Some(pending) = self.pending_opt.take() {
+            self.events.push_back(Event::OptionDone {
+                option: pending.option(),
+                result: Err(error.clone()),
+            });
+        }
+        self.state = State::Dead(error.clone());
+        self.shut_parser();
+        self.events.push_back(Event::Closed { error: Some(error) });
+    }
+
+    /// Ends the connection as asked: pending commands fail, `Closed` without error.
+    pub(crate) fn close_clean(&mut self) {
+        if let Some(error) = self.shutdown_error.take() {
+            return self.kill(error);
+        }
+        if matches!(self.state, State::Dead(_) | State::Closed) {
+            return;
+        }
+        self.fail_all("connection closed before the reply arrived");
+        self.pending_opt = None;
+        self.state = State::Closed;
+        self.shut_parser();
+        self.events.push_back(Event::Closed { error: None });
+    }
+
+    fn shut_parser(&mut self) {
+        self.rx = Rx::Nothing;
+        self.stage.clear();
+        self.output.clear();
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        for cookie in self.commands.cookies() {
+            if let Some(cmd) = self.commands.remove(cookie) {
+                self.events.push_back(Event::Completed(Completion {
+                    cookie,
+                    result: Err(Error::NotConnected(reason.to_string())),
+                    buffer: cmd.buf,
+                }));
+            }
+        }
+    }
+
+    fn on_eof(&mut self) {
+        match self.state {
+            State::Dead(_) | State::Closed => {}
+            State::Handshake | State::Negotiating => {
+                if self.pending_opt.as_ref().is_some_and(|p| p.is_abort()) {
+                    self.close_clean();
+                } else {
+                    let hint = if self
+                        .pending_opt
+                        .as_ref()
+                        .is_some_and(|p| p.is_export_name())
+                    {
+                        " after NBD_OPT_EXPORT_NAME (the export probably does not exist)"
+                    } else {
+                        " during the handshake"
+                    };
+                    self.kill(Error::NotConnected(format!(
+                        "server closed the connection{hint}"
+                    )));
+                }
+            }
+            State::Ready => {
+                if self.disconnecting {
+                    self.close_clean();
+                } else {
+                    self.kill(Error::NotConnected("server closed the connection".into()));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn maybe_close_after_disconnect(&mut self) {
+        if self.disconnecting
+            && matches!(self.state, State::Ready)
+            && self.output.is_empty()
+            && self.commands.len() == 0
+            && self
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.pending_cipher().is_empty())
+        {
+            self.close_clean();
+        }
+    }
+
+    // ------------------------------------------------------------ settings
+
+    /// The strict checks in force.
+    pub fn strict_mode(&self) -> Strict {
+        self.config.strict
+    }
+
+    /// Changes the strict checks (libnbd's `set_strict_mode`); allowed at any time.
+    pub fn set_strict_mode(&mut self, strict: Strict) {
+        self.config.strict = strict;
+    }
+
+    /// The export name that `opt_go`, `opt_info` or the automatic handshake use.
+    pub fn export_name(&self) -> &str {
+        &self.config.export_name
+    }
+
+    /// Changes the export name; allowed until transmission starts.
+    pub fn set_export_name(&mut self, name: &str) -> Result<()> {
+        if !matches!(self.state, State::Handshake | State::Negotiating) {
+            return Err(Error::InvalidState(
+                "the export name can only change before transmission".into(),
+            ));
+        }
+        if name.len() > crate::wire::consts::MAX_STRING_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "export name of {} bytes exceeds {}",
+                name.len(),
+                crate::wire::consts::MAX_STRING_LEN
+            )));
+        }
+        self.config.export_name = name.to_string();
+        Ok(())
+    }
+
+    /// Changes whether `opt_info` / `opt_go` ask for name and description.
+    pub fn set_full_info(&mut self, full: bool) {
+        self.config.full_info = full;
+    }
+
+    // ------------------------------------------------------------ queries
+
+    /// Everything known about the export.
+    pub fn export_info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Export size in bytes (libnbd's `get_size`).
+    ///
+    /// A size above `i64::MAX` is an [`Error::Overflow`], never a wrapped number.
+    pub fn size(&self) -> Result<u64> {
+        let size = self
+            .info
+            .size
+            .ok_or_else(|| Error::InvalidState("export size is not known yet".into()))?;
+        if size > i64::MAX as u64 {
+            return Err(Error::Overflow(format!(
+                "export size {size} exceeds i64::MAX"
+            )));
+        }
+        Ok(size)
+    }
+
+    fn flag(&self, flag: TransmissionFlags) -> Result<bool> {
+        match self.info.flags {
+            Some(_) => Ok(self.info.has(flag)),
+            None => Err(Error::InvalidState("export flags are not known yet".into())),
+        }
+    }
+
+    /// Whether the export refuses writes.
+    pub fn is_read_only(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::READ_ONLY)
+    }
+    /// Whether flush is supported.
+    pub fn can_flush(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_FLUSH)
+    }
+    /// Whether the FUA flag is supported.
+    pub fn can_fua(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_FUA)
+    }
+    /// Whether the export is on rotational media.
+    pub fn is_rotational(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::ROTATIONAL)
+    }
+    /// Whether trim is supported.
+    pub fn can_trim(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_TRIM)
+    }
+    /// Whether write-zeroes is supported.
+    pub fn can_zero(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_WRITE_ZEROES)
+    }
+    /// Whether fast zeroing is supported.
+    pub fn can_fast_zero(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_FAST_ZERO)
+    }
+    /// Whether the don't-fragment read flag can be used (it also needs structured replies).
+    pub fn can_df(&self) -> Result<bool> {
+        Ok(self.flag(TransmissionFlags::SEND_DF)? && self.structured)
+    }
+    /// Whether several connections see one consistent export.
+    pub fn can_multi_conn(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::CAN_MULTI_CONN)
+    }
+    /// Whether cache (prefetch) is supported.
+    pub fn can_cache(&self) -> Result<bool> {
+        self.flag(TransmissionFlags::SEND_CACHE)
+    }
+
+    /// The server's valid block size constraints, if it sent them.
+    pub fn block_sizes(&self) -> Option<BlockSizes> {
+        self.info.block_sizes
+    }
+
+    /// The canonical export name, if the server sent it.
+    pub fn canonical_name(&self) -> Option<&str> {
+        self.info.canonical_name.as_deref()
+    }
+
+    /// The export description, if the server sent it.
+    pub fn description(&self) -> Option<&str> {
+        self.info.description.as_deref()
+    }
+
+    /// `"oldstyle"`, `"newstyle"` or `"newstyle-fixed"` once the greeting arrived.
+    pub fn protocol(&self) -> Option<&'static str> {
+        self.style.map(HandshakeStyle::protocol_name)
+    }
+
+    /// Whether structured replies were negotiated.
+    pub fn structured_replies_negotiated(&self) -> bool {
+        self.structured
+    }
+
+    /// The client flags sent after a newstyle greeting, if any were sent.
+    pub fn handshake_flags_sent(&self) -> Option<u32> {
+        self.client_flags
+    }
+
+    /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Whether `cookie` names a command still in flight. Once its `Completed`
+    /// event has been queued this is false (libnbd's `aio_command_completed`).
+    pub fn is_in_flight(&self, cookie: Cookie) -> bool {
+        self.commands.get(cookie).is_some()
+    }
+}

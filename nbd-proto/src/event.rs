@@ -1,0 +1,82 @@
+//! What the connection reports, drained with [`Connection::poll_event`](crate::Connection::poll_event).
+
+use bytes::BytesMut;
+
+use crate::error::Error;
+use crate::slab::Cookie;
+
+/// Something the caller should know about, in the order it happened.
+#[derive(Debug)]
+pub enum Event {
+    /// Opt mode: the connection waits for the caller's next `opt_*` call.
+    Negotiating,
+    /// Transmission phase reached; the export's information is available.
+    Ready,
+    /// One export listed by `opt_list`.
+    Export {
+        /// Export name.
+        name: String,
+        /// Description (may be empty).
+        description: String,
+    },
+    /// An `opt_*` call finished.
+    OptionDone {
+        /// Which option (`wire::consts::OPT_*`).
+        option: u32,
+        /// Its outcome; the server's refusal arrives as [`Error::OptionRefused`].
+        result: Result<(), Error>,
+    },
+    /// One piece of a read submitted with
+    /// [`pread_structured`](crate::Connection::pread_structured).
+    ReadChunk(ReadChunk),
+    /// A command finished: exactly once for every cookie.
+    Completed(Completion),
+    /// The connection is over. `None` when it ended as asked (disconnect or abort).
+    Closed {
+        /// Why it ended, if not by request.
+        error: Option<Error>,
+    },
+}
+
+/// A finished command.
+#[derive(Debug)]
+pub struct Completion {
+    /// The cookie its call returned.
+    pub cookie: Cookie,
+    /// Success, or why it failed. A failed read's buffer content is unspecified.
+    pub result: Result<(), Error>,
+    /// The caller's read buffer, handed back; `None` for other commands.
+    pub buffer: Option<BytesMut>,
+}
+
+/// One chunk of a structured read reply, as libnbd's `pread_structured` callback sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    /// Data for `offset..offset + length` is in the buffer.
+    Data {
+        /// The read's cookie.
+        cookie: Cookie,
+        /// Export offset of the data.
+        offset: u64,
+        /// Length of the data.
+        length: u64,
+    },
+    /// `offset..offset + length` reads as zeroes (the buffer was zero-filled).
+    Hole {
+        /// The read's cookie.
+        cookie: Cookie,
+        /// Export offset of the hole.
+        offset: u64,
+        /// Length of the hole.
+        length: u64,
+    },
+    /// The server reported an error for the read, at `offset` if it said where.
+    Error {
+        /// The read's cookie.
+        cookie: Cookie,
+        /// Export offset of the error, from `NBD_REPLY_TYPE_ERROR_OFFSET`.
+        offset: Option<u64>,
+        /// The error.
+        error: Error,
+    },
+}

@@ -1,0 +1,448 @@
+//! The handshake: greeting, client flags, option haggling, and the opt-mode calls.
+//!
+//! One option is in flight at a time. The automatic path asks for structured
+//! replies, then `NBD_OPT_GO`, falling back to `NBD_OPT_EXPORT_NAME` when the
+//! server does not know GO. Opt mode stops after structured replies and lets
+//! the caller issue options one by one.
+
+use crate::connection::{AfterDiscard, Connection, Rx, State};
+use crate::error::{Error, Result, ServerText};
+use crate::event::Event;
+use crate::flags::{HandshakeFlags, TransmissionFlags};
+use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
+use crate::stage::MAX_BUFFERED_PAYLOAD;
+use crate::wire::consts::*;
+use crate::wire::{
+    decode_string, ExportNameReply, GreetingStart, Info, InfoRequest, OldstyleRest,
+    OptionReplyHeader, OptionRequest, ServerEntry,
+};
+
+/// The option waiting for its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingOpt {
+    /// `auto`: part of the automatic handshake, not an opt-mode call.
+    StructuredReply {
+        auto: bool,
+    },
+    List,
+    /// `go`: GO rather than INFO.
+    Info {
+        go: bool,
+        auto: bool,
+    },
+    ExportName,
+    Abort,
+}
+
+impl PendingOpt {
+    pub(crate) fn option(self) -> u32 {
+        match self {
+            PendingOpt::StructuredReply { .. } => OPT_STRUCTURED_REPLY,
+            PendingOpt::List => OPT_LIST,
+            PendingOpt::Info { go: true, .. } => OPT_GO,
+            PendingOpt::Info { go: false, .. } => OPT_INFO,
+            PendingOpt::ExportName => OPT_EXPORT_NAME,
+            PendingOpt::Abort => OPT_ABORT,
+        }
+    }
+    pub(crate) fn is_abort(self) -> bool {
+        self == PendingOpt::Abort
+    }
+    pub(crate) fn is_export_name(self) -> bool {
+        self == PendingOpt::ExportName
+    }
+    fn is_auto(self) -> bool {
+        matches!(
+            self,
+            PendingOpt::StructuredReply { auto: true } | PendingOpt::Info { auto: true, .. }
+        )
+    }
+}
+
+impl Connection {
+    // ------------------------------------------------------------ greeting
+
+    pub(crate) fn rx_greeting(&mut self) -> bool {
+        let Some(bytes) = self.take::<{ GreetingStart::LEN }>() else {
+            return false;
+        };
+        match GreetingStart::decode(&bytes) {
+            Ok(GreetingStart::Oldstyle) => self.rx = Rx::OldstyleRest,
+            Ok(GreetingStart::Newstyle) => self.rx = Rx::HandshakeFlags,
+            Err(e) => self.kill(e.into()),
+        }
+        true
+    }
+
+    pub(crate) fn rx_oldstyle_rest(&mut self) -> bool {
+        let Some(bytes) = self.take::<{ OldstyleRest::LEN }>() else {
+            return false;
+        };
+        let rest = OldstyleRest::decode(&bytes).expect("exact length");
+        self.style = Some(HandshakeStyle::Oldstyle);
+        self.info.size = Some(rest.size);
+        // The low 16 bits are the transmission flags; the high ones are unused.
+        self.info.flags = Some(TransmissionFlags::from_bits_retain(rest.flags as u16));
+        self.enter_ready();
+        true
+    }
+
+    pub(crate) fn rx_handshake_flags(&mut self) -> bool {
+        let Some(bytes) = self.take::<2>() else {
+            return false;
+        };
+        let server = u16::from_be_bytes(bytes);
+        let wanted = self.config.handshake_flags;
+        let mut sent = 0;
+        if server & FLAG_FIXED_NEWSTYLE != 0 && wanted.contains(HandshakeFlags::FIXED_NEWSTYLE) {
+            sent |= FLAG_C_FIXED_NEWSTYLE;
+        }
+        if server & FLAG_NO_ZEROES != 0 && wanted.contains(HandshakeFlags::NO_ZEROES) {
+            sent |= FLAG_C_NO_ZEROES;
+        }
+        self.output
+            .push_with(|b| b.extend_from_slice(&sent.to_be_bytes()));
+        self.client_flags = Some(sent);
+        self.no_zeroes = sent & FLAG_C_NO_ZEROES != 0;
+        if sent & FLAG_C_FIXED_NEWSTYLE != 0 {
+            self.style = Some(HandshakeStyle::FixedNewstyle);
+            if self.config.request_structured_replies {
+                self.send_option(
+                    OPT_STRUCTURED_REPLY,
+                    &[],
+                    PendingOpt::StructuredReply { auto: true },
+                );
+            } else {
+                self.after_auto_options();
+            }
+        } else {
+            // Plain newstyle knows only EXPORT_NAME, with no way to report errors.
+            self.style = Some(HandshakeStyle::Newstyle);
+            self.send_export_name();
+        }
+        true
+    }
+
+    /// After the options the client always sends: hand over (opt mode) or GO.
+    fn after_auto_options(&mut self) {
+        if self.config.opt_mode {
+            self.wait_for_caller();
+        } else {
+            self.send_info(true, true);
+        }
+    }
+
+    fn wait_for_caller(&mut self) {
+        self.state = State::Negotiating;
+        self.rx = Rx::OptReplyHeader;
+        self.events.push_back(Event::Negotiating);
+    }
+
+    // ------------------------------------------------------------ sending options
+
+    fn send_option(&mut self, option: u32, data: &[u8], pending: PendingOpt) {
+        self.output
+            .push_with(|b| OptionRequest::encode_with(option, data, b));
+        self.pending_opt = Some(pending);
+        self.state = State::Handshake;
+        self.rx = Rx::OptReplyHeader;
+    }
+
+    fn send_info(&mut self, go: bool, auto: bool) {
+        let mut requests = Vec::with_capacity(3);
+        if self.config.request_block_size {
+            requests.push(INFO_BLOCK_SIZE);
+        }
+        if self.config.full_info {
+            requests.extend([INFO_NAME, INFO_DESCRIPTION]);
+        }
+        let mut data = Vec::new();
+        InfoRequest::encode(&self.config.export_name, &requests, &mut data);
+        self.info = ExportInfo::default();
+        let option = if go { OPT_GO } else { OPT_INFO };
+        self.send_option(option, &data, PendingOpt::Info { go, auto });
+    }
+
+    fn send_export_name(&mut self) {
+        let name = self.config.export_name.clone();
+        self.output
+            .push_with(|b| OptionRequest::encode_with(OPT_EXPORT_NAME, name.as_bytes(), b));
+        self.pending_opt = Some(PendingOpt::ExportName);
+        self.state = State::Handshake;
+        self.rx = Rx::ExportNameReply;
+    }
+
+    /// Checks that the caller may start an option now.
+    fn check_negotiating(&self) -> Result<()> {
+        self.check_alive()?;
+        match self.state {
+            State::Negotiating => Ok(()),
+            State::Ready => Err(Error::InvalidState(
+                "negotiation is over: the connection is in transmission".into(),
+            )),
+            _ if self.pending_opt.is_some() => {
+                Err(Error::InvalidState("another option is in flight".into()))
+            }
+            _ => Err(Error::InvalidState(
+                "not negotiating: options can be issued only in opt mode once the greeting arrived"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Opt mode: asks for the export list (`NBD_OPT_LIST`). Each export arrives as
+    /// an [`Event::Export`], then an [`Event::OptionDone`].
+    pub fn opt_list(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_option(OPT_LIST, &[], PendingOpt::List);
+        Ok(())
+    }
+
+    /// Opt mode: asks about the current export without entering transmission
+    /// (`NBD_OPT_INFO`). On success the export queries answer.
+    pub fn opt_info(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_info(false, false);
+        Ok(())
+    }
+
+    /// Opt mode: selects the current export and enters transmission (`NBD_OPT_GO`).
+    /// Success is [`Event::Ready`]; a refusal is an [`Event::OptionDone`] with the
+    /// error, and the connection stays negotiating.
+    pub fn opt_go(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_info(true, false);
+        Ok(())
+    }
+
+    /// Opt mode: asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    pub fn opt_structured_reply(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_option(
+            OPT_STRUCTURED_REPLY,
+            &[],
+            PendingOpt::StructuredReply { auto: false },
+        );
+        Ok(())
+    }
+
+    /// Opt mode: ends negotiation without transmission (`NBD_OPT_ABORT`). The
+    /// connection closes cleanly when the server acknowledges or hangs up.
+    pub fn opt_abort(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_option(OPT_ABORT, &[], PendingOpt::Abort);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ option replies
+
+    pub(crate) fn rx_opt_reply_header(&mut self) -> bool {
+        let Some(bytes) = self.take::<{ OptionReplyHeader::LEN }>() else {
+            return false;
+        };
+        let header = match OptionReplyHeader::decode(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                self.kill(e.into());
+                return true;
+            }
+        };
+        let Some(pending) = self.pending_opt else {
+            self.kill(Error::Protocol(format!(
+                "option reply for {} when no option was sent",
+                option_name(header.option)
+            )));
+            return true;
+        };
+        if header.option != pending.option() {
+            self.kill(Error::Protocol(format!(
+                "reply for {} while waiting for {}",
+                option_name(header.option),
+                option_name(pending.option())
+            )));
+            return true;
+        }
+        if header.length as usize > MAX_BUFFERED_PAYLOAD {
+            self.kill(Error::Protocol(format!(
+                "{} reply of {} bytes exceeds the limit of {MAX_BUFFERED_PAYLOAD}",
+                option_name(header.option),
+                header.length
+            )));
+            return true;
+        }
+        self.rx = Rx::OptReplyData(header);
+        true
+    }
+
+    pub(crate) fn rx_opt_reply_data(&mut self, header: OptionReplyHeader) -> bool {
+        let Some(data) = self.take_vec(header.length as usize) else {
+            return false;
+        };
+        self.rx = Rx::OptReplyHeader;
+        let pending = self.pending_opt.expect("checked with the header");
+        if let Err(e) = self.on_opt_reply(pending, header.reply_type, &data) {
+            self.kill(e);
+        }
+        true
+    }
+
+    /// Handles one option reply; an error return kills the connection.
+    fn on_opt_reply(&mut self, pending: PendingOpt, reply: u32, data: &[u8]) -> Result<()> {
+        if pending == PendingOpt::Abort {
+            // Whatever the server says, the abort is done.
+            self.close_clean();
+            return Ok(());
+        }
+        if reply & REP_FLAG_ERROR != 0 {
+            let message = ServerText(decode_string("option error message", data)?);
+            let error = Error::OptionRefused {
+                option: pending.option(),
+                reply,
+                message,
+            };
+            return self.on_opt_error(pending, error);
+        }
+        match (pending, reply) {
+            (PendingOpt::StructuredReply { auto }, REP_ACK) => {
+                self.structured = true;
+                self.pending_opt = None;
+                if auto {
+                    self.after_auto_options();
+                } else {
+                    self.option_done(OPT_STRUCTURED_REPLY, Ok(()));
+                }
+            }
+            (PendingOpt::List, REP_SERVER) => {
+                let entry = ServerEntry::decode(data)?;
+                self.events.push_back(Event::Export {
+                    name: entry.name,
+                    description: entry.description,
+                });
+            }
+            (PendingOpt::List, REP_ACK) => {
+                self.pending_opt = None;
+                self.option_done(OPT_LIST, Ok(()));
+            }
+            (PendingOpt::Info { .. }, REP_INFO) => self.apply_info(Info::decode(data)?),
+            (PendingOpt::Info { go, .. }, REP_ACK) => {
+                if self.info.size.is_none() || self.info.flags.is_none() {
+                    return Err(Error::Protocol(format!(
+                        "{} succeeded without NBD_INFO_EXPORT",
+                        option_name(pending.option())
+                    )));
+                }
+                self.pending_opt = None;
+                if go {
+                    self.enter_ready();
+                } else {
+                    self.option_done(OPT_INFO, Ok(()));
+                }
+            }
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {} reply to {}",
+                    reply_type_name(reply),
+                    option_name(pending.option())
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn on_opt_error(&mut self, pending: PendingOpt, error: Error) -> Result<()> {
+        let Error::OptionRefused { reply, .. } = error else {
+            unreachable!("built above")
+        };
+        self.pending_opt = None;
+        if reply == REP_ERR_SHUTDOWN {
+            // The server is going away: say goodbye properly, then report why.
+            if !pending.is_auto() {
+                self.events.push_back(Event::OptionDone {
+                    option: pending.option(),
+                    result: Err(error.clone()),
+                });
+            }
+            self.send_option(OPT_ABORT, &[], PendingOpt::Abort);
+            self.shutdown_error = Some(error);
+            return Ok(());
+        }
+        match pending {
+            PendingOpt::StructuredReply { auto: true } => {
+                self.structured = false;
+                self.after_auto_options();
+                Ok(())
+            }
+            PendingOpt::Info {
+                go: true,
+                auto: true,
+            } if reply == REP_ERR_UNSUP => {
+                // An old server: select the export the old way.
+                self.send_export_name();
+                Ok(())
+            }
+            PendingOpt::Info { auto: true, .. } => Err(error),
+            PendingOpt::Info { .. } => {
+                self.info = ExportInfo::default();
+                self.option_done(pending.option(), Err(error));
+                Ok(())
+            }
+            _ => {
+                self.option_done(pending.option(), Err(error));
+                Ok(())
+            }
+        }
+    }
+
+    fn option_done(&mut self, option: u32, result: Result<()>) {
+        self.events.push_back(Event::OptionDone { option, result });
+        self.state = State::Negotiating;
+        self.rx = Rx::OptReplyHeader;
+    }
+
+    fn apply_info(&mut self, info: Info) {
+        match info {
+            Info::Export { size, flags } => {
+                self.info.size = Some(size);
+                self.info.flags = Some(TransmissionFlags::from_bits_retain(flags));
+            }
+            Info::Name(name) => self.info.canonical_name = Some(name),
+            Info::Description(text) => self.info.description = Some(text),
+            Info::BlockSize {
+                minimum,
+                preferred,
+                maximum,
+            } => {
+                // Invalid constraints are ignored, as the protocol allows.
+                self.info.block_sizes = BlockSizes::validated(minimum, preferred, maximum);
+            }
+            Info::Unknown(_) => {}
+        }
+    }
+
+    // ------------------------------------------------------------ EXPORT_NAME
+
+    pub(crate) fn rx_export_name_reply(&mut self) -> bool {
+        let Some(bytes) = self.take::<{ ExportNameReply::LEN }>() else {
+            return false;
+        };
+        let reply = ExportNameReply::decode(&bytes).expect("exact length");
+        self.info.size = Some(reply.size);
+        self.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
+        self.pending_opt = None;
+        if self.no_zeroes {
+            self.enter_ready();
+        } else {
+            self.rx = Rx::Discard {
+                left: ZERO_PAD_LEN as u64,
+                then: AfterDiscard::Ready,
+            };
+        }
+        true
+    }
+
+    pub(crate) fn enter_ready(&mut self) {
+        self.state = State::Ready;
+        self.rx = Rx::ReplyHeader;
+        self.events.push_back(Event::Ready);
+    }
+}

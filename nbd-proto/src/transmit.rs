@@ -1,0 +1,645 @@
+//! The transmission phase: issuing commands, checking and applying replies.
+//!
+//! Every reply is checked against its request before a byte lands in the
+//! caller's buffer. A violation that loses framing kills the connection; one
+//! confined to a reply fails that command and the others go on.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::connection::{AfterDiscard, Connection, ReadData, Rx, State};
+use crate::coverage::Coverage;
+use crate::error::{Errno, Error, Result, ServerText};
+use crate::event::{Completion, Event, ReadChunk};
+use crate::flags::{CmdFlags, Strict, TransmissionFlags};
+use crate::slab::Cookie;
+use crate::stage::MAX_BUFFERED_PAYLOAD;
+use crate::wire::consts::*;
+use crate::wire::{ChunkHeader, ErrorChunk, HoleChunk, RequestHeader, SimpleReply};
+
+/// Largest read or write payload, whatever the strict mode (as libnbd).
+pub const MAX_REQUEST_SIZE: u64 = 64 * 1024 * 1024;
+
+/// A command in flight.
+#[derive(Debug)]
+pub(crate) struct Command {
+    pub(crate) command: u16,
+    pub(crate) offset: u64,
+    pub(crate) length: u64,
+    /// The caller's read buffer.
+    pub(crate) buf: Option<BytesMut>,
+    /// Report each chunk as an event.
+    pub(crate) chunk_events: bool,
+    /// The first error seen; the command fails with it when done.
+    pub(crate) error: Option<Error>,
+    /// What a structured read reply has covered.
+    pub(crate) coverage: Option<Coverage>,
+}
+
+impl Command {
+    fn fail(&mut self, error: Error) {
+        if self.error.is_none() {
+            self.error = Some(error);
+        }
+    }
+}
+
+impl Connection {
+    // ------------------------------------------------------------ issuing
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` (libnbd's `aio_pread`).
+    ///
+    /// The buffer comes back in the [`Completion`]. Server bytes land straight in
+    /// it; holes are zero-filled. Allowed flag: `DF`.
+    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.submit_read(buf, offset, flags, false)
+    }
+
+    /// Like [`pread`](Self::pread), and also reports each reply chunk as an
+    /// [`Event::ReadChunk`] before the completion (libnbd's `pread_structured`).
+    pub fn pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie> {
+        self.submit_read(buf, offset, flags, true)
+    }
+
+    fn submit_read(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+        chunk_events: bool,
+    ) -> Result<Cookie> {
+        let length = buf.len() as u64;
+        self.check_request(CMD_READ, offset, length, flags)?;
+        Ok(self.submit(
+            CMD_READ,
+            flags,
+            offset,
+            length,
+            Some(buf),
+            None,
+            chunk_events,
+        ))
+    }
+
+    /// Writes `data` at `offset` (libnbd's `aio_pwrite`). The payload goes out as
+    /// a slice of `data`, never copied. Allowed flag: `FUA`.
+    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        let length = data.len() as u64;
+        self.check_request(CMD_WRITE, offset, length, flags)?;
+        Ok(self.submit(CMD_WRITE, flags, offset, length, None, Some(data), false))
+    }
+
+    /// Flushes written data to stable storage (libnbd's `aio_flush`).
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
+        self.check_request(CMD_FLUSH, 0, 0, flags)?;
+        Ok(self.submit(CMD_FLUSH, flags, 0, 0, None, None, false))
+    }
+
+    /// Discards `count` bytes at `offset` (libnbd's `aio_trim`). Allowed flag: `FUA`.
+    pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_request(CMD_TRIM, offset, count, flags)?;
+        Ok(self.submit(CMD_TRIM, flags, offset, count, None, None, false))
+    }
+
+    /// Asks the server to prefetch `count` bytes at `offset` (libnbd's `aio_cache`).
+    pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_request(CMD_CACHE, offset, count, flags)?;
+        Ok(self.submit(CMD_CACHE, flags, offset, count, None, None, false))
+    }
+
+    /// Writes `count` zero bytes at `offset` (libnbd's `aio_zero`).
+    /// Allowed flags: `FUA`, `NO_HOLE`, `FAST_ZERO`.
+    pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_request(CMD_WRITE_ZEROES, offset, count, flags)?;
+        Ok(self.submit(CMD_WRITE_ZEROES, flags, offset, count, None, None, false))
+    }
+
+    /// Asks the server to end the connection (`NBD_CMD_DISC`, libnbd's
+    /// `aio_disconnect`). No new command can start; the server finishes the
+    /// commands in flight, then the connection closes with [`Event::Closed`].
+    pub fn disconnect(&mut self) -> Result<()> {
+        self.check_alive()?;
+        if !matches!(self.state, State::Ready) {
+            return Err(Error::InvalidState(
+                "disconnect needs the transmission phase; use opt_abort while negotiating".into(),
+            ));
+        }
+        if !self.disconnecting {
+            self.queue_disconnect();
+        }
+        Ok(())
+    }
+
+    fn queue_disconnect(&mut self) {
+        self.disconnecting = true;
+        let header = RequestHeader {
+            flags: 0,
+            command: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        self.output.push_with(|b| header.encode_compact(b));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        command: u16,
+        flags: CmdFlags,
+        offset: u64,
+        length: u64,
+        buf: Option<BytesMut>,
+        payload: Option<Bytes>,
+        chunk_events: bool,
+    ) -> Cookie {
+        let coverage = (command == CMD_READ).then(|| Coverage::new(offset, length));
+        let cookie = self.commands.insert(Command {
+            command,
+            offset,
+            length,
+            buf,
+            chunk_events,
+            error: None,
+            coverage,
+        });
+        let header = RequestHeader {
+            flags: flags.bits(),
+            command,
+            cookie: cookie.get(),
+            offset,
+            length,
+        };
+        self.output.push_with(|b| header.encode_compact(b));
+        if let Some(data) = payload {
+            self.output.push_payload(data);
+        }
+        cookie
+    }
+
+    /// Every check made before a command is sent; nothing is sent on error.
+    fn check_request(&self, command: u16, offset: u64, length: u64, flags: CmdFlags) -> Result<()> {
+        self.check_alive()?;
+        if self.disconnecting || self.soft_shutdown {
+            return Err(Error::Shutdown(
+                "the connection is disconnecting; no new commands".into(),
+            ));
+        }
+        if !matches!(self.state, State::Ready) {
+            return Err(Error::InvalidState(
+                "commands need the transmission phase".into(),
+            ));
+        }
+        let name = command_name(command);
+        let has_payload_limit = matches!(command, CMD_READ | CMD_WRITE);
+        if has_payload_limit && length > MAX_REQUEST_SIZE {
+            return Err(Error::TooLarge(format!(
+                "{name} of {length} bytes exceeds {MAX_REQUEST_SIZE}"
+            )));
+        }
+        if length > u64::from(u32::MAX) {
+            return Err(Error::TooLarge(format!(
+                "{name} of {length} bytes does not fit in 32 bits"
+            )));
+        }
+        let strict = self.config.strict;
+        let has = |f: TransmissionFlags| self.info.has(f);
+
+        if strict.contains(Strict::COMMANDS) {
+            let writes = matches!(command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+            if writes && has(TransmissionFlags::READ_ONLY) {
+                return Err(Error::ReadOnly(format!(
+                    "{name} refused: the server marked the export read-only"
+                )));
+            }
+            let needed = match command {
+                CMD_FLUSH => Some(TransmissionFlags::SEND_FLUSH),
+                CMD_TRIM => Some(TransmissionFlags::SEND_TRIM),
+                CMD_WRITE_ZEROES => Some(TransmissionFlags::SEND_WRITE_ZEROES),
+                CMD_CACHE => Some(TransmissionFlags::SEND_CACHE),
+                _ => None,
+            };
+            if let Some(flag) = needed {
+                if !has(flag) {
+                    return Err(Error::NotSupported(format!(
+                        "the server does not advertise {name}"
+                    )));
+                }
+            }
+        }
+
+        if strict.contains(Strict::FLAGS) {
+            let allowed = match command {
+                CMD_READ => CmdFlags::DF,
+                CMD_WRITE | CMD_TRIM => CmdFlags::FUA,
+                CMD_WRITE_ZEROES => CmdFlags::FUA | CmdFlags::NO_HOLE | CmdFlags::FAST_ZERO,
+                _ => CmdFlags::empty(),
+            };
+            let bad = flags.difference(allowed);
+            if !bad.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "flags {:#x} are not valid for {name}",
+                    bad.bits()
+                )));
+            }
+            if flags.contains(CmdFlags::FUA) && !has(TransmissionFlags::SEND_FUA) {
+                return Err(Error::NotSupported(
+                    "the server does not advertise FUA".into(),
+                ));
+            }
+            if flags.contains(CmdFlags::DF) && !(has(TransmissionFlags::SEND_DF) && self.structured)
+            {
+                return Err(Error::NotSupported(
+                    "DF needs structured replies and the server's SEND_DF".into(),
+                ));
+            }
+            if flags.contains(CmdFlags::FAST_ZERO) && !has(TransmissionFlags::SEND_FAST_ZERO) {
+                return Err(Error::NotSupported(
+                    "the server does not advertise FAST_ZERO".into(),
+                ));
+            }
+        }
+
+        if command == CMD_FLUSH {
+            return Ok(());
+        }
+        if strict.contains(Strict::ZERO_SIZE) && length == 0 {
+            return Err(Error::InvalidArgument(format!("{name} of length 0")));
+        }
+        if strict.contains(Strict::BOUNDS) {
+            let size = self.info.size.unwrap_or(0);
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} of {length} bytes at {offset} is beyond the export size {size}"
+                )));
+            }
+        }
+        if let Some(sizes) = self.info.block_sizes {
+            let min = u64::from(sizes.minimum);
+            if strict.contains(Strict::ALIGN) && (offset % min != 0 || length % min != 0) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} of {length} bytes at {offset} is not aligned to the minimum block size {min}"
+                )));
+            }
+            if strict.contains(Strict::PAYLOAD)
+                && has_payload_limit
+                && length > u64::from(sizes.maximum)
+            {
+                return Err(Error::TooLarge(format!(
+                    "{name} of {length} bytes exceeds the server's maximum payload {}",
+                    sizes.maximum
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ replies
+
+    pub(crate) fn rx_reply_header(&mut self) -> bool {
+        if self.stage.len() < 4 {
+            return false;
+        }
+        let magic = u32::from_be_bytes(self.stage.data()[..4].try_into().expect("4 bytes"));
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                let Some(bytes) = self.take::<SIMPLE_REPLY_LEN>() else {
+                    return false;
+                };
+                let reply = SimpleReply::decode(&bytes).expect("magic and length checked");
+                self.on_simple_reply(reply);
+            }
+            STRUCTURED_REPLY_MAGIC if self.structured => {
+                let Some(bytes) = self.take::<STRUCTURED_REPLY_LEN>() else {
+                    return false;
+                };
+                let header =
+                    ChunkHeader::decode_structured(&bytes).expect("magic and length checked");
+                self.on_chunk_header(header);
+            }
+            STRUCTURED_REPLY_MAGIC => self.kill(Error::Protocol(
+                "structured reply chunk, but structured replies were not negotiated".into(),
+            )),
+            other => self.kill(Error::Protocol(format!(
+                "bad reply magic {other:#x}: framing lost"
+            ))),
+        }
+        true
+    }
+
+    fn unknown_cookie(&mut self, cookie: u64) {
+        // The reply cannot be attributed: a server that confuses cookies cannot be
+        // trusted with any command's data, and a simple reply's framing is unknown.
+        self.kill(Error::Protocol(format!(
+            "reply for unknown or finished cookie {cookie:#x}"
+        )));
+    }
+
+    fn on_simple_reply(&mut self, reply: SimpleReply) {
+        let cookie = Cookie::from_raw(reply.cookie);
+        let structured = self.structured;
+        let Some(cmd) = self.commands.get_mut(cookie) else {
+            return self.unknown_cookie(reply.cookie);
+        };
+        let is_read = cmd.command == CMD_READ;
+        if is_read && structured {
+            cmd.fail(Error::Protocol(
+                "simple reply to a read after structured replies were negotiated".into(),
+            ));
+        }
+        if reply.error != 0 {
+            cmd.fail(Error::Server {
+                errno: Errno::from_nbd(reply.error),
+                message: None,
+            });
+            return self.finish_command(cookie);
+        }
+        if is_read {
+            let end = cmd.length as usize;
+            if let Some(c) = cmd.coverage.as_mut() {
+                let _ = c.add(cmd.offset, cmd.length);
+            }
+            let rd = ReadData {
+                cookie,
+                start: 0,
+                pos: 0,
+                end,
+                structured_done: None,
+            };
+            self.rx = Rx::ReadData(rd);
+            if end == 0 {
+                self.read_data_done(rd);
+            }
+            return;
+        }
+        self.finish_command(cookie)
+    }
+
+    fn on_chunk_header(&mut self, header: ChunkHeader) {
+        let cookie = Cookie::from_raw(header.cookie);
+        let Some(cmd) = self.commands.get_mut(cookie) else {
+            return self.unknown_cookie(header.cookie);
+        };
+        let done = header.flags & REPLY_FLAG_DONE != 0;
+        let is_read = cmd.command == CMD_READ;
+        let skip = |conn: &mut Connection, error: Error| {
+            if let Some(cmd) = conn.commands.get_mut(cookie) {
+                cmd.fail(error);
+            }
+            conn.skip_payload(header.length, cookie, done);
+        };
+        match header.chunk_type {
+            REPLY_TYPE_NONE => {
+                if header.length != 0 {
+                    return skip(
+                        self,
+                        Error::Protocol(format!(
+                            "NONE chunk with a {}-byte payload",
+                            header.length
+                        )),
+                    );
+                }
+                if !done {
+                    // NONE is only valid as the last chunk: end the command here.
+                    cmd.fail(Error::Protocol("NONE chunk without the DONE flag".into()));
+                    return self.finish_command(cookie);
+                }
+                self.finish_command(cookie)
+            }
+            REPLY_TYPE_OFFSET_DATA => {
+                if !is_read {
+                    let name = command_name(cmd.command);
+                    return skip(
+                        self,
+                        Error::Protocol(format!("OFFSET_DATA chunk in a reply to {name}")),
+                    );
+                }
+                if header.length <= 8 {
+                    return skip(
+                        self,
+                        Error::Protocol(format!("OFFSET_DATA chunk of length {}", header.length)),
+                    );
+                }
+                self.rx = Rx::DataOffset(header);
+            }
+            REPLY_TYPE_OFFSET_HOLE if !is_read => {
+                let name = command_name(cmd.command);
+                skip(
+                    self,
+                    Error::Protocol(format!("OFFSET_HOLE chunk in a reply to {name}")),
+                )
+            }
+            REPLY_TYPE_OFFSET_HOLE if header.length != HoleChunk::LEN as u64 => skip(
+                self,
+                Error::Protocol(format!("OFFSET_HOLE chunk of length {}", header.length)),
+            ),
+            t if t & REPLY_TYPE_FLAG_ERROR != 0 || t == REPLY_TYPE_OFFSET_HOLE => {
+                if header.length > MAX_BUFFERED_PAYLOAD as u64 {
+                    return skip(
+                        self,
+                        Error::Protocol(format!(
+                            "error chunk of {} bytes exceeds the limit",
+                            header.length
+                        )),
+                    );
+                }
+                self.rx = Rx::ChunkPayload(header);
+            }
+            other => skip(
+                self,
+                Error::Protocol(format!("unexpected chunk type {other} in a reply")),
+            ),
+        }
+    }
+
+    fn skip_payload(&mut self, length: u64, cookie: Cookie, done: bool) {
+        if length == 0 {
+            self.rx = Rx::ReplyHeader;
+            if done {
+                self.finish_command(cookie);
+            }
+        } else {
+            self.rx = Rx::Discard {
+                left: length,
+                then: AfterDiscard::Chunk { cookie, done },
+            };
+        }
+    }
+
+    pub(crate) fn rx_data_offset(&mut self, header: ChunkHeader) -> bool {
+        let Some(bytes) = self.take::<8>() else {
+            return false;
+        };
+        let offset = u64::from_be_bytes(bytes);
+        let cookie = Cookie::from_raw(header.cookie);
+        let done = header.flags & REPLY_FLAG_DONE != 0;
+        let length = header.length - 8;
+        let Some(cmd) = self.commands.get_mut(cookie) else {
+            self.unknown_cookie(header.cookie);
+            return true;
+        };
+        let checked = cmd
+            .coverage
+            .as_mut()
+            .map(|c| c.add(offset, length))
+            .unwrap_or(Ok(()));
+        match checked {
+            Ok(()) => {
+                let pos = (offset - cmd.offset) as usize;
+                let end = pos + length as usize;
+                let rd = ReadData {
+                    cookie,
+                    start: pos,
+                    pos,
+                    end,
+                    structured_done: Some(done),
+                };
+                self.rx = Rx::ReadData(rd);
+            }
+            Err(why) => {
+                cmd.fail(Error::Protocol(why));
+                self.skip_payload(length, cookie, done);
+            }
+        }
+        true
+    }
+
+    /// A read payload is complete in the caller's buffer.
+    pub(crate) fn read_data_done(&mut self, rd: ReadData) {
+        self.rx = Rx::ReplyHeader;
+        if let Some(cmd) = self.commands.get(rd.cookie) {
+            if cmd.chunk_events && cmd.error.is_none() {
+                let offset = cmd.offset + rd.start as u64;
+                let length = (rd.end - rd.start) as u64;
+                let chunk = ReadChunk::Data {
+                    cookie: rd.cookie,
+                    offset,
+                    length,
+                };
+                self.events.push_back(Event::ReadChunk(chunk));
+            }
+        }
+        // A simple reply is always the last; a chunk is if it carried DONE.
+        if rd.structured_done.unwrap_or(true) {
+            self.finish_command(rd.cookie);
+        }
+    }
+
+    pub(crate) fn rx_chunk_payload(&mut self, header: ChunkHeader) -> bool {
+        let Some(data) = self.take_vec(header.length as usize) else {
+            return false;
+        };
+        self.rx = Rx::ReplyHeader;
+        let cookie = Cookie::from_raw(header.cookie);
+        let done = header.flags & REPLY_FLAG_DONE != 0;
+        let Some(cmd) = self.commands.get_mut(cookie) else {
+            self.unknown_cookie(header.cookie);
+            return true;
+        };
+        if header.chunk_type == REPLY_TYPE_OFFSET_HOLE {
+            let hole = HoleChunk::decode(&data).expect("length checked");
+            let length = u64::from(hole.length);
+            let checked = cmd
+                .coverage
+                .as_mut()
+                .map(|c| c.add(hole.offset, length))
+                .unwrap_or(Ok(()));
+            match checked {
+                Ok(()) => {
+                    let pos = (hole.offset - cmd.offset) as usize;
+                    if let Some(buf) = cmd.buf.as_mut() {
+                        buf[pos..pos + length as usize].fill(0);
+                    }
+                    if cmd.chunk_events {
+                        let chunk = ReadChunk::Hole {
+                            cookie,
+                            offset: hole.offset,
+                            length,
+                        };
+                        self.events.push_back(Event::ReadChunk(chunk));
+                    }
+                }
+                Err(why) => cmd.fail(Error::Protocol(why)),
+            }
+        } else {
+            match ErrorChunk::decode(header.chunk_type, &data) {
+                Ok(chunk) => {
+                    let end = cmd.offset.saturating_add(cmd.length);
+                    let outside = chunk
+                        .offset
+                        .is_some_and(|o| o < cmd.offset || o >= end.max(cmd.offset + 1));
+                    if outside {
+                        cmd.fail(Error::Protocol(format!(
+                            "error offset {} outside the request",
+                            chunk.offset.unwrap_or_default()
+                        )));
+                    } else {
+                        let message =
+                            (!chunk.message.is_empty()).then_some(ServerText(chunk.message));
+                        let error = Error::Server {
+                            errno: Errno::from_nbd(chunk.error),
+                            message,
+                        };
+                        if cmd.chunk_events {
+                            let event = ReadChunk::Error {
+                                cookie,
+                                offset: chunk.offset,
+                                error: error.clone(),
+                            };
+                            self.events.push_back(Event::ReadChunk(event));
+                        }
+                        if let Some(cmd) = self.commands.get_mut(cookie) {
+                            cmd.fail(error);
+                        }
+                    }
+                }
+                Err(e) => cmd.fail(e.into()),
+            }
+        }
+        if done {
+            self.finish_command(cookie);
+        }
+        true
+    }
+
+    /// The last reply of a command arrived: complete it exactly once.
+    pub(crate) fn finish_command(&mut self, cookie: Cookie) {
+        let Some(mut cmd) = self.commands.remove(cookie) else {
+            return;
+        };
+        if cmd.error.is_none() {
+            if let Some(c) = &cmd.coverage {
+                if !c.is_complete() {
+                    cmd.error = Some(Error::Protocol(
+                        "read reply ended without covering the whole request".into(),
+                    ));
+                }
+            }
+        }
+        let result = match cmd.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let Err(Error::Server {
+            errno: Errno::Shutdown,
+            ..
+        }) = &result
+        {
+            // The server is going away: finish what is in flight, then disconnect.
+            self.soft_shutdown = true;
+        }
+        self.events.push_back(Event::Completed(Completion {
+            cookie,
+            result,
+            buffer: cmd.buf,
+        }));
+        if self.soft_shutdown && !self.disconnecting && self.commands.len() == 0 {
+            self.queue_disconnect();
+        }
+        self.maybe_close_after_disconnect();
+    }
+}
