@@ -9,6 +9,7 @@ use tempfile::TempDir;
 use crate::endpoint::Endpoint;
 use crate::launch::read_from;
 use crate::process::ServerProcess;
+use crate::watchdog::Watchdog;
 
 /// Which server program a [`ServerHandle`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,7 @@ pub struct ServerHandle {
     pub(crate) files: Vec<(String, PathBuf)>,
     pub(crate) log_path: PathBuf,
     pub(crate) command_line: String,
+    pub(crate) watchdog: Option<Watchdog>,
     // Dropped (stopped) before `dir`, which holds the socket and images.
     pub(crate) process: ServerProcess,
     pub(crate) dir: TempDir,
@@ -140,6 +142,7 @@ impl ServerHandle {
     /// Kills the server at once with SIGKILL (simulating a crash) and reaps
     /// it; the handle stays usable for its paths. Idempotent.
     pub fn kill(&mut self) {
+        self.watchdog = None;
         self.process.kill();
     }
 
@@ -147,12 +150,13 @@ impl ServerHandle {
     /// keeping the temporary directory until the handle is dropped: to check
     /// an image after the server has flushed and closed it. Idempotent.
     pub fn stop(&mut self) {
+        self.watchdog = None;
         self.process.stop();
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.process.stop();
+        self.stop();
     }
 }

@@ -16,6 +16,7 @@ use crate::endpoint::{pick_free_port, Endpoint, Transport};
 use crate::handle::{ServerHandle, ServerKind};
 use crate::process::ServerProcess;
 use crate::ready::is_listening;
+use crate::watchdog::Watchdog;
 
 /// How long a server gets to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +44,9 @@ pub(crate) struct Launch<'a> {
     pub files: Vec<(String, PathBuf)>,
     /// For servers that daemonize: the pid file the daemon writes.
     pub daemon_pidfile: Option<PathBuf>,
+    /// Whether to start a [`Watchdog`] that stops the server if the test
+    /// process dies without dropping the handle.
+    pub watchdog: bool,
     /// Extra text for the failure message.
     pub failure_note: &'static str,
     /// The command line for an endpoint.
@@ -105,6 +109,7 @@ pub(crate) fn launch(mut launch: Launch<'_>) -> ServerHandle {
         };
         match outcome {
             Outcome::Ready(process) => {
+                let watchdog = launch.watchdog.then(|| Watchdog::spawn(process.pid()));
                 return ServerHandle {
                     kind: launch.kind,
                     endpoint,
@@ -113,6 +118,7 @@ pub(crate) fn launch(mut launch: Launch<'_>) -> ServerHandle {
                     files: launch.files,
                     log_path,
                     command_line,
+                    watchdog,
                     process,
                     dir: launch.dir,
                 };

@@ -34,6 +34,7 @@ mod process;
 mod qemu;
 mod ready;
 mod tools;
+mod watchdog;
 
 pub use clients::{
     file_bytes, json_value, nbdcopy, nbdcopy_with, nbdinfo, nbdinfo_can, nbdinfo_is, nbdinfo_json,

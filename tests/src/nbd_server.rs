@@ -76,7 +76,8 @@ impl NbdServerExport {
 /// nbd-server's `-d` ("do not fork") mode serves a single connection and then
 /// stops listening, so the harness lets it daemonize, reads its pid file, and
 /// makes the test process a child subreaper (`PR_SET_CHILD_SUBREAPER`) so the
-/// daemon is reparented to it and can be reaped on drop. Once daemonized,
+/// daemon is reparented to it and can be reaped on drop; a watchdog stops it
+/// if the test process dies without dropping the handle. Once daemonized,
 /// nbd-server's messages go to syslog, not to [`ServerHandle::output`].
 ///
 /// ```no_run
@@ -224,6 +225,7 @@ impl NbdServerBuilder {
             exports: names,
             files,
             daemon_pidfile: Some(pidfile),
+            watchdog: true,
             failure_note: "(nbd-server daemonizes: its later errors go to syslog, not below)\n",
             command: Box::new(command),
         })

@@ -20,7 +20,8 @@ use crate::tools::require_tool;
 /// makes nbdkit exit if the test process dies without dropping the handle.
 /// Linux ties this to the *thread* that spawned nbdkit: a handle must not
 /// outlive the test (thread) that started it, e.g. in a `static`; use
-/// [`exit_with_parent(false)`](Self::exit_with_parent) for that.
+/// [`exit_with_parent(false)`](Self::exit_with_parent) for that, which puts a
+/// process-wide watchdog in its place.
 ///
 /// nbdkit serves the same data whatever export name a client asks for
 /// (unless the plugin or a filter such as `exportname` tells names apart), so
@@ -215,7 +216,8 @@ impl NbdkitBuilder {
         self
     }
 
-    /// Whether to pass `--exit-with-parent` (default: yes).
+    /// Whether to pass `--exit-with-parent` (default: yes). Without it, a
+    /// watchdog process stops nbdkit when the test process dies.
     pub fn exit_with_parent(mut self, on: bool) -> Self {
         self.exit_with_parent = on;
         self
@@ -291,6 +293,7 @@ impl NbdkitBuilder {
             export_name,
             files,
             daemon_pidfile: None,
+            watchdog: !exit_with_parent,
             failure_note: "",
             command: Box::new(command),
         })

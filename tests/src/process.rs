@@ -159,7 +159,7 @@ fn exit_status(raw: libc::c_int) -> ExitStatus {
     std::os::unix::process::ExitStatusExt::from_raw(raw)
 }
 
-fn send_signal(pid: u32, signal: libc::c_int) {
+pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };

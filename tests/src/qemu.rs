@@ -76,7 +76,8 @@ pub fn create_image_from_bytes(path: &Path, format: ImageFormat, bytes: &[u8]) {
 ///
 /// Runs `qemu-nbd -f FORMAT [-r] [-x NAME] [-t] [--shared=N] [--cache=MODE]
 /// -k SOCKET|-b 127.0.0.1 -p PORT IMAGE` in the foreground (never `--fork`,
-/// so the handle owns the process). Persistent (`-t`) by default: without it
+/// so the handle owns the process). A watchdog stops it if the test process
+/// dies without dropping the handle. Persistent (`-t`) by default: without it
 /// qemu-nbd exits when its first client disconnects.
 ///
 /// While qemu-nbd runs it holds qemu's image lock, so other qemu tools need
@@ -271,6 +272,7 @@ impl QemuNbdBuilder {
             files: vec![(export_name.clone(), image)],
             export_name,
             daemon_pidfile: None,
+            watchdog: true,
             failure_note: "",
             command: Box::new(command),
         })

@@ -179,20 +179,24 @@ esac
 #[test]
 fn nbdkit_data_plugin_and_filters() {
     // 512 bytes "1 2 3" then zeroes; the blocksize-policy filter advertises
-    // the block sizes; --mask-handshake=0 drops fixed newstyle.
+    // block sizes.
     let server = NbdkitBuilder::data("1 2 3")
         .param("size", "512")
         .filter("blocksize-policy")
         .param("blocksize-minimum", "1")
         .param("blocksize-preferred", "512")
         .param("blocksize-maximum", "4096")
-        .mask_handshake(0)
         .start();
     let mut expected = vec![0u8; 512];
     expected[..3].copy_from_slice(&[1, 2, 3]);
     assert_eq!(read_export(&server.uri()), expected);
     let json = nbdinfo_json(&server.uri());
-    assert_eq!(json_value(&json, "protocol"), Some("newstyle"), "{json}");
+    assert_eq!(
+        json_value(&json, "protocol"),
+        Some("newstyle-fixed"),
+        "{json}"
+    );
+    assert_eq!(json_value(&json, "structured"), Some("true"), "{json}");
     assert_eq!(
         json_value(&json, "block_size_preferred"),
         Some("512"),
@@ -203,6 +207,21 @@ fn nbdkit_data_plugin_and_filters() {
         Some("4096"),
         "{json}"
     );
+    drop_and_check_gone(server);
+
+    // --mask-handshake=0 drops fixed newstyle: no options, so no structured
+    // replies and no block size information either.
+    let server = NbdkitBuilder::data("1 2 3")
+        .param("size", "512")
+        .filter("blocksize-policy")
+        .param("blocksize-preferred", "512")
+        .mask_handshake(0)
+        .start();
+    let json = nbdinfo_json(&server.uri());
+    assert_eq!(json_value(&json, "protocol"), Some("newstyle"), "{json}");
+    assert_eq!(json_value(&json, "structured"), Some("false"), "{json}");
+    assert_eq!(json_value(&json, "block_size_preferred"), None, "{json}");
+    assert_eq!(read_export(&server.uri()), expected);
     drop_and_check_gone(server);
 }
 
@@ -280,7 +299,10 @@ fn qemu_nbd_not_persistent_exits_after_first_client() {
     assert!(server.is_running());
     assert_eq!(nbdinfo_size(&server.uri()), 64 * 1024);
     wait_until("qemu-nbd exits", || !server.is_running());
-    drop_and_check_gone(server);
+    let (pid, dir) = (server.pid(), server.dir().to_path_buf());
+    drop(server);
+    assert!(!proc_exists(pid));
+    assert!(!dir.exists());
 }
 
 #[test]
@@ -414,7 +436,9 @@ fn kill_simulates_a_crash() {
     server.kill();
     assert!(!server.is_running());
     assert!(!proc_exists(pid));
-    assert!(!nbdinfo_can("connect", &server.uri()));
+    // The stale socket file remains until the handle drops; nobody listens.
+    let socket = server.socket_path().unwrap();
+    assert!(UnixStream::connect(socket).is_err());
 }
 
 #[test]

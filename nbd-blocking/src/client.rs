@@ -1,0 +1,508 @@
+//! [`Client`]: an NBD connection over a std socket, with blocking and aio-style calls.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::ToSocketAddrs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nbd_proto::uri::{NbdUri, Transport};
+use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk};
+
+use crate::error::{Error, Result};
+use crate::stream::Stream;
+
+/// Most reads per drive step before writes get another turn.
+const READS_PER_STEP: usize = 8;
+/// Largest piece the convenience calls (`read_exact_at`, `write_all_at`) send at once.
+const CONVENIENCE_CHUNK: usize = 4 * 1024 * 1024;
+
+/// One export from an export list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    /// Export name.
+    pub name: String,
+    /// Description (may be empty).
+    pub description: String,
+}
+
+/// A connected NBD client: the `nbd-proto` core driven over a std socket.
+///
+/// Blocking calls (`pread`, `pwrite`, ...) issue a command and wait for it.
+/// The aio calls (`aio_pread`, ...) return a [`Cookie`] at once; [`Client::poll`]
+/// drives the socket and [`Client::next_completion`] hands back finished commands,
+/// so many commands can be in flight on one connection.
+///
+/// ```no_run
+/// use nbd_blocking::Client;
+/// let mut client = Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock")?;
+/// let mut head = vec![0u8; 512];
+/// client.read_exact_at(&mut head, 0)?;
+/// client.write_all_at(b"hello", 4096)?;
+/// client.flush()?;
+/// client.shutdown()?;
+/// # Ok::<(), nbd_blocking::Error>(())
+/// ```
+pub struct Client {
+    conn: Connection,
+    stream: Stream,
+    completed: VecDeque<Completion>,
+    chunks: Vec<ReadChunk>,
+    exports: Vec<ExportEntry>,
+    option_result: Option<nbd_proto::Result<()>>,
+    closed: bool,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    // ------------------------------------------------------------ connecting
+
+    /// Connects over TCP with the default configuration and negotiates.
+    pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Self> {
+        Self::connect_tcp_with(addr, Config::default())
+    }
+
+    /// Connects over TCP (every resolved address in turn) and negotiates as `config` says.
+    pub fn connect_tcp_with(addr: impl ToSocketAddrs, config: Config) -> Result<Self> {
+        Self::handshake(Stream::connect_tcp(addr)?, config)
+    }
+
+    /// Connects to a Unix socket with the default configuration and negotiates.
+    pub fn connect_unix(path: impl AsRef<Path>) -> Result<Self> {
+        Self::connect_unix_with(path, Config::default())
+    }
+
+    /// Connects to a Unix socket and negotiates as `config` says.
+    pub fn connect_unix_with(path: impl AsRef<Path>, config: Config) -> Result<Self> {
+        Self::handshake(Stream::connect_unix(path)?, config)
+    }
+
+    /// Connects to an NBD URI (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`) with the default configuration.
+    pub fn connect_uri(uri: &str) -> Result<Self> {
+        Self::connect_uri_with(uri, Config::default())
+    }
+
+    /// Connects to an NBD URI; the URI's export name replaces `config.export_name`.
+    pub fn connect_uri_with(uri: &str, mut config: Config) -> Result<Self> {
+        let uri: NbdUri = uri.parse()?;
+        if uri.tls {
+            return Err(Error::Unsupported(format!(
+                "{}: TLS is not supported yet",
+                uri.scheme()
+            )));
+        }
+        config.export_name = uri.export_name.clone();
+        let stream = match &uri.transport {
+            Transport::Tcp { host, port } => Stream::connect_tcp((host.as_str(), *port))?,
+            Transport::Unix { socket } => Stream::connect_unix(socket)?,
+            Transport::Vsock { .. } => {
+                return Err(Error::Unsupported("vsock is not supported".into()))
+            }
+        };
+        Self::handshake(stream, config)
+    }
+
+    /// Negotiates over an already connected stream. Returns once the export is
+    /// ready, or, in opt mode, once the server waits for options.
+    pub fn handshake(stream: Stream, config: Config) -> Result<Self> {
+        let mut client = Client {
+            conn: Connection::new(config),
+            stream,
+            completed: VecDeque::new(),
+            chunks: Vec::new(),
+            exports: Vec::new(),
+            option_result: None,
+            closed: false,
+            timeout: None,
+        };
+        client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
+        Ok(client)
+    }
+
+    /// Sets how long a blocking call may wait without any progress from the
+    /// server before it fails with [`Error::TimedOut`]; `None` waits forever.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    // ------------------------------------------------------------ the core and socket
+
+    /// The protocol state: export queries (`size`, `can_trim`, ...), phase, settings.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Mutable access to the protocol state, for settings such as strict mode.
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> Result<u64> {
+        Ok(self.conn.size()?)
+    }
+
+    /// Drives the socket once: writes what is pending, reads what has arrived,
+    /// waiting up to `timeout` (`None`: forever) if neither can proceed.
+    /// Returns whether anything moved.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> Result<bool> {
+        if self.try_io()? {
+            return Ok(true);
+        }
+        let dir = self.conn.direction();
+        if dir == Direction::None {
+            return Ok(false);
+        }
+        if !self.stream.wait(dir.is_read(), dir.is_write(), timeout)? {
+            return Ok(false);
+        }
+        self.try_io()
+    }
+
+    fn try_io(&mut self) -> Result<bool> {
+        let mut progressed = false;
+        while self.conn.wants_write() {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = self.conn.output(&mut iov);
+            if n == 0 {
+                break;
+            }
+            match self.stream.write_vectored(&iov[..n]) {
+                Ok(0) => return Err(self.socket_failed(io::ErrorKind::WriteZero.into())),
+                Ok(k) => {
+                    self.conn.notify_write(k);
+                    progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.socket_failed(e)),
+            }
+        }
+        for _ in 0..READS_PER_STEP {
+            if !self.conn.direction().is_read() {
+                break;
+            }
+            let buf = self.conn.recv_buf();
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    self.conn.notify_read(n)?;
+                    progressed = true;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.socket_failed(e)),
+            }
+        }
+        self.collect_events();
+        Ok(progressed)
+    }
+
+    /// A socket error ends the connection: the core sees end of stream so every
+    /// pending command fails exactly once, and the caller gets the socket error.
+    fn socket_failed(&mut self, e: io::Error) -> Error {
+        let _ = self.conn.notify_read(0);
+        self.collect_events();
+        Error::Io(e)
+    }
+
+    fn collect_events(&mut self) {
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::Completed(c) => self.completed.push_back(c),
+                Event::ReadChunk(chunk) => self.chunks.push(chunk),
+                Event::Export { name, description } => {
+                    self.exports.push(ExportEntry { name, description })
+                }
+                Event::OptionDone { result, .. } => self.option_result = Some(result),
+                Event::Closed { .. } => self.closed = true,
+                Event::Ready | Event::Negotiating => {}
+            }
+        }
+    }
+
+    /// Drives the socket until `done` holds, the connection ends, or the timeout passes.
+    fn run_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> Result<()> {
+        let mut last_progress = Instant::now();
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            if let Some(e) = self.conn.error() {
+                return Err(e.clone().into());
+            }
+            if self.conn.is_closed() {
+                return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
+            }
+            let wait = self
+                .timeout
+                .map(|t| t.saturating_sub(last_progress.elapsed()));
+            if self.poll(wait)? {
+                last_progress = Instant::now();
+            } else if self.timeout.is_some_and(|t| last_progress.elapsed() >= t) {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ aio calls
+
+    /// Starts a read into `buf` (its length is the read's length); returns at once.
+    pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.pread(buf, offset, flags)?)
+    }
+
+    /// Starts a read that also reports each reply chunk (see [`Client::take_chunks`]).
+    pub fn aio_pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie> {
+        Ok(self.conn.pread_structured(buf, offset, flags)?)
+    }
+
+    /// Starts a write of `data`; returns at once. The payload is sent without copying.
+    pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.pwrite(data, offset, flags)?)
+    }
+
+    /// Starts a flush.
+    pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.flush(flags)?)
+    }
+
+    /// Starts a trim of `count` bytes at `offset`.
+    pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.trim(count, offset, flags)?)
+    }
+
+    /// Starts a cache (prefetch) of `count` bytes at `offset`.
+    pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.cache(count, offset, flags)?)
+    }
+
+    /// Starts writing `count` zeroes at `offset`.
+    pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.zero(count, offset, flags)?)
+    }
+
+    /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.conn.in_flight()
+    }
+
+    /// The oldest finished command not yet taken, if any.
+    pub fn next_completion(&mut self) -> Option<Completion> {
+        self.completed.pop_front()
+    }
+
+    /// Takes the completion of `cookie` if it has finished (libnbd's
+    /// `aio_command_completed`, handing back the result and buffer).
+    pub fn take_completion(&mut self, cookie: Cookie) -> Option<Completion> {
+        let at = self.completed.iter().position(|c| c.cookie == cookie)?;
+        self.completed.remove(at)
+    }
+
+    /// Takes the chunk reports of structured reads collected so far.
+    pub fn take_chunks(&mut self) -> Vec<ReadChunk> {
+        std::mem::take(&mut self.chunks)
+    }
+
+    /// Blocks until `cookie` finishes and returns its completion.
+    pub fn wait_for(&mut self, cookie: Cookie) -> Result<Completion> {
+        let mut found = None;
+        self.run_until(|c| {
+            found = c.take_completion(cookie);
+            found.is_some()
+        })
+        .or_else(|e| match self.take_completion(cookie) {
+            Some(done) => {
+                found = Some(done);
+                Ok(())
+            }
+            None => Err(e),
+        })?;
+        Ok(found.expect("loop ends only when found"))
+    }
+
+    fn complete(&mut self, cookie: Cookie) -> Result<Option<BytesMut>> {
+        let done = self.wait_for(cookie)?;
+        done.result?;
+        Ok(done.buffer)
+    }
+
+    // ------------------------------------------------------------ blocking calls
+
+    /// Reads `buf.len()` bytes at `offset` straight into `buf` and hands it back.
+    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<BytesMut> {
+        let cookie = self.aio_pread(buf, offset, flags)?;
+        Ok(self.complete(cookie)?.expect("reads return their buffer"))
+    }
+
+    /// Reads like [`Client::pread`] and also returns the reply's chunks in order:
+    /// data, holes and errors with their offsets (libnbd's `pread_structured`).
+    pub fn pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<(BytesMut, Vec<ReadChunk>)> {
+        let cookie = self.aio_pread_structured(buf, offset, flags)?;
+        let done = self.wait_for(cookie)?;
+        let mut mine = Vec::new();
+        self.chunks.retain(|c| {
+            let keep = chunk_cookie(c) != cookie;
+            if !keep {
+                mine.push(c.clone());
+            }
+            keep
+        });
+        done.result?;
+        Ok((done.buffer.expect("reads return their buffer"), mine))
+    }
+
+    /// Writes `data` at `offset` and waits until the server acknowledges it.
+    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<()> {
+        let cookie = self.aio_pwrite(data, offset, flags)?;
+        self.complete(cookie).map(drop)
+    }
+
+    /// Fills `buf` from `offset`, splitting large reads (copies from internal buffers).
+    pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut scratch = BytesMut::new();
+        for (i, part) in buf.chunks_mut(CONVENIENCE_CHUNK).enumerate() {
+            scratch.resize(part.len(), 0);
+            let at = offset + (i * CONVENIENCE_CHUNK) as u64;
+            scratch = self.pread(scratch, at, CmdFlags::empty())?;
+            part.copy_from_slice(&scratch);
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data` at `offset`, splitting large writes.
+    pub fn write_all_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        for (i, part) in data.chunks(CONVENIENCE_CHUNK).enumerate() {
+            let at = offset + (i * CONVENIENCE_CHUNK) as u64;
+            self.pwrite(Bytes::copy_from_slice(part), at, CmdFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes written data to stable storage.
+    pub fn flush(&mut self) -> Result<()> {
+        let cookie = self.aio_flush(CmdFlags::empty())?;
+        self.complete(cookie).map(drop)
+    }
+
+    /// Discards `count` bytes at `offset`.
+    pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<()> {
+        let cookie = self.aio_trim(count, offset, flags)?;
+        self.complete(cookie).map(drop)
+    }
+
+    /// Asks the server to prefetch `count` bytes at `offset`.
+    pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<()> {
+        let cookie = self.aio_cache(count, offset, flags)?;
+        self.complete(cookie).map(drop)
+    }
+
+    /// Writes `count` zeroes at `offset`.
+    pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<()> {
+        let cookie = self.aio_zero(count, offset, flags)?;
+        self.complete(cookie).map(drop)
+    }
+
+    /// Sends `NBD_CMD_DISC` without waiting (libnbd's `aio_disconnect`).
+    pub fn disconnect(&mut self) -> Result<()> {
+        self.conn.disconnect()?;
+        self.try_io().map(drop)
+    }
+
+    /// Disconnects cleanly: commands in flight finish, the server closes, the
+    /// socket is shut (libnbd's `shutdown`).
+    pub fn shutdown(mut self) -> Result<()> {
+        if self.conn.is_negotiating() {
+            self.conn.opt_abort()?;
+        } else if !self.conn.is_closed() {
+            self.conn.disconnect()?;
+        }
+        let result = self.run_until(|c| c.closed);
+        let _ = self.stream.shutdown();
+        result
+    }
+
+    // ------------------------------------------------------------ opt mode
+
+    fn wait_option(&mut self) -> Result<()> {
+        self.option_result = None;
+        self.run_until(|c| c.option_result.is_some())?;
+        Ok(self.option_result.take().expect("waited for it")?)
+    }
+
+    /// Lists the server's exports (opt mode).
+    pub fn opt_list(&mut self) -> Result<Vec<ExportEntry>> {
+        self.exports.clear();
+        self.conn.opt_list()?;
+        self.wait_option()?;
+        Ok(std::mem::take(&mut self.exports))
+    }
+
+    /// Asks about the current export; afterwards the export queries answer (opt mode).
+    pub fn opt_info(&mut self) -> Result<()> {
+        self.conn.opt_info()?;
+        self.wait_option()
+    }
+
+    /// Asks for structured replies (opt mode).
+    pub fn opt_structured_reply(&mut self) -> Result<()> {
+        self.conn.opt_structured_reply()?;
+        self.wait_option()
+    }
+
+    /// Selects the current export and enters transmission (opt mode). On refusal
+    /// the error is returned and the connection stays negotiating.
+    pub fn opt_go(&mut self) -> Result<()> {
+        self.option_result = None;
+        self.conn.opt_go()?;
+        self.run_until(|c| c.conn.is_ready() || c.option_result.is_some())?;
+        match self.option_result.take() {
+            Some(result) => Ok(result?),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends negotiation without transmission and closes (opt mode).
+    pub fn opt_abort(mut self) -> Result<()> {
+        self.conn.opt_abort()?;
+        let result = self.run_until(|c| c.closed);
+        let _ = self.stream.shutdown();
+        result
+    }
+
+    /// Changes the export name used by `opt_info` and `opt_go`.
+    pub fn set_export_name(&mut self, name: &str) -> Result<()> {
+        Ok(self.conn.set_export_name(name)?)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Best effort, without blocking: tell the server goodbye if it can be said at once.
+        if self.conn.is_ready() && self.conn.disconnect().is_ok() {
+            let _ = self.try_io();
+        }
+    }
+}
+
+fn chunk_cookie(chunk: &ReadChunk) -> Cookie {
+    match chunk {
+        ReadChunk::Data { cookie, .. }
+        | ReadChunk::Hole { cookie, .. }
+        | ReadChunk::Error { cookie, .. } => *cookie,
+    }
+}
