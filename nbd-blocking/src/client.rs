@@ -161,6 +161,31 @@ impl Client {
         self.try_io()
     }
 
+    /// Drives several clients at once: each moves what it can, and if none could,
+    /// waits up to `timeout` for any of their sockets. Returns whether anything moved.
+    ///
+    /// This lets one thread copy between two exports without busy-waiting.
+    pub fn poll_many(clients: &mut [&mut Client], timeout: Option<Duration>) -> Result<bool> {
+        let mut progressed = false;
+        for c in clients.iter_mut() {
+            progressed |= c.try_io()?;
+        }
+        if progressed {
+            return Ok(true);
+        }
+        let waits: Vec<(&Stream, Direction)> = clients
+            .iter()
+            .map(|c| (&c.stream, c.conn.direction()))
+            .collect();
+        if !Stream::wait_many(&waits, timeout)? {
+            return Ok(false);
+        }
+        for c in clients.iter_mut() {
+            progressed |= c.try_io()?;
+        }
+        Ok(progressed)
+    }
+
     fn try_io(&mut self) -> Result<bool> {
         let mut progressed = false;
         while self.conn.wants_write() {

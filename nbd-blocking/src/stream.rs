@@ -60,17 +60,29 @@ impl Stream {
             flags |= PollFlags::OUT;
         }
         let mut fds = [PollFd::from_borrowed_fd(self.as_fd(), flags)];
-        let ts = timeout.map(|t| Timespec {
-            tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
-            tv_nsec: t.subsec_nanos().into(),
-        });
-        loop {
-            match rustix::event::poll(&mut fds, ts.as_ref()) {
-                Ok(n) => return Ok(n > 0),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        poll_fds(&mut fds, timeout)
+    }
+
+    /// Waits until any of `streams` is ready in its direction, or the timeout
+    /// passes; returns false on timeout.
+    pub fn wait_many(
+        streams: &[(&Stream, nbd_proto::Direction)],
+        timeout: Option<Duration>,
+    ) -> io::Result<bool> {
+        let mut fds: Vec<PollFd<'_>> = streams
+            .iter()
+            .map(|(s, dir)| {
+                let mut flags = PollFlags::empty();
+                if dir.is_read() {
+                    flags |= PollFlags::IN;
+                }
+                if dir.is_write() {
+                    flags |= PollFlags::OUT;
+                }
+                PollFd::from_borrowed_fd(s.as_fd(), flags)
+            })
+            .collect();
+        poll_fds(&mut fds, timeout)
     }
 
     /// Shuts down both directions.
@@ -115,5 +127,19 @@ impl Write for Stream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+fn poll_fds(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<bool> {
+    let ts = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: t.subsec_nanos().into(),
+    });
+    loop {
+        match rustix::event::poll(fds, ts.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }

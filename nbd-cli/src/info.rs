@@ -1,0 +1,250 @@
+//! `nbd info`: what an export (or a server's exports) looks like, as nbdinfo shows it.
+
+use std::process::ExitCode;
+
+use nbd_blocking::{Client, Error};
+use nbd_proto::uri::NbdUri;
+use nbd_proto::{Config, Connection};
+
+use crate::json::{self, Value};
+use crate::size::human_size;
+
+/// Options of `nbd info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// NBD URI of the export (or of the server, with --list).
+    pub uri: String,
+    /// Print a JSON document shaped like `nbdinfo --json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Print only the size in bytes.
+    #[arg(long, conflicts_with_all = ["list", "can", "is"])]
+    pub size: bool,
+    /// List every export of the server.
+    #[arg(long, conflicts_with_all = ["can", "is"])]
+    pub list: bool,
+    /// Exit 0 if the export supports FEATURE, 2 if not, 1 on error
+    /// (connect, read, write, flush, fua, trim, zero, fast-zero, df, cache, multi-conn, structured-reply).
+    #[arg(long, value_name = "FEATURE", conflicts_with = "is")]
+    pub can: Option<String>,
+    /// Exit 0 if the export has PROPERTY, 2 if not, 1 on error (read-only, rotational, tls).
+    #[arg(long, value_name = "PROPERTY")]
+    pub is: Option<String>,
+}
+
+/// Runs `nbd info`.
+pub fn run(args: &InfoArgs) -> Result<ExitCode, Error> {
+    if let Some(feature) = args.can.as_deref().or(args.is.as_deref()) {
+        return answer_feature(&args.uri, feature);
+    }
+    if args.list {
+        return list(args);
+    }
+    let client = connect(
+        &args.uri,
+        Config {
+            full_info: true,
+            ..Config::default()
+        },
+    )?;
+    let conn = client.connection();
+    if args.size {
+        println!("{}", conn.size()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let name = conn
+        .canonical_name()
+        .unwrap_or(conn.export_name())
+        .to_string();
+    let export = describe(conn, &name, &args.uri)?;
+    print_exports(args.json, conn, &[export]);
+    client.shutdown()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn connect(uri: &str, config: Config) -> Result<Client, Error> {
+    Client::connect_uri_with(uri, config)
+}
+
+/// Whether a `--can` / `--is` question holds, answered by exit code as nbdinfo does.
+fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Error> {
+    let known = [
+        "connect",
+        "read",
+        "write",
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "fast-zero",
+        "df",
+        "cache",
+        "multi-conn",
+        "structured-reply",
+        "read-only",
+        "rotational",
+        "tls",
+    ];
+    if !known.contains(&feature) {
+        return Err(nbd_proto::Error::InvalidArgument(format!(
+            "unknown --can or --is feature {feature:?}"
+        ))
+        .into());
+    }
+    let client = connect(uri, Config::default())?;
+    let c = client.connection();
+    let yes = match feature {
+        "connect" | "read" => true,
+        "write" => !c.is_read_only()?,
+        "flush" => c.can_flush()?,
+        "fua" => c.can_fua()?,
+        "trim" => c.can_trim()?,
+        "zero" => c.can_zero()?,
+        "fast-zero" => c.can_fast_zero()?,
+        "df" => c.can_df()?,
+        "cache" => c.can_cache()?,
+        "multi-conn" => c.can_multi_conn()?,
+        "structured-reply" => c.structured_replies_negotiated(),
+        "read-only" => c.is_read_only()?,
+        "rotational" => c.is_rotational()?,
+        "tls" => false,
+        _ => unreachable!("checked above"),
+    };
+    client.shutdown()?;
+    Ok(if yes {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Lists every export through opt mode, asking about each in turn.
+fn list(args: &InfoArgs) -> Result<ExitCode, Error> {
+    let base: NbdUri = args.uri.parse()?;
+    let mut client = connect(
+        &args.uri,
+        Config {
+            opt_mode: true,
+            full_info: true,
+            ..Config::default()
+        },
+    )?;
+    if !client.connection().is_negotiating() {
+        return Err(nbd_proto::Error::NotSupported(
+            "the server cannot list exports (no option negotiation)".into(),
+        )
+        .into());
+    }
+    let entries = client.opt_list()?;
+    let mut exports = Vec::new();
+    for entry in &entries {
+        client.set_export_name(&entry.name)?;
+        client.opt_info()?;
+        let mut uri = base.clone();
+        uri.export_name = entry.name.clone();
+        let mut export = describe(client.connection(), &entry.name, &uri.to_string())?;
+        if export.description.is_none() && !entry.description.is_empty() {
+            export.description = Some(entry.description.clone());
+        }
+        exports.push(export);
+    }
+    print_exports(args.json, client.connection(), &exports);
+    client.opt_abort()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What is printed about one export.
+struct ExportReport {
+    name: String,
+    description: Option<String>,
+    uri: String,
+    size: u64,
+    flags: Vec<(&'static str, bool)>,
+    block_sizes: Option<nbd_proto::BlockSizes>,
+}
+
+fn describe(c: &Connection, name: &str, uri: &str) -> Result<ExportReport, Error> {
+    Ok(ExportReport {
+        name: name.to_string(),
+        description: c.description().map(str::to_string),
+        uri: uri.to_string(),
+        size: c.size()?,
+        flags: vec![
+            ("is_rotational", c.is_rotational()?),
+            ("is_read_only", c.is_read_only()?),
+            ("can_cache", c.can_cache()?),
+            ("can_df", c.can_df()?),
+            ("can_fast_zero", c.can_fast_zero()?),
+            ("can_flush", c.can_flush()?),
+            ("can_fua", c.can_fua()?),
+            ("can_multi_conn", c.can_multi_conn()?),
+            ("can_trim", c.can_trim()?),
+            ("can_zero", c.can_zero()?),
+        ],
+        block_sizes: c.block_sizes(),
+    })
+}
+
+fn print_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) {
+    let protocol = c.protocol().unwrap_or("unknown");
+    if as_json {
+        println!(
+            "{}",
+            render_json(protocol, c.structured_replies_negotiated(), exports)
+        );
+        return;
+    }
+    let packets = if c.structured_replies_negotiated() {
+        "structured"
+    } else {
+        "simple"
+    };
+    println!("protocol: {protocol} without TLS, using {packets} packets");
+    for e in exports {
+        println!("export={}:", json::quote(&e.name));
+        if let Some(d) = &e.description {
+            println!("\tdescription: {d}");
+        }
+        println!("\texport-size: {} ({})", e.size, human_size(e.size));
+        println!("\turi: {}", e.uri);
+        for (k, v) in &e.flags {
+            println!("\t{k}: {v}");
+        }
+        if let Some(b) = e.block_sizes {
+            println!("\tblock_size_minimum: {}", b.minimum);
+            println!("\tblock_size_preferred: {}", b.preferred);
+            println!("\tblock_size_maximum: {}", b.maximum);
+        }
+    }
+}
+
+fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> String {
+    let head = json::fields(
+        &[
+            ("protocol", Value::Str(protocol.into())),
+            ("TLS", Value::Bool(false)),
+            ("structured", Value::Bool(structured)),
+        ],
+        0,
+    );
+    let bodies: Vec<String> = exports
+        .iter()
+        .map(|e| {
+            let mut f = vec![("export-name", Value::Str(e.name.clone()))];
+            if let Some(d) = &e.description {
+                f.push(("description", Value::Str(d.clone())));
+            }
+            f.push(("uri", Value::Str(e.uri.clone())));
+            f.extend(e.flags.iter().map(|(k, v)| (*k, Value::Bool(*v))));
+            if let Some(b) = e.block_sizes {
+                f.push(("block_size_minimum", Value::Num(b.minimum.into())));
+                f.push(("block_size_preferred", Value::Num(b.preferred.into())));
+                f.push(("block_size_maximum", Value::Num(b.maximum.into())));
+            }
+            f.push(("export-size", Value::Num(e.size)));
+            f.push(("export-size-str", Value::Str(human_size(e.size))));
+            format!("\t{{\n{}\n\t}}", json::fields(&f, 1))
+        })
+        .collect();
+    format!("{{\n{head},\n\"exports\": [\n{} ]\n}}", bodies.join(",\n"))
+}
