@@ -50,12 +50,12 @@ fn is_uri(s: &str) -> bool {
 }
 
 enum Source {
-    Nbd(Client),
+    Nbd(Box<Client>),
     Stream(Box<dyn Read>),
 }
 
 enum Dest {
-    Nbd(Client),
+    Nbd(Box<Client>),
     File(File),
     Stdout {
         out: io::Stdout,
@@ -93,7 +93,7 @@ fn open_source(spec: &str) -> Result<(Source, Option<u64>), Error> {
     if is_uri(spec) {
         let client = Client::connect_uri(spec)?;
         let size = client.size()?;
-        return Ok((Source::Nbd(client), Some(size)));
+        return Ok((Source::Nbd(Box::new(client)), Some(size)));
     }
     if spec == "-" {
         return Ok((Source::Stream(Box::new(io::stdin())), None));
@@ -129,7 +129,7 @@ fn open_dest(spec: &str, size: Option<u64>) -> Result<Dest, Error> {
                 )));
             }
         }
-        return Ok(Dest::Nbd(client));
+        return Ok(Dest::Nbd(Box::new(client)));
     }
     let file = OpenOptions::new()
         .write(true)
