@@ -177,7 +177,17 @@ pub struct Connection {
     /// Why the connection ends once the abort sent after `NBD_REP_ERR_SHUTDOWN` completes.
     pub(crate) shutdown_error: Option<Error>,
     recv_target: RecvTarget,
+    /// Most bytes one read into the stage may take (see `READ_AHEAD_LARGE`).
+    pub(crate) read_ahead: usize,
 }
+
+/// Read-ahead into the stage while read payloads are large. Bytes read ahead
+/// are copied to the caller's buffer; with large payloads it is cheaper to read
+/// little past a header and let the payload land in place. Small payloads keep
+/// the whole stage, so one read can take many replies.
+pub(crate) const READ_AHEAD_LARGE: usize = 4096;
+/// Payload size from which reads count as large.
+pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
 
 impl Connection {
     /// A connection that will negotiate as `config` says, waiting for the server's greeting.
@@ -201,6 +211,7 @@ impl Connection {
             soft_shutdown: false,
             shutdown_error: None,
             recv_target: RecvTarget::Stage,
+            read_ahead: usize::MAX,
         }
     }
 
@@ -237,7 +248,9 @@ impl Connection {
             }
         }
         self.recv_target = RecvTarget::Stage;
-        self.stage.space()
+        let space = self.stage.space();
+        let n = space.len().min(self.read_ahead);
+        &mut space[..n]
     }
 
     /// Reports that `n` bytes were read into the last [`recv_buf`](Self::recv_buf);

@@ -6,7 +6,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::connection::{AfterDiscard, Connection, ReadData, Rx, State};
+use crate::connection::{
+    AfterDiscard, Connection, ReadData, Rx, State, LARGE_PAYLOAD, READ_AHEAD_LARGE,
+};
 use crate::coverage::Coverage;
 use crate::error::{Errno, Error, Result, ServerText};
 use crate::event::{Completion, Event, ReadChunk};
@@ -204,6 +206,12 @@ impl Connection {
         if length > u64::from(u32::MAX) {
             return Err(Error::TooLarge(format!(
                 "{name} of {length} bytes does not fit in 32 bits"
+            )));
+        }
+        if offset.checked_add(length).is_none() {
+            // No export reaches past 2^64, whatever the strict mode.
+            return Err(Error::InvalidArgument(format!(
+                "{name} of {length} bytes at {offset} overflows the offset space"
             )));
         }
         let strict = self.config.strict;
@@ -511,6 +519,11 @@ impl Connection {
     /// A read payload is complete in the caller's buffer.
     pub(crate) fn read_data_done(&mut self, rd: ReadData) {
         self.rx = Rx::ReplyHeader;
+        self.read_ahead = if rd.end - rd.start >= LARGE_PAYLOAD {
+            READ_AHEAD_LARGE
+        } else {
+            usize::MAX
+        };
         if let Some(cmd) = self.commands.get(rd.cookie) {
             if cmd.chunk_events && cmd.error.is_none() {
                 let offset = cmd.offset + rd.start as u64;
@@ -568,10 +581,10 @@ impl Connection {
         } else {
             match ErrorChunk::decode(header.chunk_type, &data) {
                 Ok(chunk) => {
-                    let end = cmd.offset.saturating_add(cmd.length);
+                    // A zero-length request still accepts an error at its offset.
                     let outside = chunk
                         .offset
-                        .is_some_and(|o| o < cmd.offset || o >= end.max(cmd.offset + 1));
+                        .is_some_and(|o| o < cmd.offset || o - cmd.offset >= cmd.length.max(1));
                     if outside {
                         cmd.fail(Error::Protocol(format!(
                             "error offset {} outside the request",
