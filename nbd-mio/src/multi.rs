@@ -1,0 +1,230 @@
+//! [`MultiConn`]: several connections to one multi-conn export, used as one.
+//!
+//! Commands are spread round-robin over the connections. A flush is honoured
+//! across all of them: it waits until every write issued before it (on any
+//! connection) has completed, then sends one `NBD_CMD_FLUSH`, which the server's
+//! multi-conn promise makes cover the writes of every connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use mio::{Registry, Token};
+use nbd_proto::{CmdFlags, Config, Cookie};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// Names one command issued through a [`MultiConn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MultiCookie(u64);
+
+/// A finished [`MultiConn`] command.
+#[derive(Debug)]
+pub struct MultiCompletion {
+    /// The id its call returned.
+    pub cookie: MultiCookie,
+    /// Success, or why it failed.
+    pub result: Result<(), nbd_proto::Error>,
+    /// The read buffer, handed back.
+    pub buffer: Option<BytesMut>,
+}
+
+struct PendingFlush {
+    id: MultiCookie,
+    flags: CmdFlags,
+    /// Writes that must complete before the flush goes out.
+    waiting_for: HashSet<MultiCookie>,
+}
+
+/// N connections to one export whose server advertises multi-conn.
+///
+/// Register each under its own token (`base`, `base + 1`, ...), pass every
+/// event to [`handle_event`](Self::handle_event), and call
+/// [`send`](Self::send) after issuing commands.
+pub struct MultiConn {
+    clients: Vec<Client>,
+    base: usize,
+    next: usize,
+    next_id: u64,
+    /// (connection, cookie) to the caller's id.
+    ids: HashMap<(usize, Cookie), MultiCookie>,
+    writes_in_flight: HashSet<MultiCookie>,
+    flushes: Vec<PendingFlush>,
+    completions: VecDeque<MultiCompletion>,
+}
+
+impl MultiConn {
+    /// Opens `count` connections to `uri`, registered under tokens `base..base + count`.
+    pub fn connect_uri(
+        uri: &str,
+        count: usize,
+        config: Config,
+        registry: &Registry,
+        base: Token,
+    ) -> Result<Self> {
+        if count == 0 {
+            return Err(nbd_proto::Error::InvalidArgument(
+                "a multi-conn group needs at least one connection".into(),
+            )
+            .into());
+        }
+        let clients = (0..count)
+            .map(|i| Client::connect_uri(uri, config.clone(), registry, Token(base.0 + i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MultiConn {
+            clients,
+            base: base.0,
+            next: 0,
+            next_id: 1,
+            ids: HashMap::new(),
+            writes_in_flight: HashSet::new(),
+            flushes: Vec::new(),
+            completions: VecDeque::new(),
+        })
+    }
+
+    /// Whether `token` belongs to this group.
+    pub fn owns(&self, token: Token) -> bool {
+        (self.base..self.base + self.clients.len()).contains(&token.0)
+    }
+
+    /// The connections.
+    pub fn clients(&self) -> &[Client] {
+        &self.clients
+    }
+
+    /// Whether every connection has reached transmission. Errors if one died or
+    /// if the server does not advertise multi-conn while several are open.
+    pub fn is_ready(&self) -> Result<bool> {
+        for c in &self.clients {
+            if let Some(e) = c.connection().error() {
+                return Err(e.clone().into());
+            }
+        }
+        if !self.clients.iter().all(|c| c.connection().is_ready()) {
+            return Ok(false);
+        }
+        if self.clients.len() > 1 && !self.clients[0].connection().can_multi_conn()? {
+            return Err(Error::Unsupported(
+                "the server does not advertise multi-conn; several connections would not be consistent".into(),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Handles a readiness event for any of the group's tokens.
+    pub fn handle_event(&mut self, event: &mio::event::Event) -> Result<()> {
+        if !self.owns(event.token()) {
+            return Ok(());
+        }
+        let i = event.token().0 - self.base;
+        let result = self.clients[i].handle_event(event);
+        self.collect(i)?;
+        result
+    }
+
+    /// Sends what the connections have queued.
+    pub fn send(&mut self) -> Result<()> {
+        for c in &mut self.clients {
+            c.send()?;
+        }
+        Ok(())
+    }
+
+    fn collect(&mut self, i: usize) -> Result<()> {
+        while let Some(done) = self.clients[i].next_completion() {
+            let Some(id) = self.ids.remove(&(i, done.cookie)) else {
+                continue;
+            };
+            self.writes_in_flight.remove(&id);
+            for f in &mut self.flushes {
+                f.waiting_for.remove(&id);
+            }
+            self.completions.push_back(MultiCompletion {
+                cookie: id,
+                result: done.result,
+                buffer: done.buffer,
+            });
+        }
+        self.release_flushes()
+    }
+
+    /// Sends the flushes whose writes have all completed.
+    fn release_flushes(&mut self) -> Result<()> {
+        let mut at = 0;
+        while at < self.flushes.len() {
+            if !self.flushes[at].waiting_for.is_empty() {
+                at += 1;
+                continue;
+            }
+            let f = self.flushes.remove(at);
+            let i = self.pick();
+            let cookie = self.clients[i].flush(f.flags)?;
+            self.ids.insert((i, cookie), f.id);
+            self.clients[i].send()?;
+        }
+        Ok(())
+    }
+
+    fn pick(&mut self) -> usize {
+        let i = self.next % self.clients.len();
+        self.next = self.next.wrapping_add(1);
+        i
+    }
+
+    fn issue(&mut self, i: usize, cookie: Cookie) -> MultiCookie {
+        let id = MultiCookie(self.next_id);
+        self.next_id += 1;
+        self.ids.insert((i, cookie), id);
+        id
+    }
+
+    /// Queues a read on the next connection.
+    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        let i = self.pick();
+        let cookie = self.clients[i].pread(buf, offset, flags)?;
+        Ok(self.issue(i, cookie))
+    }
+
+    /// Queues a write on the next connection.
+    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        let i = self.pick();
+        let cookie = self.clients[i].pwrite(data, offset, flags)?;
+        let id = self.issue(i, cookie);
+        self.writes_in_flight.insert(id);
+        Ok(id)
+    }
+
+    /// Queues a flush covering every write issued before it on any connection.
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<MultiCookie> {
+        let id = MultiCookie(self.next_id);
+        self.next_id += 1;
+        self.flushes.push(PendingFlush {
+            id,
+            flags,
+            waiting_for: self.writes_in_flight.clone(),
+        });
+        self.release_flushes()?;
+        Ok(id)
+    }
+
+    /// Commands issued through the group and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.ids.len() + self.flushes.len()
+    }
+
+    /// The oldest finished command not yet taken.
+    pub fn next_completion(&mut self) -> Option<MultiCompletion> {
+        self.completions.pop_front()
+    }
+
+    /// Disconnects every connection.
+    pub fn disconnect(&mut self) -> Result<()> {
+        for c in &mut self.clients {
+            if c.connection().is_ready() {
+                c.disconnect()?;
+            }
+        }
+        Ok(())
+    }
+}
