@@ -54,3 +54,306 @@ impl TlsLayer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The TLS seam in the byte path, proved with a toy session that XORs every
+    //! byte with a key and buffers internally, taking a few bytes per call.
+
+    use std::collections::VecDeque;
+
+    use bytes::{Bytes, BytesMut};
+
+    use super::*;
+    use crate::wire::consts::*;
+    use crate::wire::{
+        ChunkHeader, GreetingStart, HoleChunk, Info, OptionReplyHeader, SimpleReply,
+    };
+    use crate::{CmdFlags, Config, Connection, Errno, Event};
+
+    const KEY: u8 = 0x5a;
+
+    struct XorSession {
+        key: u8,
+        /// Most bytes taken per `read_tls` / `write_plaintext` call.
+        max_take: usize,
+        plain_in: VecDeque<u8>,
+        cipher_out: Vec<u8>,
+        /// Fail `read_tls` once this many ciphertext bytes were taken.
+        fail_after: Option<usize>,
+        taken: usize,
+    }
+
+    impl XorSession {
+        fn new(max_take: usize) -> Self {
+            XorSession {
+                key: KEY,
+                max_take,
+                plain_in: VecDeque::new(),
+                cipher_out: Vec::new(),
+                fail_after: None,
+                taken: 0,
+            }
+        }
+    }
+
+    impl TlsSession for XorSession {
+        fn read_tls(&mut self, ciphertext: &[u8]) -> Result<usize, Error> {
+            if self.fail_after.is_some_and(|limit| self.taken >= limit) {
+                return Err(Error::Tls("bad record MAC".into()));
+            }
+            let n = ciphertext.len().min(self.max_take);
+            self.plain_in
+                .extend(ciphertext[..n].iter().map(|b| b ^ self.key));
+            self.taken += n;
+            Ok(n)
+        }
+        fn read_plaintext(&mut self, out: &mut [u8]) -> Result<usize, Error> {
+            let n = out.len().min(self.plain_in.len());
+            for (o, b) in out.iter_mut().zip(self.plain_in.drain(..n)) {
+                *o = b;
+            }
+            Ok(n)
+        }
+        fn write_plaintext(&mut self, plaintext: &[u8]) -> Result<usize, Error> {
+            let n = plaintext.len().min(self.max_take);
+            self.cipher_out
+                .extend(plaintext[..n].iter().map(|b| b ^ self.key));
+            Ok(n)
+        }
+        fn write_tls(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
+            out.append(&mut self.cipher_out);
+            Ok(())
+        }
+        fn wants_write(&self) -> bool {
+            !self.cipher_out.is_empty()
+        }
+    }
+
+    fn xor(bytes: &[u8]) -> Vec<u8> {
+        bytes.iter().map(|b| b ^ KEY).collect()
+    }
+
+    fn handshake_script() -> Vec<u8> {
+        let mut s = Vec::new();
+        GreetingStart::Newstyle.encode(&mut s);
+        s.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        OptionReplyHeader::encode_with(OPT_STRUCTURED_REPLY, REP_ACK, &[], &mut s);
+        let mut info = Vec::new();
+        Info::Export {
+            size: 1 << 20,
+            flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA,
+        }
+        .encode(&mut info);
+        OptionReplyHeader::encode_with(OPT_GO, REP_INFO, &info, &mut s);
+        OptionReplyHeader::encode_with(OPT_GO, REP_ACK, &[], &mut s);
+        s
+    }
+
+    fn data_pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// Replies to: a 100000-byte read at 0 (data + hole), a write, a flush.
+    fn reply_script(read: u64, write: u64, flush: u64) -> Vec<u8> {
+        let mut s = Vec::new();
+        let data = data_pattern(60_000);
+        ChunkHeader {
+            flags: 0,
+            chunk_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: read,
+            offset: 0,
+            length: 8 + data.len() as u64,
+        }
+        .encode_structured(&mut s);
+        s.extend_from_slice(&0u64.to_be_bytes());
+        s.extend_from_slice(&data);
+        SimpleReply {
+            error: 0,
+            cookie: write,
+        }
+        .encode(&mut s);
+        ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_OFFSET_HOLE,
+            cookie: read,
+            offset: 0,
+            length: HoleChunk::LEN as u64,
+        }
+        .encode_structured(&mut s);
+        HoleChunk {
+            offset: 60_000,
+            length: 40_000,
+        }
+        .encode(&mut s);
+        SimpleReply {
+            error: 0,
+            cookie: flush,
+        }
+        .encode(&mut s);
+        s
+    }
+
+    /// Feeds `bytes` through `recv_buf` / `notify_read` in reads of `chunk` bytes.
+    fn pump_in(conn: &mut Connection, bytes: &[u8], chunk: usize) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let buf = conn.recv_buf();
+            assert!(!buf.is_empty());
+            let n = buf.len().min(chunk).min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            conn.notify_read(n).unwrap();
+            rest = &rest[n..];
+        }
+    }
+
+    struct Transcript {
+        events: Vec<String>,
+        wire_out: Vec<u8>,
+        buffer: Vec<u8>,
+    }
+
+    /// Runs handshake, read, write, flush and disconnect, with or without TLS;
+    /// server bytes are encrypted on the way in when TLS is on.
+    fn session(tls: bool, read_chunk: usize) -> Transcript {
+        let mut conn = Connection::new(Config::default());
+        if tls {
+            conn.install_tls(Box::new(XorSession::new(7)));
+        }
+        let enc = |b: Vec<u8>| if tls { xor(&b) } else { b };
+        let mut events = Vec::new();
+        let mut wire_out = Vec::new();
+        let mut buffer = Vec::new();
+        let mut record = |conn: &mut Connection, buffer: &mut Vec<u8>| {
+            while let Some(e) = conn.poll_event() {
+                events.push(format!("{e:?}"));
+                if let Event::Completed(c) = e {
+                    if let Some(b) = c.buffer {
+                        *buffer = b.to_vec();
+                    }
+                }
+            }
+        };
+        pump_in(&mut conn, &enc(handshake_script()), read_chunk);
+        wire_out.extend(conn.take_output());
+        record(&mut conn, &mut buffer);
+        assert!(conn.is_ready(), "{:?}", conn.error());
+        assert!(conn.structured_replies_negotiated());
+
+        let mut buf = BytesMut::with_capacity(100_000);
+        buf.resize(100_000, 0xff);
+        let read = conn.pread(buf, 0, CmdFlags::empty()).unwrap();
+        let write = conn
+            .pwrite(Bytes::from(data_pattern(3000)), 4096, CmdFlags::FUA)
+            .unwrap();
+        let flush = conn.flush(CmdFlags::empty()).unwrap();
+        assert!(conn.wants_write());
+        wire_out.extend(conn.take_output());
+        assert!(!conn.wants_write());
+        pump_in(
+            &mut conn,
+            &enc(reply_script(read.get(), write.get(), flush.get())),
+            read_chunk,
+        );
+        record(&mut conn, &mut buffer);
+        conn.disconnect().unwrap();
+        wire_out.extend(conn.take_output());
+        record(&mut conn, &mut buffer);
+        assert!(conn.is_closed());
+        Transcript {
+            events,
+            wire_out,
+            buffer,
+        }
+    }
+
+    #[test]
+    fn tls_session_transforms_every_byte_and_changes_no_result() {
+        let plain = session(false, 4096);
+        for read_chunk in [1, 13, 4096, 1 << 20] {
+            let tls = session(true, read_chunk);
+            assert_eq!(tls.events, plain.events, "read size {read_chunk}");
+            assert_eq!(tls.buffer, plain.buffer);
+            // What went on the wire is the plain stream, transformed.
+            assert_eq!(tls.wire_out.len(), plain.wire_out.len());
+            assert_ne!(tls.wire_out, plain.wire_out);
+            assert_eq!(xor(&tls.wire_out), plain.wire_out);
+        }
+        // The plain run is right in itself.
+        assert_eq!(&plain.buffer[..60_000], &data_pattern(60_000)[..]);
+        assert!(plain.buffer[60_000..].iter().all(|&b| b == 0));
+        let completed = plain
+            .events
+            .iter()
+            .filter(|e| e.starts_with("Completed"))
+            .count();
+        assert_eq!(completed, 3);
+        assert!(plain
+            .events
+            .last()
+            .unwrap()
+            .starts_with("Closed { error: None"));
+    }
+
+    #[test]
+    fn tls_output_waits_for_the_adapter_and_partial_writes_resume() {
+        let mut conn = Connection::new(Config::default());
+        conn.install_tls(Box::new(XorSession::new(5)));
+        let mut greeting = Vec::new();
+        GreetingStart::Newstyle.encode(&mut greeting);
+        greeting.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        conn.handle_input(&xor(&greeting)).unwrap();
+        assert!(conn.direction().is_write());
+        // Write the ciphertext 3 bytes at a time.
+        let mut wire = Vec::new();
+        loop {
+            let mut iov = [std::io::IoSlice::new(&[]); 4];
+            let n = conn.output(&mut iov);
+            if n == 0 {
+                break;
+            }
+            assert_eq!(n, 1, "ciphertext is one contiguous slice");
+            let take = iov[0].len().min(3);
+            wire.extend_from_slice(&iov[0][..take]);
+            conn.notify_write(take);
+        }
+        assert!(!conn.wants_write());
+        let plain = xor(&wire);
+        assert_eq!(&plain[..4], &FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        assert_eq!(&plain[4..12], &IHAVEOPT.to_be_bytes());
+        assert_eq!(
+            u32::from_be_bytes(plain[12..16].try_into().unwrap()),
+            OPT_STRUCTURED_REPLY
+        );
+    }
+
+    #[test]
+    fn tls_failure_kills_the_connection_and_fails_pending_commands() {
+        let mut conn = Connection::new(Config::default());
+        let script = handshake_script();
+        let mut session = XorSession::new(usize::MAX);
+        session.fail_after = Some(script.len());
+        conn.install_tls(Box::new(session));
+        conn.handle_input(&xor(&script)).unwrap();
+        conn.take_output();
+        assert!(conn.is_ready());
+        while conn.poll_event().is_some() {}
+        let cookie = conn.flush(CmdFlags::empty()).unwrap();
+        conn.take_output();
+        conn.handle_input(&[0; 16]).unwrap();
+        let events: Vec<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(matches!(&events[0], Event::Completed(c)
+            if c.cookie == cookie && c.result.as_ref().unwrap_err().errno() == Errno::NotConn));
+        assert!(matches!(
+            &events[1],
+            Event::Closed {
+                error: Some(Error::Tls(_))
+            }
+        ));
+        assert!(conn.is_dead());
+        assert_eq!(conn.error().unwrap().errno(), Errno::Proto);
+        assert!(conn.recv_buf().is_empty());
+        assert!(matches!(conn.notify_read(1), Err(Error::Tls(_))));
+    }
+}
