@@ -259,6 +259,10 @@ impl Connection {
     /// Errors only if the connection cannot take input (it is over, or TLS failed);
     /// protocol errors arrive as events and make the connection dead.
     pub fn notify_read(&mut self, n: usize) -> Result<()> {
+        if n == 0 && matches!(self.state, State::Closed) {
+            // The server hanging up after a clean close is expected.
+            return Ok(());
+        }
         self.check_alive()?;
         if n == 0 {
             self.on_eof();
@@ -288,6 +292,9 @@ impl Connection {
     /// Feeds server bytes by copying them: the same result as reading them through
     /// [`recv_buf`](Self::recv_buf) in any split. For fuzzers, tests and adapters
     /// that already hold the bytes. An empty slice means end of stream.
+    ///
+    /// Returns the sticky error if the connection is dead once the bytes are
+    /// handled (whatever the split); bytes after a clean close are ignored.
     pub fn handle_input(&mut self, mut input: &[u8]) -> Result<()> {
         if input.is_empty() {
             return self.notify_read(0);
@@ -295,40 +302,56 @@ impl Connection {
         while !input.is_empty() {
             let buf = self.recv_buf();
             if buf.is_empty() {
-                // The connection is over; what the server sent after is ignored.
-                return self.check_alive();
+                break;
             }
             let n = buf.len().min(input.len());
             buf[..n].copy_from_slice(&input[..n]);
             self.notify_read(n)?;
             input = &input[n..];
         }
-        Ok(())
+        match &self.state {
+            State::Dead(e) => Err(e.clone()),
+            _ => Ok(()),
+        }
     }
 
+    /// Feeds `n` bytes of ciphertext to the session and parses the plaintext it
+    /// yields. A session may take ciphertext only after its plaintext is drained,
+    /// so the two alternate until all `n` bytes are in; a session that takes none
+    /// and yields none cannot make progress, which is an error, never a silent drop.
     fn tls_input(&mut self, n: usize) {
-        let Some(tls) = self.tls.as_mut() else { return };
         let mut taken = 0;
-        while taken < n {
-            match tls.session.read_tls(&tls.cipher_in[taken..n]) {
-                Ok(0) => break,
-                Ok(k) => taken += k,
-                Err(e) => return self.kill(e),
-            }
-        }
-        loop {
+        while !matches!(self.rx, Rx::Nothing) {
             let Some(tls) = self.tls.as_mut() else { return };
-            let space = self.stage.space();
-            match tls.session.read_plaintext(space) {
-                Ok(0) => break,
+            let mut moved = false;
+            if taken < n {
+                match tls.session.read_tls(&tls.cipher_in[taken..n]) {
+                    Ok(k) => {
+                        taken += k;
+                        moved |= k > 0;
+                    }
+                    Err(e) => return self.kill(e),
+                }
+            }
+            let Some(tls) = self.tls.as_mut() else { return };
+            match tls.session.read_plaintext(self.stage.space()) {
                 Ok(k) => {
-                    self.stage.commit(k);
-                    self.process();
+                    if k > 0 {
+                        self.stage.commit(k);
+                        self.process();
+                        moved = true;
+                    }
                 }
                 Err(e) => return self.kill(e),
             }
-            if matches!(self.rx, Rx::Nothing) {
-                break;
+            if !moved {
+                if taken < n {
+                    let left = n - taken;
+                    self.kill(Error::Tls(format!(
+                        "TLS session refused {left} bytes of ciphertext"
+                    )));
+                }
+                return;
             }
         }
     }

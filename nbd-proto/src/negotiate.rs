@@ -413,7 +413,9 @@ impl Connection {
                 maximum,
             } => {
                 // Invalid constraints are ignored, as the protocol allows.
-                self.info.block_sizes = BlockSizes::validated(minimum, preferred, maximum);
+                if let Some(sizes) = BlockSizes::validated(minimum, preferred, maximum) {
+                    self.info.block_sizes = Some(sizes);
+                }
             }
             Info::Unknown(_) => {}
         }

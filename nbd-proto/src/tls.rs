@@ -340,7 +340,8 @@ mod tests {
         while conn.poll_event().is_some() {}
         let cookie = conn.flush(CmdFlags::empty()).unwrap();
         conn.take_output();
-        conn.handle_input(&[0; 16]).unwrap();
+        // The session fails inside this call, so the call reports the sticky error.
+        assert!(matches!(conn.handle_input(&[0; 16]), Err(Error::Tls(_))));
         let events: Vec<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
         assert_eq!(events.len(), 2, "{events:?}");
         assert!(matches!(&events[0], Event::Completed(c)
@@ -355,5 +356,17 @@ mod tests {
         assert_eq!(conn.error().unwrap().errno(), Errno::Proto);
         assert!(conn.recv_buf().is_empty());
         assert!(matches!(conn.notify_read(1), Err(Error::Tls(_))));
+    }
+
+    #[test]
+    fn a_session_that_takes_no_ciphertext_is_an_error_not_a_silent_drop() {
+        let mut conn = Connection::new(Config::default());
+        conn.install_tls(Box::new(XorSession::new(0)));
+        let err = conn.handle_input(&xor(&handshake_script())).unwrap_err();
+        assert!(
+            matches!(err, Error::Tls(ref m) if m.contains("refused")),
+            "{err}"
+        );
+        assert!(conn.is_dead());
     }
 }

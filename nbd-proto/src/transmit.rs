@@ -525,7 +525,9 @@ impl Connection {
             usize::MAX
         };
         if let Some(cmd) = self.commands.get(rd.cookie) {
-            if cmd.chunk_events && cmd.error.is_none() {
+            // Every chunk is reported, as holes and errors are, even once the
+            // read has failed: the caller sees what the server sent.
+            if cmd.chunk_events {
                 let offset = cmd.offset + rd.start as u64;
                 let length = (rd.end - rd.start) as u64;
                 let chunk = ReadChunk::Data {

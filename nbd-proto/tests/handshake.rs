@@ -340,6 +340,36 @@ fn go_without_full_info_or_block_size_requests_nothing_extra() {
 }
 
 #[test]
+fn an_invalid_block_size_reply_does_not_erase_a_valid_one() {
+    let (mut conn, _go) = up_to_go(Config::default());
+    let mut s = Script::new();
+    let valid = Info::BlockSize {
+        minimum: 512,
+        preferred: 4096,
+        maximum: 32 << 20,
+    };
+    let invalid = Info::BlockSize {
+        minimum: 3,
+        preferred: 4096,
+        maximum: 32 << 20,
+    };
+    s.info_export(OPT_GO, 1 << 20, FLAG_HAS_FLAGS)
+        .info(OPT_GO, &valid)
+        .info(OPT_GO, &invalid)
+        .ack(OPT_GO);
+    feed(&mut conn, &s.take());
+    assert!(conn.is_ready());
+    assert_eq!(
+        conn.block_sizes(),
+        Some(BlockSizes {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 32 << 20
+        })
+    );
+}
+
+#[test]
 fn invalid_block_sizes_are_ignored() {
     let invalid = [
         (3, 4096, 1 << 20),              // minimum not a power of 2

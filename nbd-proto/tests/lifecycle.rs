@@ -299,6 +299,10 @@ fn disconnect_lets_pending_commands_finish_then_closes_without_error() {
             .errno(),
         Errno::NotConn
     );
+    // The server hanging up afterwards is expected: no error, no new event.
+    conn.notify_read(0).unwrap();
+    assert!(drain(&mut conn).is_empty());
+    assert!(conn.is_closed());
 }
 
 #[test]

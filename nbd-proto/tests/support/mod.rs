@@ -326,9 +326,20 @@ impl Export {
     }
 }
 
-/// Feeds server bytes, which must be accepted.
+/// Feeds server bytes. `handle_input` fails only when the bytes killed the
+/// connection; the tests then assert how it died.
 pub fn feed(conn: &mut Connection, bytes: &[u8]) {
-    conn.handle_input(bytes).expect("connection takes input");
+    if let Err(e) = conn.handle_input(bytes) {
+        assert!(
+            conn.is_dead(),
+            "handle_input failed ({e}) but the connection is not dead"
+        );
+        assert_eq!(
+            conn.error(),
+            Some(&e),
+            "the error returned is the sticky one"
+        );
+    }
 }
 
 /// Every event queued so far.
