@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nbd_proto::uri::{NbdUri, Transport};
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk};
+use nbd_proto::{
+    BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
+};
 
 use crate::error::{Error, Result};
 use crate::stream::Stream;
@@ -49,6 +51,8 @@ pub struct Client {
     stream: Stream,
     completed: VecDeque<Completion>,
     chunks: Vec<ReadChunk>,
+    statuses: Vec<BlockStatus>,
+    contexts: Vec<(u32, String)>,
     exports: Vec<ExportEntry>,
     option_result: Option<nbd_proto::Result<()>>,
     closed: bool,
@@ -112,6 +116,8 @@ impl Client {
             stream,
             completed: VecDeque::new(),
             chunks: Vec::new(),
+            statuses: Vec::new(),
+            contexts: Vec::new(),
             exports: Vec::new(),
             option_result: None,
             closed: false,
@@ -240,6 +246,8 @@ impl Client {
             match event {
                 Event::Completed(c) => self.completed.push_back(c),
                 Event::ReadChunk(chunk) => self.chunks.push(chunk),
+                Event::BlockStatus(status) => self.statuses.push(status),
+                Event::MetaContext { id, name } => self.contexts.push((id, name)),
                 Event::Export { name, description } => {
                     self.exports.push(ExportEntry { name, description })
                 }
@@ -314,6 +322,21 @@ impl Client {
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.zero(count, offset, flags)?)
+    }
+
+    /// Starts a block status query over every negotiated meta context; the
+    /// extents are taken with [`Client::take_block_status`].
+    pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.block_status(count, offset, flags)?)
+    }
+
+    /// Takes the block status reports that arrived for `cookie`, one per context.
+    pub fn take_block_status(&mut self, cookie: Cookie) -> Vec<BlockStatus> {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.statuses)
+            .into_iter()
+            .partition(|s| s.cookie == cookie);
+        self.statuses = rest;
+        mine
     }
 
     /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
@@ -395,6 +418,22 @@ impl Client {
     pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<()> {
         let cookie = self.aio_pwrite(data, offset, flags)?;
         self.complete(cookie).map(drop)
+    }
+
+    /// The status of `count` bytes at `offset` in every negotiated meta context
+    /// (libnbd's `block_status_64`): one report per context, each a run of
+    /// extents from `offset` (the last may run past the request).
+    pub fn block_status(
+        &mut self,
+        count: u64,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<Vec<BlockStatus>> {
+        let cookie = self.aio_block_status(count, offset, flags)?;
+        let done = self.wait_for(cookie)?;
+        let reports = self.take_block_status(cookie);
+        done.result?;
+        Ok(reports)
     }
 
     /// Fills `buf` from `offset`, splitting large reads (copies from internal buffers).
@@ -481,6 +520,32 @@ impl Client {
     pub fn opt_info(&mut self) -> Result<()> {
         self.conn.opt_info()?;
         self.wait_option()
+    }
+
+    /// Asks for extended headers (opt mode).
+    pub fn opt_extended_headers(&mut self) -> Result<()> {
+        self.conn.opt_extended_headers()?;
+        self.wait_option()
+    }
+
+    /// Lists the meta contexts matching `queries` (all, if empty) (opt mode).
+    pub fn opt_list_meta_context(&mut self, queries: &[String]) -> Result<Vec<String>> {
+        self.contexts.clear();
+        self.conn.opt_list_meta_context_queries(queries)?;
+        self.wait_option()?;
+        Ok(std::mem::take(&mut self.contexts)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect())
+    }
+
+    /// Selects the meta contexts matching `queries` for the current export;
+    /// returns the selected ones with their ids (opt mode).
+    pub fn opt_set_meta_context(&mut self, queries: &[String]) -> Result<Vec<(u32, String)>> {
+        self.contexts.clear();
+        self.conn.opt_set_meta_context_queries(queries)?;
+        self.wait_option()?;
+        Ok(std::mem::take(&mut self.contexts))
     }
 
     /// Asks for structured replies (opt mode).

@@ -24,7 +24,8 @@ pub struct InfoArgs {
     #[arg(long, conflicts_with_all = ["can", "is"])]
     pub list: bool,
     /// Exit 0 if the export supports FEATURE, 2 if not, 1 on error
-    /// (connect, read, write, flush, fua, trim, zero, fast-zero, df, cache, multi-conn, structured-reply).
+    /// (connect, read, write, flush, fua, trim, zero, fast-zero, df, cache, multi-conn,
+    /// structured-reply, extended-headers).
     #[arg(long, value_name = "FEATURE", conflicts_with = "is")]
     pub can: Option<String>,
     /// Exit 0 if the export has PROPERTY, 2 if not, 1 on error (read-only, rotational, tls).
@@ -81,6 +82,7 @@ fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Error> {
         "cache",
         "multi-conn",
         "structured-reply",
+        "extended-headers",
         "read-only",
         "rotational",
         "tls",
@@ -105,6 +107,7 @@ fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Error> {
         "cache" => c.can_cache()?,
         "multi-conn" => c.can_multi_conn()?,
         "structured-reply" => c.structured_replies_negotiated(),
+        "extended-headers" => c.extended_headers_negotiated(),
         "read-only" => c.is_read_only()?,
         "rotational" => c.is_rotational()?,
         "tls" => false,

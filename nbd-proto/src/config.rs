@@ -21,6 +21,15 @@ pub struct Config {
     pub opt_mode: bool,
     /// Ask for structured replies automatically (`set_request_structured_replies`).
     pub request_structured_replies: bool,
+    /// Ask for extended (64-bit) headers automatically, before structured
+    /// replies (`set_request_extended_headers`).
+    pub request_extended_headers: bool,
+    /// Select [`meta_contexts`](Self::meta_contexts) with `NBD_OPT_SET_META_CONTEXT`
+    /// before `NBD_OPT_GO` / `NBD_OPT_INFO` (`set_request_meta_context`).
+    pub request_meta_context: bool,
+    /// Metadata contexts to request, such as `base:allocation`
+    /// (`add_meta_context`).
+    pub meta_contexts: Vec<String>,
     /// Ask for block size constraints with `NBD_OPT_GO` / `NBD_OPT_INFO`
     /// (`set_request_block_size`).
     pub request_block_size: bool,
@@ -39,6 +48,9 @@ impl Default for Config {
             export_name: String::new(),
             opt_mode: false,
             request_structured_replies: true,
+            request_extended_headers: true,
+            request_meta_context: true,
+            meta_contexts: Vec::new(),
             request_block_size: true,
             full_info: false,
             handshake_flags: HandshakeFlags::default(),

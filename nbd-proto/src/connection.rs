@@ -73,6 +73,8 @@ pub(crate) enum Rx {
     DataOffset(ChunkHeader),
     /// A non-data chunk payload, buffered whole.
     ChunkPayload(ChunkHeader),
+    /// A block status payload, gathered in `status_buf`.
+    StatusPayload(ChunkHeader),
     /// Read data landing in a command's buffer at `pos..end`.
     ReadData(ReadData),
     /// Bytes to skip.
@@ -165,6 +167,15 @@ pub struct Connection {
     pub(crate) info: ExportInfo,
     pub(crate) style: Option<HandshakeStyle>,
     pub(crate) structured: bool,
+    pub(crate) extended: bool,
+    /// Negotiated meta contexts: id and name.
+    pub(crate) meta: Vec<(u32, String)>,
+    /// Contexts of the list or selection in flight, kept until it succeeds.
+    pub(crate) meta_pending: Vec<(u32, String)>,
+    /// Exports listed by the `NBD_OPT_LIST` in flight.
+    pub(crate) listed: usize,
+    /// Block status payload being gathered.
+    pub(crate) status_buf: Vec<u8>,
     pub(crate) no_zeroes: bool,
     pub(crate) client_flags: Option<u32>,
     pub(crate) commands: Slab<Command>,
@@ -202,6 +213,11 @@ impl Connection {
             info: ExportInfo::default(),
             style: None,
             structured: false,
+            extended: false,
+            meta: Vec::new(),
+            meta_pending: Vec::new(),
+            listed: 0,
+            status_buf: Vec::new(),
             no_zeroes: false,
             client_flags: None,
             commands: Slab::new(),
@@ -395,6 +411,7 @@ impl Connection {
             Rx::ReplyHeader => self.rx_reply_header(),
             Rx::DataOffset(h) => self.rx_data_offset(h),
             Rx::ChunkPayload(h) => self.rx_chunk_payload(h),
+            Rx::StatusPayload(h) => self.rx_status_payload(h),
             Rx::ReadData(rd) => self.rx_read_data(rd),
             Rx::Discard { left, then } => {
                 if self.stage.is_empty() {
@@ -727,6 +744,10 @@ impl Connection {
                 crate::wire::consts::MAX_STRING_LEN
             )));
         }
+        if self.config.export_name != name {
+            // Contexts belong to an export: a new export needs a new selection.
+            self.meta.clear();
+        }
         self.config.export_name = name.to_string();
         Ok(())
     }
@@ -827,9 +848,46 @@ impl Connection {
         self.style.map(HandshakeStyle::protocol_name)
     }
 
-    /// Whether structured replies were negotiated.
+    /// Whether structured replies were negotiated (extended headers imply them).
     pub fn structured_replies_negotiated(&self) -> bool {
         self.structured
+    }
+
+    /// Whether extended (64-bit) headers were negotiated.
+    pub fn extended_headers_negotiated(&self) -> bool {
+        self.extended
+    }
+
+    /// The negotiated meta contexts with their ids.
+    pub fn meta_contexts(&self) -> &[(u32, String)] {
+        &self.meta
+    }
+
+    /// Whether the meta context `name` was negotiated (libnbd's `can_meta_context`).
+    pub fn can_meta_context(&self, name: &str) -> bool {
+        self.meta.iter().any(|(_, n)| n == name)
+    }
+
+    /// Adds a context to request (libnbd's `add_meta_context`).
+    pub fn add_meta_context(&mut self, name: &str) -> Result<()> {
+        if name.len() > crate::wire::consts::MAX_STRING_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "meta context name of {} bytes is too long",
+                name.len()
+            )));
+        }
+        self.config.meta_contexts.push(name.to_string());
+        Ok(())
+    }
+
+    /// Forgets the contexts to request (libnbd's `clear_meta_contexts`).
+    pub fn clear_meta_contexts(&mut self) {
+        self.config.meta_contexts.clear();
+    }
+
+    /// The contexts to request.
+    pub fn requested_meta_contexts(&self) -> &[String] {
+        &self.config.meta_contexts
     }
 
     /// The client flags sent after a newstyle greeting, if any were sent.

@@ -4,6 +4,7 @@ use bytes::BytesMut;
 
 use crate::error::Error;
 use crate::slab::Cookie;
+use crate::wire::Extent;
 
 /// Something the caller should know about, in the order it happened.
 #[derive(Debug)]
@@ -19,6 +20,16 @@ pub enum Event {
         /// Description (may be empty).
         description: String,
     },
+    /// One meta context listed by `opt_list_meta_context` (id 0) or selected
+    /// by `opt_set_meta_context`.
+    MetaContext {
+        /// Context id, for matching block status replies.
+        id: u32,
+        /// Context name.
+        name: String,
+    },
+    /// The extents of one context for a block status command.
+    BlockStatus(BlockStatus),
     /// An `opt_*` call finished.
     OptionDone {
         /// Which option (`wire::consts::OPT_*`).
@@ -36,6 +47,19 @@ pub enum Event {
         /// Why it ended, if not by request.
         error: Option<Error>,
     },
+}
+
+/// Extents reported for one meta context by a block status command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// The command's cookie.
+    pub cookie: Cookie,
+    /// The context id.
+    pub context_id: u32,
+    /// The context name.
+    pub context: String,
+    /// Extents from the request's offset on; the last may run past the request.
+    pub extents: Vec<Extent>,
 }
 
 /// A finished command.

@@ -1,9 +1,11 @@
 //! The handshake: greeting, client flags, option haggling, and the opt-mode calls.
 //!
-//! One option is in flight at a time. The automatic path asks for structured
-//! replies, then `NBD_OPT_GO`, falling back to `NBD_OPT_EXPORT_NAME` when the
-//! server does not know GO. Opt mode stops after structured replies and lets
-//! the caller issue options one by one.
+//! One option is in flight at a time. The automatic path asks for extended
+//! headers (falling back to structured replies), selects the requested meta
+//! contexts, then sends `NBD_OPT_GO`, falling back to `NBD_OPT_EXPORT_NAME` when
+//! the server does not know GO. Opt mode stops after extended headers and
+//! structured replies and lets the caller issue options one by one; its
+//! `opt_go` and `opt_info` still select the requested contexts first, as libnbd's do.
 
 use crate::connection::{AfterDiscard, Connection, Rx, State};
 use crate::error::{Error, Result, ServerText};
@@ -13,18 +15,26 @@ use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
 use crate::wire::consts::*;
 use crate::wire::{
-    decode_string, ExportNameReply, GreetingStart, Info, InfoRequest, OldstyleRest,
-    OptionReplyHeader, OptionRequest, ServerEntry,
+    decode_string, ExportNameReply, GreetingStart, Info, InfoRequest, MetaContextReply,
+    MetaContextRequest, OldstyleRest, OptionReplyHeader, OptionRequest, ServerEntry,
 };
 
 /// The option waiting for its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PendingOpt {
     /// `auto`: part of the automatic handshake, not an opt-mode call.
+    ExtendedHeaders {
+        auto: bool,
+    },
     StructuredReply {
         auto: bool,
     },
     List,
+    ListMeta,
+    /// `then`: the INFO or GO this selection prepares (`None`: an opt-mode call).
+    SetMeta {
+        then: Option<InfoStep>,
+    },
     /// `go`: GO rather than INFO.
     Info {
         go: bool,
@@ -34,11 +44,25 @@ pub(crate) enum PendingOpt {
     Abort,
 }
 
+/// An `NBD_OPT_INFO` or `NBD_OPT_GO` waiting for its meta context selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InfoStep {
+    go: bool,
+    auto: bool,
+}
+
+/// Most replies one option may bring (exports listed, contexts): a bound on
+/// what a hostile server can make the client hold.
+pub(crate) const MAX_OPTION_REPLIES: usize = 65_536;
+
 impl PendingOpt {
     pub(crate) fn option(self) -> u32 {
         match self {
+            PendingOpt::ExtendedHeaders { .. } => OPT_EXTENDED_HEADERS,
             PendingOpt::StructuredReply { .. } => OPT_STRUCTURED_REPLY,
             PendingOpt::List => OPT_LIST,
+            PendingOpt::ListMeta => OPT_LIST_META_CONTEXT,
+            PendingOpt::SetMeta { .. } => OPT_SET_META_CONTEXT,
             PendingOpt::Info { go: true, .. } => OPT_GO,
             PendingOpt::Info { go: false, .. } => OPT_INFO,
             PendingOpt::ExportName => OPT_EXPORT_NAME,
@@ -106,14 +130,11 @@ impl Connection {
         self.no_zeroes = sent & FLAG_C_NO_ZEROES != 0;
         if sent & FLAG_C_FIXED_NEWSTYLE != 0 {
             self.style = Some(HandshakeStyle::FixedNewstyle);
-            if self.config.request_structured_replies {
-                self.send_option(
-                    OPT_STRUCTURED_REPLY,
-                    &[],
-                    PendingOpt::StructuredReply { auto: true },
-                );
+            if self.config.request_extended_headers {
+                let pending = PendingOpt::ExtendedHeaders { auto: true };
+                self.send_option(OPT_EXTENDED_HEADERS, &[], pending);
             } else {
-                self.after_auto_options();
+                self.after_extended_headers();
             }
         } else {
             // Plain newstyle knows only EXPORT_NAME, with no way to report errors.
@@ -123,13 +144,52 @@ impl Connection {
         true
     }
 
+    /// Extended headers imply structured replies; otherwise ask for those.
+    fn after_extended_headers(&mut self) {
+        if !self.structured && self.config.request_structured_replies {
+            self.send_option(
+                OPT_STRUCTURED_REPLY,
+                &[],
+                PendingOpt::StructuredReply { auto: true },
+            );
+        } else {
+            self.after_auto_options();
+        }
+    }
+
     /// After the options the client always sends: hand over (opt mode) or GO.
     fn after_auto_options(&mut self) {
         if self.config.opt_mode {
             self.wait_for_caller();
         } else {
-            self.send_info(true, true);
+            self.start_info(true, true);
         }
+    }
+
+    /// INFO or GO, preceded by the meta context selection when one is wanted.
+    fn start_info(&mut self, go: bool, auto: bool) {
+        if self.config.request_meta_context
+            && self.structured
+            && !self.config.meta_contexts.is_empty()
+        {
+            let queries = self.config.meta_contexts.clone();
+            self.send_meta(
+                OPT_SET_META_CONTEXT,
+                &queries,
+                PendingOpt::SetMeta {
+                    then: Some(InfoStep { go, auto }),
+                },
+            );
+        } else {
+            self.send_info(go, auto);
+        }
+    }
+
+    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) {
+        let mut data = Vec::new();
+        MetaContextRequest::encode(&self.config.export_name, queries, &mut data);
+        self.meta_pending.clear();
+        self.send_option(option, &data, pending);
     }
 
     fn wait_for_caller(&mut self) {
@@ -141,6 +201,7 @@ impl Connection {
     // ------------------------------------------------------------ sending options
 
     fn send_option(&mut self, option: u32, data: &[u8], pending: PendingOpt) {
+        self.listed = 0;
         self.output
             .push_with(|b| OptionRequest::encode_with(option, data, b));
         self.pending_opt = Some(pending);
@@ -202,7 +263,7 @@ impl Connection {
     /// (`NBD_OPT_INFO`). On success the export queries answer.
     pub fn opt_info(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.send_info(false, false);
+        self.start_info(false, false);
         Ok(())
     }
 
@@ -211,7 +272,69 @@ impl Connection {
     /// error, and the connection stays negotiating.
     pub fn opt_go(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.send_info(true, false);
+        self.start_info(true, false);
+        Ok(())
+    }
+
+    /// Opt mode: asks for extended headers (`NBD_OPT_EXTENDED_HEADERS`).
+    pub fn opt_extended_headers(&mut self) -> Result<()> {
+        self.check_negotiating()?;
+        self.send_option(
+            OPT_EXTENDED_HEADERS,
+            &[],
+            PendingOpt::ExtendedHeaders { auto: false },
+        );
+        Ok(())
+    }
+
+    /// Opt mode: lists the contexts matching the configured
+    /// [`meta_contexts`](crate::Config::meta_contexts) (all, if none are
+    /// configured) with `NBD_OPT_LIST_META_CONTEXT`. Each arrives as an
+    /// [`Event::MetaContext`], then an [`Event::OptionDone`].
+    pub fn opt_list_meta_context(&mut self) -> Result<()> {
+        let queries = self.config.meta_contexts.clone();
+        self.opt_list_meta_context_queries(&queries)
+    }
+
+    /// Opt mode: lists the contexts matching `queries` (all, if empty).
+    pub fn opt_list_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
+        self.check_meta_allowed(queries)?;
+        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta);
+        Ok(())
+    }
+
+    /// Opt mode: selects the configured contexts for the current export with
+    /// `NBD_OPT_SET_META_CONTEXT`; each selected one arrives as an
+    /// [`Event::MetaContext`] with its id, then an [`Event::OptionDone`].
+    pub fn opt_set_meta_context(&mut self) -> Result<()> {
+        let queries = self.config.meta_contexts.clone();
+        self.opt_set_meta_context_queries(&queries)
+    }
+
+    /// Opt mode: selects the contexts matching `queries`.
+    pub fn opt_set_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
+        self.check_meta_allowed(queries)?;
+        self.send_meta(
+            OPT_SET_META_CONTEXT,
+            queries,
+            PendingOpt::SetMeta { then: None },
+        );
+        Ok(())
+    }
+
+    fn check_meta_allowed(&self, queries: &[String]) -> Result<()> {
+        self.check_negotiating()?;
+        if !self.structured {
+            return Err(Error::InvalidState(
+                "meta contexts need structured replies to be negotiated first".into(),
+            ));
+        }
+        if let Some(q) = queries.iter().find(|q| q.len() > MAX_STRING_LEN) {
+            return Err(Error::InvalidArgument(format!(
+                "meta context query of {} bytes exceeds {MAX_STRING_LEN}",
+                q.len()
+            )));
+        }
         Ok(())
     }
 
@@ -303,6 +426,46 @@ impl Connection {
             return self.on_opt_error(pending, error);
         }
         match (pending, reply) {
+            (PendingOpt::ExtendedHeaders { auto }, REP_ACK) => {
+                // Extended headers carry structured replies with them.
+                self.extended = true;
+                self.structured = true;
+                self.pending_opt = None;
+                if auto {
+                    self.after_extended_headers();
+                } else {
+                    self.option_done(OPT_EXTENDED_HEADERS, Ok(()));
+                }
+            }
+            (PendingOpt::ListMeta | PendingOpt::SetMeta { .. }, REP_META_CONTEXT) => {
+                if self.meta_pending.len() >= MAX_OPTION_REPLIES {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_OPTION_REPLIES} meta contexts"
+                    )));
+                }
+                let ctx = MetaContextReply::decode(data)?;
+                self.meta_pending.push((ctx.id, ctx.name));
+            }
+            (PendingOpt::ListMeta, REP_ACK) => {
+                self.pending_opt = None;
+                for (id, name) in std::mem::take(&mut self.meta_pending) {
+                    self.events.push_back(Event::MetaContext { id, name });
+                }
+                self.option_done(OPT_LIST_META_CONTEXT, Ok(()));
+            }
+            (PendingOpt::SetMeta { then }, REP_ACK) => {
+                self.pending_opt = None;
+                self.meta = std::mem::take(&mut self.meta_pending);
+                match then {
+                    Some(step) => self.send_info(step.go, step.auto),
+                    None => {
+                        for (id, name) in self.meta.clone() {
+                            self.events.push_back(Event::MetaContext { id, name });
+                        }
+                        self.option_done(OPT_SET_META_CONTEXT, Ok(()));
+                    }
+                }
+            }
             (PendingOpt::StructuredReply { auto }, REP_ACK) => {
                 self.structured = true;
                 self.pending_opt = None;
@@ -313,6 +476,12 @@ impl Connection {
                 }
             }
             (PendingOpt::List, REP_SERVER) => {
+                self.listed += 1;
+                if self.listed > MAX_OPTION_REPLIES {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_OPTION_REPLIES} exports listed"
+                    )));
+                }
                 let entry = ServerEntry::decode(data)?;
                 self.events.push_back(Event::Export {
                     name: entry.name,
@@ -366,7 +535,25 @@ impl Connection {
             self.shutdown_error = Some(error);
             return Ok(());
         }
+        // A list or selection that ends in an error keeps nothing of it.
+        self.meta_pending.clear();
         match pending {
+            PendingOpt::ExtendedHeaders { auto: true } => {
+                self.extended = false;
+                self.after_extended_headers();
+                Ok(())
+            }
+            PendingOpt::SetMeta { then: Some(step) } => {
+                // Without contexts the export is still usable: go on.
+                self.meta.clear();
+                self.send_info(step.go, step.auto);
+                Ok(())
+            }
+            PendingOpt::SetMeta { then: None } => {
+                self.meta.clear();
+                self.option_done(OPT_SET_META_CONTEXT, Err(error));
+                Ok(())
+            }
             PendingOpt::StructuredReply { auto: true } => {
                 self.structured = false;
                 self.after_auto_options();

@@ -138,6 +138,8 @@ mod tests {
         let mut s = Vec::new();
         GreetingStart::Newstyle.encode(&mut s);
         s.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        // A server without extended headers, as nbdkit 1.32.
+        OptionReplyHeader::encode_with(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[], &mut s);
         OptionReplyHeader::encode_with(OPT_STRUCTURED_REPLY, REP_ACK, &[], &mut s);
         let mut info = Vec::new();
         Info::Export {
@@ -323,7 +325,7 @@ mod tests {
         assert_eq!(&plain[4..12], &IHAVEOPT.to_be_bytes());
         assert_eq!(
             u32::from_be_bytes(plain[12..16].try_into().unwrap()),
-            OPT_STRUCTURED_REPLY
+            OPT_EXTENDED_HEADERS
         );
     }
 

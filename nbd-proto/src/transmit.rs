@@ -11,12 +11,14 @@ use crate::connection::{
 };
 use crate::coverage::Coverage;
 use crate::error::{Errno, Error, Result, ServerText};
-use crate::event::{Completion, Event, ReadChunk};
+use crate::event::{BlockStatus, Completion, Event, ReadChunk};
 use crate::flags::{CmdFlags, Strict, TransmissionFlags};
 use crate::slab::Cookie;
 use crate::stage::MAX_BUFFERED_PAYLOAD;
 use crate::wire::consts::*;
-use crate::wire::{ChunkHeader, ErrorChunk, HoleChunk, RequestHeader, SimpleReply};
+use crate::wire::{
+    BlockStatusChunk, ChunkHeader, ErrorChunk, HoleChunk, RequestHeader, SimpleReply,
+};
 
 /// Largest read or write payload, whatever the strict mode (as libnbd).
 pub const MAX_REQUEST_SIZE: u64 = 64 * 1024 * 1024;
@@ -35,6 +37,12 @@ pub(crate) struct Command {
     pub(crate) error: Option<Error>,
     /// What a structured read reply has covered.
     pub(crate) coverage: Option<Coverage>,
+    /// Block status: the contexts asked about (all negotiated ones, or a filter).
+    pub(crate) contexts: Vec<u32>,
+    /// Block status: the contexts already reported.
+    pub(crate) contexts_seen: Vec<u32>,
+    /// Block status: `REQ_ONE` was set.
+    pub(crate) req_one: bool,
 }
 
 impl Command {
@@ -145,7 +153,90 @@ impl Connection {
             offset: 0,
             length: 0,
         };
-        self.output.push_with(|b| header.encode_compact(b));
+        self.push_request(&header);
+    }
+
+    /// Queues a request header in the negotiated form.
+    fn push_request(&mut self, header: &RequestHeader) {
+        if self.extended {
+            self.output.push_with(|b| header.encode_extended(b));
+        } else {
+            self.output.push_with(|b| header.encode_compact(b));
+        }
+    }
+
+    /// Asks for the status of `count` bytes at `offset` in every negotiated meta
+    /// context (`NBD_CMD_BLOCK_STATUS`, libnbd's `aio_block_status_64`). Each
+    /// context's extents arrive as an [`Event::BlockStatus`] before the
+    /// completion. Allowed flag: `REQ_ONE`. With extended headers `count` may
+    /// exceed 4 GiB.
+    pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_request(CMD_BLOCK_STATUS, offset, count, flags)?;
+        Ok(self.submit(CMD_BLOCK_STATUS, flags, offset, count, None, None, false))
+    }
+
+    /// Like [`block_status`](Self::block_status), asking only about the named
+    /// contexts (libnbd's `aio_block_status_filter`). Needs extended headers and
+    /// a server advertising `NBD_FLAG_BLOCK_STATUS_PAYLOAD`.
+    pub fn block_status_filter(
+        &mut self,
+        count: u64,
+        offset: u64,
+        flags: CmdFlags,
+        contexts: &[&str],
+    ) -> Result<Cookie> {
+        self.check_request(CMD_BLOCK_STATUS, offset, count, flags)?;
+        if !self.extended || !self.info.has(TransmissionFlags::BLOCK_STATUS_PAYLOAD) {
+            return Err(Error::NotSupported(
+                "a block status filter needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD"
+                    .into(),
+            ));
+        }
+        if contexts.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a block status filter names no context".into(),
+            ));
+        }
+        let mut ids = Vec::with_capacity(contexts.len());
+        for name in contexts {
+            match self.meta.iter().find(|(_, n)| n == name) {
+                Some((id, _)) => ids.push(*id),
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "meta context {name:?} was not negotiated"
+                    )))
+                }
+            }
+        }
+        // The payload: effect length, then the context ids.
+        let mut payload = BytesMut::with_capacity(8 + 4 * ids.len());
+        payload.extend_from_slice(&count.to_be_bytes());
+        for id in &ids {
+            payload.extend_from_slice(&id.to_be_bytes());
+        }
+        let payload = payload.freeze();
+        let cookie = self.commands.insert(Command {
+            command: CMD_BLOCK_STATUS,
+            offset,
+            length: count,
+            buf: None,
+            chunk_events: false,
+            error: None,
+            coverage: None,
+            contexts: ids,
+            contexts_seen: Vec::new(),
+            req_one: flags.contains(CmdFlags::REQ_ONE),
+        });
+        let header = RequestHeader {
+            flags: (flags | CmdFlags::PAYLOAD_LEN).bits(),
+            command: CMD_BLOCK_STATUS,
+            cookie: cookie.get(),
+            offset,
+            length: payload.len() as u64,
+        };
+        self.push_request(&header);
+        self.output.push_payload(payload);
+        Ok(cookie)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -160,6 +251,11 @@ impl Connection {
         chunk_events: bool,
     ) -> Cookie {
         let coverage = (command == CMD_READ).then(|| Coverage::new(offset, length));
+        let contexts = if command == CMD_BLOCK_STATUS {
+            self.meta.iter().map(|(id, _)| *id).collect()
+        } else {
+            Vec::new()
+        };
         let cookie = self.commands.insert(Command {
             command,
             offset,
@@ -168,6 +264,9 @@ impl Connection {
             chunk_events,
             error: None,
             coverage,
+            contexts,
+            contexts_seen: Vec::new(),
+            req_one: flags.contains(CmdFlags::REQ_ONE),
         });
         let header = RequestHeader {
             flags: flags.bits(),
@@ -176,7 +275,7 @@ impl Connection {
             offset,
             length,
         };
-        self.output.push_with(|b| header.encode_compact(b));
+        self.push_request(&header);
         if let Some(data) = payload {
             self.output.push_payload(data);
         }
@@ -203,9 +302,9 @@ impl Connection {
                 "{name} of {length} bytes exceeds {MAX_REQUEST_SIZE}"
             )));
         }
-        if length > u64::from(u32::MAX) {
+        if !self.extended && length > u64::from(u32::MAX) {
             return Err(Error::TooLarge(format!(
-                "{name} of {length} bytes does not fit in 32 bits"
+                "{name} of {length} bytes does not fit in 32 bits without extended headers"
             )));
         }
         if offset.checked_add(length).is_none() {
@@ -238,6 +337,11 @@ impl Connection {
                     )));
                 }
             }
+            if command == CMD_BLOCK_STATUS && self.meta.is_empty() {
+                return Err(Error::NotSupported(
+                    "block status needs a negotiated meta context".into(),
+                ));
+            }
         }
 
         if strict.contains(Strict::FLAGS) {
@@ -245,6 +349,7 @@ impl Connection {
                 CMD_READ => CmdFlags::DF,
                 CMD_WRITE | CMD_TRIM => CmdFlags::FUA,
                 CMD_WRITE_ZEROES => CmdFlags::FUA | CmdFlags::NO_HOLE | CmdFlags::FAST_ZERO,
+                CMD_BLOCK_STATUS => CmdFlags::REQ_ONE,
                 _ => CmdFlags::empty(),
             };
             let bad = flags.difference(allowed);
@@ -313,6 +418,21 @@ impl Connection {
             return false;
         }
         let magic = u32::from_be_bytes(self.stage.data()[..4].try_into().expect("4 bytes"));
+        if self.extended {
+            // With extended headers every reply is an extended chunk.
+            if magic != EXTENDED_REPLY_MAGIC {
+                self.kill(Error::Protocol(format!(
+                    "reply magic {magic:#x} where extended headers were negotiated: framing lost"
+                )));
+                return true;
+            }
+            let Some(bytes) = self.take::<EXTENDED_REPLY_LEN>() else {
+                return false;
+            };
+            let header = ChunkHeader::decode_extended(&bytes).expect("magic and length checked");
+            self.on_chunk_header(header);
+            return true;
+        }
         match magic {
             SIMPLE_REPLY_MAGIC => {
                 let Some(bytes) = self.take::<SIMPLE_REPLY_LEN>() else {
@@ -394,13 +514,53 @@ impl Connection {
         };
         let done = header.flags & REPLY_FLAG_DONE != 0;
         let is_read = cmd.command == CMD_READ;
+        let command = cmd.command;
+        let request_offset = cmd.offset;
         let skip = |conn: &mut Connection, error: Error| {
             if let Some(cmd) = conn.commands.get_mut(cookie) {
                 cmd.fail(error);
             }
             conn.skip_payload(header.length, cookie, done);
         };
+        if self.extended && header.offset != request_offset {
+            return skip(
+                self,
+                Error::Protocol(format!(
+                    "reply offset {} differs from the request offset {request_offset}",
+                    header.offset
+                )),
+            );
+        }
         match header.chunk_type {
+            REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
+                let ext = header.chunk_type == REPLY_TYPE_BLOCK_STATUS_EXT;
+                if command != CMD_BLOCK_STATUS {
+                    let name = command_name(command);
+                    return skip(
+                        self,
+                        Error::Protocol(format!("block status chunk in a reply to {name}")),
+                    );
+                }
+                if ext != self.extended {
+                    let why = if ext {
+                        "64-bit block status without extended headers"
+                    } else {
+                        "32-bit block status where extended headers were negotiated"
+                    };
+                    return skip(self, Error::Protocol(why.into()));
+                }
+                if header.length > MAX_STATUS_PAYLOAD {
+                    return skip(
+                        self,
+                        Error::Protocol(format!(
+                            "block status chunk of {} bytes exceeds the limit of {MAX_STATUS_PAYLOAD}",
+                            header.length
+                        )),
+                    );
+                }
+                self.status_buf.clear();
+                self.rx = Rx::StatusPayload(header);
+            }
             REPLY_TYPE_NONE => {
                 if header.length != 0 {
                     return skip(
@@ -462,6 +622,47 @@ impl Connection {
                 Error::Protocol(format!("unexpected chunk type {other} in a reply")),
             ),
         }
+    }
+
+    /// Gathers a block status payload, then checks and reports it.
+    pub(crate) fn rx_status_payload(&mut self, header: ChunkHeader) -> bool {
+        if self.stage.is_empty() {
+            return false;
+        }
+        let want = header.length as usize - self.status_buf.len();
+        let n = want.min(self.stage.len());
+        self.status_buf.extend_from_slice(&self.stage.data()[..n]);
+        self.stage.consume(n);
+        if n < want {
+            return true;
+        }
+        self.rx = Rx::ReplyHeader;
+        let cookie = Cookie::from_raw(header.cookie);
+        let done = header.flags & REPLY_FLAG_DONE != 0;
+        let decoded = BlockStatusChunk::decode(self.extended, &self.status_buf);
+        let Some(cmd) = self.commands.get_mut(cookie) else {
+            self.unknown_cookie(header.cookie);
+            return true;
+        };
+        let checked = decoded
+            .map_err(|e| e.to_string())
+            .and_then(|chunk| check_status(cmd, &self.meta, chunk));
+        match checked {
+            Ok((chunk, context)) => {
+                cmd.contexts_seen.push(chunk.context_id);
+                self.events.push_back(Event::BlockStatus(BlockStatus {
+                    cookie,
+                    context_id: chunk.context_id,
+                    context,
+                    extents: chunk.extents,
+                }));
+            }
+            Err(why) => cmd.fail(Error::Protocol(why)),
+        }
+        if done {
+            self.finish_command(cookie);
+        }
+        true
     }
 
     fn skip_payload(&mut self, length: u64, cookie: Cookie, done: bool) {
@@ -627,6 +828,15 @@ impl Connection {
             return;
         };
         if cmd.error.is_none() {
+            if let Some(missing) = cmd
+                .contexts
+                .iter()
+                .find(|id| !cmd.contexts_seen.contains(id))
+            {
+                cmd.error = Some(Error::Protocol(format!(
+                    "block status reply ended without extents for context id {missing}"
+                )));
+            }
             if let Some(c) = &cmd.coverage {
                 if !c.is_complete() {
                     cmd.error = Some(Error::Protocol(
@@ -657,4 +867,54 @@ impl Connection {
         }
         self.maybe_close_after_disconnect();
     }
+}
+
+/// Largest block status payload accepted: 512 Ki extended or 1 Mi compact extents.
+pub const MAX_STATUS_PAYLOAD: u64 = 8 * 1024 * 1024;
+
+/// Checks one block status chunk against its command; returns it with the
+/// context's name, or says what is wrong.
+fn check_status(
+    cmd: &Command,
+    meta: &[(u32, String)],
+    chunk: BlockStatusChunk,
+) -> std::result::Result<(BlockStatusChunk, String), String> {
+    if meta.is_empty() {
+        return Err("block status chunk, but no meta context was negotiated".into());
+    }
+    let Some((_, name)) = meta.iter().find(|(id, _)| *id == chunk.context_id) else {
+        return Err(format!(
+            "block status for unknown context id {}",
+            chunk.context_id
+        ));
+    };
+    if !cmd.contexts.contains(&chunk.context_id) {
+        return Err(format!(
+            "block status for context {name:?}, which was not asked for"
+        ));
+    }
+    if cmd.contexts_seen.contains(&chunk.context_id) {
+        return Err(format!("second block status chunk for context {name:?}"));
+    }
+    if cmd.req_one && chunk.extents.len() != 1 {
+        return Err(format!(
+            "{} extents for context {name:?} although REQ_ONE asked for one",
+            chunk.extents.len()
+        ));
+    }
+    // Every extent but the last must end inside the request.
+    let mut covered: u64 = 0;
+    let last = chunk.extents.len() - 1;
+    for (i, e) in chunk.extents.iter().enumerate() {
+        if e.length == 0 {
+            return Err(format!("zero-length extent for context {name:?}"));
+        }
+        if i < last {
+            covered = covered
+                .checked_add(e.length)
+                .filter(|&c| c < cmd.length)
+                .ok_or_else(|| format!("extents for context {name:?} run past the request"))?;
+        }
+    }
+    Ok((chunk, name.clone()))
 }

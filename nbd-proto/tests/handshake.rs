@@ -38,7 +38,7 @@ fn up_to_go(config: Config) -> (Connection, SentOption) {
 
 #[test]
 fn oldstyle_greeting_needs_no_client_bytes_and_gives_size_and_flags() {
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     assert_eq!(conn.phase(), Phase::Handshake);
     assert_eq!(conn.direction(), Direction::Read);
     let flags = u32::from(FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH) | 0xabcd_0000;
@@ -72,7 +72,7 @@ fn oldstyle_greeting_needs_no_client_bytes_and_gives_size_and_flags() {
 fn plain_newstyle_sends_only_export_name_with_zero_client_flags_and_skips_124_zeroes() {
     let config = Config {
         export_name: "disk0".into(),
-        ..Config::default()
+        ..compact()
     };
     let mut conn = Connection::new(config);
     let mut s = Script::new();
@@ -115,7 +115,7 @@ fn plain_newstyle_sends_only_export_name_with_zero_client_flags_and_skips_124_ze
 
 #[test]
 fn fixed_newstyle_without_no_zeroes_expects_padding_after_export_name_fallback() {
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     let mut s = Script::new();
     feed(&mut conn, &s.newstyle(FLAG_FIXED_NEWSTYLE).take());
     let sent = conn.take_output();
@@ -139,7 +139,7 @@ fn fixed_newstyle_without_no_zeroes_expects_padding_after_export_name_fallback()
 
 #[test]
 fn fixed_newstyle_with_no_zeroes_gets_no_padding_after_export_name() {
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     let mut s = Script::new();
     feed(
         &mut conn,
@@ -174,7 +174,7 @@ fn fixed_newstyle_with_no_zeroes_gets_no_padding_after_export_name() {
 #[test]
 fn client_flags_are_sent_only_when_the_server_offers_them() {
     // The server offers NO_ZEROES only: no fixed newstyle, so plain newstyle.
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(&mut conn, &Script::new().newstyle(FLAG_NO_ZEROES).take());
     let sent = conn.take_output();
     let (flags, rest) = split_client_flags(&sent);
@@ -182,7 +182,7 @@ fn client_flags_are_sent_only_when_the_server_offers_them() {
     assert_eq!(parse_options(rest)[0].option, OPT_EXPORT_NAME);
     assert_eq!(conn.protocol(), Some("newstyle"));
     // Unknown server bits are ignored.
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(
         &mut conn,
         &Script::new().newstyle(FLAG_FIXED_NEWSTYLE | 0x8000).take(),
@@ -197,7 +197,7 @@ fn client_flags_are_sent_only_when_the_server_offers_them() {
 fn client_flags_are_masked_by_config_handshake_flags() {
     let config = Config {
         handshake_flags: HandshakeFlags::FIXED_NEWSTYLE,
-        ..Config::default()
+        ..compact()
     };
     let mut conn = Connection::new(config);
     feed(
@@ -214,7 +214,7 @@ fn client_flags_are_masked_by_config_handshake_flags() {
     let config = Config {
         handshake_flags: HandshakeFlags::empty(),
         export_name: "x".into(),
-        ..Config::default()
+        ..compact()
     };
     let mut conn = Connection::new(config);
     let mut s = Script::new();
@@ -261,7 +261,7 @@ fn structured_reply_refusal_continues_with_go_and_simple_replies() {
 fn structured_replies_are_not_requested_when_disabled() {
     let config = Config {
         request_structured_replies: false,
-        ..Config::default()
+        ..compact()
     };
     // `handshake` checks that GO is the first option.
     let conn = handshake(config, Export::default());
@@ -273,7 +273,7 @@ fn go_with_info_replies_sets_export_name_description_and_block_sizes() {
     let config = Config {
         export_name: "vm-disk".into(),
         full_info: true,
-        ..Config::default()
+        ..compact()
     };
     let (mut conn, go) = up_to_go(config);
     let request = go.info_request();
@@ -330,18 +330,18 @@ fn go_with_info_replies_sets_export_name_description_and_block_sizes() {
 fn go_without_full_info_or_block_size_requests_nothing_extra() {
     let config = Config {
         request_block_size: false,
-        ..Config::default()
+        ..compact()
     };
     let (_, go) = up_to_go(config);
     assert_eq!(go.info_request().requests, Vec::<u16>::new());
     assert_eq!(go.info_request().name, "");
-    let (_, go) = up_to_go(Config::default());
+    let (_, go) = up_to_go(compact());
     assert_eq!(go.info_request().requests, vec![INFO_BLOCK_SIZE]);
 }
 
 #[test]
 fn an_invalid_block_size_reply_does_not_erase_a_valid_one() {
-    let (mut conn, _go) = up_to_go(Config::default());
+    let (mut conn, _go) = up_to_go(compact());
     let mut s = Script::new();
     let valid = Info::BlockSize {
         minimum: 512,
@@ -413,7 +413,7 @@ fn invalid_block_sizes_are_ignored() {
 fn go_refused_unsup_falls_back_to_export_name() {
     let config = Config {
         export_name: "old".into(),
-        ..Config::default()
+        ..compact()
     };
     let (mut conn, _) = up_to_go(config);
     let mut s = Script::new();
@@ -439,7 +439,7 @@ fn go_refused_unsup_falls_back_to_export_name() {
 
 #[test]
 fn go_refused_unknown_kills_the_connection_with_the_escaped_server_message() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let message = "no \"such\" export\n\x1b[31mred";
     feed(
         &mut conn,
@@ -503,7 +503,7 @@ fn every_rep_err_maps_to_its_errno() {
         }
         let mut conn = Connection::new(Config {
             opt_mode: true,
-            ..Config::default()
+            ..compact()
         });
         let mut s = Script::new();
         feed(&mut conn, &s.newstyle(FLAG_FIXED_NEWSTYLE).take());
@@ -529,7 +529,7 @@ fn every_rep_err_maps_to_its_errno() {
 
 #[test]
 fn rep_err_shutdown_sends_abort_and_ends_the_connection() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let mut s = Script::new();
     feed(
         &mut conn,
@@ -559,7 +559,7 @@ fn rep_err_shutdown_sends_abort_and_ends_the_connection() {
     ));
 
     // Hanging up instead of acknowledging ends it the same way.
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     feed(&mut conn, &s.opt_error(OPT_GO, REP_ERR_SHUTDOWN, "").take());
     assert_eq!(parse_options(&conn.take_output())[0].option, OPT_ABORT);
     conn.handle_input(&[]).unwrap();
@@ -589,7 +589,7 @@ fn export_size_above_i64_max_is_an_overflow_error() {
 #[test]
 fn strings_over_4096_bytes_are_rejected() {
     // 4096 bytes is the limit and is fine.
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let ok = "n".repeat(MAX_STRING_LEN);
     feed(
         &mut conn,
@@ -617,7 +617,7 @@ fn strings_over_4096_bytes_are_rejected() {
             .take(),
     );
     for bytes in scripts {
-        let (mut conn, _) = up_to_go(Config::default());
+        let (mut conn, _) = up_to_go(compact());
         feed(&mut conn, &bytes);
         let events = drain(&mut conn);
         assert_dead(&conn, &events, Errno::Proto);
@@ -627,7 +627,7 @@ fn strings_over_4096_bytes_are_rejected() {
 
 #[test]
 fn export_name_over_4096_bytes_is_refused_locally() {
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     let e = conn
         .set_export_name(&"x".repeat(MAX_STRING_LEN + 1))
         .unwrap_err();
@@ -645,7 +645,7 @@ fn export_name_over_4096_bytes_is_refused_locally() {
 
 #[test]
 fn option_reply_over_the_length_limit_is_rejected_from_the_header_alone() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let mut header = Vec::new();
     nbd_proto::wire::OptionReplyHeader {
         option: OPT_GO,
@@ -660,7 +660,7 @@ fn option_reply_over_the_length_limit_is_rejected_from_the_header_alone() {
     assert!(conn.error().unwrap().to_string().contains("exceeds"));
 
     // Just above the 16 KiB buffering limit is rejected too; 16 KiB itself is fine.
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let mut header = Vec::new();
     nbd_proto::wire::OptionReplyHeader {
         option: OPT_GO,
@@ -671,7 +671,7 @@ fn option_reply_over_the_length_limit_is_rejected_from_the_header_alone() {
     feed(&mut conn, &header);
     assert!(conn.is_dead());
 
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let mut unknown = vec![0x12, 0x34];
     unknown.resize(16 * 1024, 0xee);
     let mut s = Script::new();
@@ -685,7 +685,7 @@ fn option_reply_over_the_length_limit_is_rejected_from_the_header_alone() {
 
 #[test]
 fn option_reply_for_the_wrong_option_kills_the_connection() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     feed(&mut conn, &Script::new().ack(OPT_LIST).take());
     let events = drain(&mut conn);
     assert_dead(&conn, &events, Errno::Proto);
@@ -699,7 +699,7 @@ fn option_reply_for_the_wrong_option_kills_the_connection() {
 #[test]
 fn unexpected_option_reply_type_kills_the_connection() {
     // REP_SERVER is a reply to LIST, not to GO.
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     feed(
         &mut conn,
         &Script::new()
@@ -712,7 +712,7 @@ fn unexpected_option_reply_type_kills_the_connection() {
 
 #[test]
 fn go_ack_without_export_info_is_a_protocol_error() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     feed(&mut conn, &Script::new().ack(OPT_GO).take());
     let events = drain(&mut conn);
     assert_dead(&conn, &events, Errno::Proto);
@@ -725,7 +725,7 @@ fn go_ack_without_export_info_is_a_protocol_error() {
 
 #[test]
 fn malformed_info_export_kills_the_connection() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     // INFO_EXPORT must be exactly 12 bytes.
     let mut data = Vec::new();
     Info::Export {
@@ -746,7 +746,7 @@ fn malformed_info_export_kills_the_connection() {
 fn bad_greeting_magic_kills_the_connection() {
     let mut bytes = Script::new().newstyle(FLAG_FIXED_NEWSTYLE).take();
     bytes[0] ^= 1;
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(&mut conn, &bytes[..16]);
     let events = drain(&mut conn);
     assert_dead(&conn, &events, Errno::Proto);
@@ -754,7 +754,7 @@ fn bad_greeting_magic_kills_the_connection() {
 
     let mut bytes = Script::new().newstyle(FLAG_FIXED_NEWSTYLE).take();
     bytes[15] ^= 1; // second magic
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(&mut conn, &bytes[..16]);
     assert!(conn.is_dead());
     // Later input is refused with the sticky error.
@@ -766,7 +766,7 @@ fn bad_greeting_magic_kills_the_connection() {
 
 #[test]
 fn bad_option_reply_magic_kills_the_connection() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let mut bytes = Script::new().ack(OPT_GO).take();
     bytes[3] ^= 0xff;
     feed(&mut conn, &bytes);
@@ -776,7 +776,7 @@ fn bad_option_reply_magic_kills_the_connection() {
 
 #[test]
 fn eof_during_the_handshake_is_not_connected() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     conn.handle_input(&[]).unwrap();
     let events = drain(&mut conn);
     assert_dead(&conn, &events, Errno::NotConn);
@@ -787,7 +787,7 @@ fn eof_during_the_handshake_is_not_connected() {
         .contains("during the handshake"));
 
     // After EXPORT_NAME the usual reason is a missing export: the error says so.
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(&mut conn, &Script::new().newstyle(0).take());
     conn.take_output();
     conn.handle_input(&[]).unwrap();
@@ -798,7 +798,7 @@ fn eof_during_the_handshake_is_not_connected() {
 
 #[test]
 fn queries_before_the_export_is_known_are_invalid_state() {
-    let conn = Connection::new(Config::default());
+    let conn = Connection::new(compact());
     assert!(matches!(conn.size(), Err(Error::InvalidState(_))));
     assert!(matches!(conn.can_flush(), Err(Error::InvalidState(_))));
     assert_eq!(conn.can_df().unwrap_err().errno(), Errno::Inval);
@@ -810,7 +810,7 @@ fn queries_before_the_export_is_known_are_invalid_state() {
 
 #[test]
 fn commands_during_the_handshake_are_invalid_state_and_send_nothing() {
-    let (mut conn, _) = up_to_go(Config::default());
+    let (mut conn, _) = up_to_go(compact());
     let e = conn
         .pread(buffer(512, 0), 0, Default::default())
         .unwrap_err();

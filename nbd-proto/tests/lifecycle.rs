@@ -349,7 +349,7 @@ fn eof_in_transmission_without_disconnect_is_an_error() {
 fn disconnect_is_refused_before_transmission() {
     let mut conn = Connection::new(Config {
         opt_mode: true,
-        ..Config::default()
+        ..compact()
     });
     assert!(matches!(conn.disconnect(), Err(Error::InvalidState(_))));
     feed(

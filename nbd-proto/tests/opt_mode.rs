@@ -11,7 +11,7 @@ fn opt_config() -> Config {
     Config {
         opt_mode: true,
         export_name: "a".into(),
-        ..Config::default()
+        ..compact()
     }
 }
 
@@ -397,7 +397,7 @@ fn opt_calls_in_ready_or_outside_opt_mode_are_refused() {
     // Before the greeting, and in automatic mode during the handshake.
     let mut conn = Connection::new(opt_config());
     assert!(matches!(conn.opt_list(), Err(Error::InvalidState(_))));
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     feed(
         &mut conn,
         &Script::new().newstyle(FLAG_FIXED_NEWSTYLE).take(),

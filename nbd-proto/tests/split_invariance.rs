@@ -12,7 +12,7 @@ mod support;
 use bytes::Bytes;
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::Info;
-use nbd_proto::{CmdFlags, Config, Connection, Cookie, Event};
+use nbd_proto::{CmdFlags, Connection, Cookie, Event};
 use proptest::prelude::*;
 use support::*;
 
@@ -322,7 +322,7 @@ fn run(
     feed_seed: u64,
 ) -> Run {
     let mut rng = Rng(feed_seed);
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(compact());
     let mut events = Vec::new();
     let mut buffers = Vec::new();
     let mut record = |conn: &mut Connection| {
@@ -367,7 +367,7 @@ proptest! {
     ) {
         let handshake = handshake_bytes(structured);
         // Learn the cookies from a first connection; they are deterministic.
-        let mut probe = Connection::new(Config::default());
+        let mut probe = Connection::new(compact());
         probe.handle_input(&handshake).unwrap();
         probe.take_output();
         let cookies = issue(&mut probe, &ops);
@@ -418,7 +418,7 @@ fn successful_reads_hold_exactly_the_data_and_zeroed_holes() {
         Op::Flush,
     ];
     let handshake = handshake_bytes(true);
-    let mut probe = Connection::new(Config::default());
+    let mut probe = Connection::new(compact());
     probe.handle_input(&handshake).unwrap();
     probe.take_output();
     let cookies = issue(&mut probe, &ops);

@@ -16,6 +16,7 @@ fn export(flags: u16) -> Export {
         flags,
         block_sizes: None,
         structured: true,
+        extended: false,
     }
 }
 

@@ -268,6 +268,209 @@ impl InfoRequest {
     }
 }
 
+/// Data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: an
+/// export name and the context queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// Export name.
+    pub name: String,
+    /// Queries, such as `base:allocation` or `qemu:dirty-bitmap:`.
+    pub queries: Vec<String>,
+}
+
+impl MetaContextRequest {
+    /// Encodes the option data.
+    pub fn encode(name: &str, queries: &[String], out: &mut impl BufMut) {
+        out.put_u32(u32::try_from(name.len()).expect("name fits in u32"));
+        out.put_slice(name.as_bytes());
+        out.put_u32(u32::try_from(queries.len()).expect("query count fits in u32"));
+        for q in queries {
+            out.put_u32(u32::try_from(q.len()).expect("query fits in u32"));
+            out.put_slice(q.as_bytes());
+        }
+    }
+
+    /// Decodes the option data (server side).
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        const WHAT: &str = "meta context request";
+        let short = || DecodeError::Invalid {
+            what: WHAT,
+            detail: "truncated".into(),
+        };
+        let mut rest = buf;
+        let string = |rest: &mut &[u8]| -> Result<String, DecodeError> {
+            if rest.len() < 4 {
+                return Err(short());
+            }
+            let len = be32(rest, 0) as usize;
+            if rest.len() - 4 < len {
+                return Err(short());
+            }
+            let s = decode_string(WHAT, &rest[4..4 + len])?;
+            *rest = &rest[4 + len..];
+            Ok(s)
+        };
+        let name = string(&mut rest)?;
+        if rest.len() < 4 {
+            return Err(short());
+        }
+        let count = be32(rest, 0);
+        rest = &rest[4..];
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            queries.push(string(&mut rest)?);
+        }
+        if !rest.is_empty() {
+            return Err(DecodeError::Invalid {
+                what: WHAT,
+                detail: "trailing bytes".into(),
+            });
+        }
+        Ok(Self { name, queries })
+    }
+}
+
+/// Data of an `NBD_REP_META_CONTEXT` reply: a context id and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextReply {
+    /// Id used in block status replies (0 in a list reply).
+    pub id: u32,
+    /// Context name.
+    pub name: String,
+}
+
+impl MetaContextReply {
+    /// Decodes the reply data.
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        const WHAT: &str = "NBD_REP_META_CONTEXT";
+        if buf.len() < 4 {
+            return Err(DecodeError::Length {
+                what: WHAT,
+                need: 4,
+                got: buf.len(),
+            });
+        }
+        Ok(Self {
+            id: be32(buf, 0),
+            name: decode_string(WHAT, &buf[4..])?,
+        })
+    }
+
+    /// Encodes the reply data (server side).
+    pub fn encode(&self, out: &mut impl BufMut) {
+        out.put_u32(self.id);
+        out.put_slice(self.name.as_bytes());
+    }
+}
+
+/// One extent of a block status reply: a length and its status flags.
+///
+/// Compact replies carry 32-bit lengths and flags; extended ones 64-bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// Length in bytes (never 0 in a valid reply).
+    pub length: u64,
+    /// Status flags; their meaning depends on the context.
+    pub flags: u64,
+}
+
+impl Extent {
+    /// The 32-bit view libnbd's `block_status` callback gives, or an overflow
+    /// error where the length or flags do not fit: never a truncated value.
+    ///
+    /// ```
+    /// use nbd_proto::wire::Extent;
+    /// assert_eq!(Extent { length: 4096, flags: 3 }.to_u32(), Ok((4096, 3)));
+    /// assert!(Extent { length: 1 << 32, flags: 0 }.to_u32().is_err());
+    /// ```
+    pub fn to_u32(self) -> Result<(u32, u32), crate::Error> {
+        match (u32::try_from(self.length), u32::try_from(self.flags)) {
+            (Ok(l), Ok(f)) => Ok((l, f)),
+            _ => Err(crate::Error::Overflow(format!(
+                "extent of length {} with flags {:#x} does not fit in 32 bits",
+                self.length, self.flags
+            ))),
+        }
+    }
+}
+
+/// Payload of a block status chunk: context id and extents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatusChunk {
+    /// Metadata context id.
+    pub context_id: u32,
+    /// Extents in order from the request's offset.
+    pub extents: Vec<Extent>,
+}
+
+impl BlockStatusChunk {
+    /// Decodes a compact (`BLOCK_STATUS`, 4 + 8n bytes) or extended
+    /// (`BLOCK_STATUS_EXT`, 8 + 16n bytes) payload; n must be at least 1.
+    pub fn decode(extended: bool, buf: &[u8]) -> Result<Self, DecodeError> {
+        let (what, head, each) = if extended {
+            ("NBD_REPLY_TYPE_BLOCK_STATUS_EXT", 8, 16)
+        } else {
+            ("NBD_REPLY_TYPE_BLOCK_STATUS", 4, 8)
+        };
+        if buf.len() < head + each || (buf.len() - head) % each != 0 {
+            return Err(DecodeError::Invalid {
+                what,
+                detail: format!(
+                    "length {} is not {head} + a positive multiple of {each}",
+                    buf.len()
+                ),
+            });
+        }
+        let count = (buf.len() - head) / each;
+        if extended && be32(buf, 4) as usize != count {
+            return Err(DecodeError::Invalid {
+                what,
+                detail: format!(
+                    "descriptor count {} but {count} descriptors sent",
+                    be32(buf, 4)
+                ),
+            });
+        }
+        let extents = buf[head..]
+            .chunks_exact(each)
+            .map(|d| {
+                if extended {
+                    Extent {
+                        length: be64(d, 0),
+                        flags: be64(d, 8),
+                    }
+                } else {
+                    Extent {
+                        length: be32(d, 0).into(),
+                        flags: be32(d, 4).into(),
+                    }
+                }
+            })
+            .collect();
+        Ok(Self {
+            context_id: be32(buf, 0),
+            extents,
+        })
+    }
+
+    /// Encodes the payload (server side); compact form truncates to 32 bits.
+    pub fn encode(&self, extended: bool, out: &mut impl BufMut) {
+        out.put_u32(self.context_id);
+        if extended {
+            out.put_u32(u32::try_from(self.extents.len()).expect("count fits in u32"));
+        }
+        for e in &self.extents {
+            if extended {
+                out.put_u64(e.length);
+                out.put_u64(e.flags);
+            } else {
+                out.put_u32(e.length as u32);
+                out.put_u32(e.flags as u32);
+            }
+        }
+    }
+}
+
 /// An option reply header; `length` bytes of data follow it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionReplyHeader {

@@ -294,6 +294,8 @@ pub struct Export {
     pub block_sizes: Option<(u32, u32, u32)>,
     /// Whether the server acknowledges `NBD_OPT_STRUCTURED_REPLY`.
     pub structured: bool,
+    /// Whether the server acknowledges `NBD_OPT_EXTENDED_HEADERS`.
+    pub extended: bool,
 }
 
 /// Every transmission flag this client knows about.
@@ -313,6 +315,7 @@ impl Default for Export {
             flags: ALL_FLAGS,
             block_sizes: None,
             structured: true,
+            extended: false,
         }
     }
 }
@@ -388,8 +391,19 @@ pub fn errno_of(result: &Result<(), Error>) -> Errno {
 
 /// Drives a fixed newstyle handshake (NO_ZEROES offered) to `Ready`, checking
 /// what the client sends along the way. The client must be in automatic mode.
+/// The default configuration without extended headers: the handshake of a
+/// server that does not know them (nbdkit 1.32, nbd-server), which most
+/// scripted tests speak.
+pub fn compact() -> Config {
+    Config {
+        request_extended_headers: false,
+        ..Config::default()
+    }
+}
+
 pub fn handshake(config: Config, export: Export) -> Connection {
-    let request_sr = config.request_structured_replies;
+    let request_eh = config.request_extended_headers;
+    let mut request_sr = config.request_structured_replies;
     let name = config.export_name.clone();
     let mut conn = Connection::new(config);
     let mut s = Script::new();
@@ -401,6 +415,19 @@ pub fn handshake(config: Config, export: Export) -> Connection {
     let (flags, rest) = split_client_flags(&sent);
     assert_eq!(flags, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     let mut options = parse_options(rest);
+    if request_eh {
+        assert_eq!(options.len(), 1);
+        assert_eq!(options[0].option, OPT_EXTENDED_HEADERS);
+        if export.extended {
+            s.ack(OPT_EXTENDED_HEADERS);
+            // Extended headers bring structured replies with them.
+            request_sr = false;
+        } else {
+            s.opt_error(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, "");
+        }
+        feed(&mut conn, &s.take());
+        options = parse_options(&conn.take_output());
+    }
     if request_sr {
         assert_eq!(options.len(), 1);
         assert_eq!(options[0].option, OPT_STRUCTURED_REPLY);
