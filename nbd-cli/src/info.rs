@@ -31,6 +31,19 @@ pub struct InfoArgs {
     /// Exit 0 if the export has PROPERTY, 2 if not, 1 on error (read-only, rotational, tls).
     #[arg(long, value_name = "PROPERTY")]
     pub is: Option<String>,
+    /// Print the extents of a meta context (default base:allocation) as nbdinfo --map.
+    #[arg(
+        long,
+        value_name = "CONTEXT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "base:allocation",
+        conflicts_with_all = ["size", "list", "can", "is"]
+    )]
+    pub map: Option<String>,
+    /// With --map: how much of the export has each status.
+    #[arg(long, requires = "map")]
+    pub totals: bool,
 }
 
 /// Runs `nbd info`.
@@ -41,23 +54,36 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode, Error> {
     if args.list {
         return list(args);
     }
-    let client = connect(
-        &args.uri,
-        Config {
-            full_info: true,
-            ..Config::default()
-        },
-    )?;
-    let conn = client.connection();
+    if let Some(context) = &args.map {
+        return crate::map::run(&args.uri, context, args.totals, args.json);
+    }
     if args.size {
-        println!("{}", conn.size()?);
+        let client = connect(&args.uri, Config::default())?;
+        println!("{}", client.size()?);
+        client.shutdown()?;
         return Ok(ExitCode::SUCCESS);
     }
+    // Opt mode, so the meta contexts can be listed before the export is selected.
+    let config = Config {
+        opt_mode: true,
+        full_info: true,
+        ..Config::default()
+    };
+    let mut client = connect(&args.uri, config)?;
+    let mut contexts = None;
+    if client.connection().is_negotiating() {
+        if client.connection().structured_replies_negotiated() {
+            contexts = Some(client.opt_list_meta_context(&[])?);
+        }
+        client.opt_go()?;
+    }
+    let conn = client.connection();
     let name = conn
         .canonical_name()
         .unwrap_or(conn.export_name())
         .to_string();
-    let export = describe(conn, &name, &args.uri)?;
+    let mut export = describe(conn, &name, &args.uri)?;
+    export.contexts = contexts;
     print_exports(args.json, conn, &[export]);
     client.shutdown()?;
     Ok(ExitCode::SUCCESS)
@@ -162,6 +188,7 @@ struct ExportReport {
     description: Option<String>,
     uri: String,
     size: u64,
+    contexts: Option<Vec<String>>,
     flags: Vec<(&'static str, bool)>,
     block_sizes: Option<nbd_proto::BlockSizes>,
 }
@@ -172,6 +199,7 @@ fn describe(c: &Connection, name: &str, uri: &str) -> Result<ExportReport, Error
         description: c.description().map(str::to_string),
         uri: uri.to_string(),
         size: c.size()?,
+        contexts: None,
         flags: vec![
             ("is_rotational", c.is_rotational()?),
             ("is_read_only", c.is_read_only()?),
@@ -210,6 +238,12 @@ fn print_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) {
         }
         println!("\texport-size: {} ({})", e.size, human_size(e.size));
         println!("\turi: {}", e.uri);
+        if let Some(contexts) = &e.contexts {
+            println!("\tcontexts:");
+            for c in contexts {
+                println!("\t\t{c}");
+            }
+        }
         for (k, v) in &e.flags {
             println!("\t{k}: {v}");
         }
@@ -238,6 +272,15 @@ fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> St
                 f.push(("description", Value::Str(d.clone())));
             }
             f.push(("uri", Value::Str(e.uri.clone())));
+            let mut body = json::fields(&f, 1);
+            if let Some(contexts) = &e.contexts {
+                let items: Vec<String> = contexts
+                    .iter()
+                    .map(|c| format!("\t\t{}", json::quote(c)))
+                    .collect();
+                body.push_str(&format!(",\n\t\"contexts\": [\n{}\n\t]", items.join(",\n")));
+            }
+            let mut f = Vec::new();
             f.extend(e.flags.iter().map(|(k, v)| (*k, Value::Bool(*v))));
             if let Some(b) = e.block_sizes {
                 f.push(("block_size_minimum", Value::Num(b.minimum.into())));
@@ -246,7 +289,7 @@ fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> St
             }
             f.push(("export-size", Value::Num(e.size)));
             f.push(("export-size-str", Value::Str(human_size(e.size))));
-            format!("\t{{\n{}\n\t}}", json::fields(&f, 1))
+            format!("\t{{\n{body},\n{}\n\t}}", json::fields(&f, 1))
         })
         .collect();
     format!("{{\n{head},\n\"exports\": [\n{} ]\n}}", bodies.join(",\n"))

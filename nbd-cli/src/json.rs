@@ -53,9 +53,46 @@ pub fn fields(fields: &[(&str, Value)], indent: usize) -> String {
         .join(",\n")
 }
 
+/// A number as C's `%g` prints it: six significant digits, trailing zeroes dropped.
+pub fn g(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let exponent = x.abs().log10().floor() as i32;
+    if !(-4..6).contains(&exponent) {
+        let s = format!("{x:.5e}");
+        let (mantissa, exp) = s.split_once('e').expect("scientific form");
+        let mantissa = trim_zeroes(mantissa);
+        let exp: i32 = exp.parse().expect("exponent");
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
+    }
+    let decimals = (5 - exponent).max(0) as usize;
+    trim_zeroes(&format!("{x:.decimals$}")).to_string()
+}
+
+fn trim_zeroes(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn g_matches_c() {
+        assert_eq!(g(0.390625), "0.390625");
+        assert_eq!(g(99.609375), "99.6094");
+        assert_eq!(g(100.0), "100");
+        assert_eq!(g(1.5625), "1.5625");
+        assert_eq!(g(98.4375), "98.4375");
+        assert_eq!(g(0.0000123), "1.23e-05");
+        assert_eq!(g(33.333333333), "33.3333");
+    }
 
     #[test]
     fn quotes_control_characters() {

@@ -10,8 +10,10 @@
 
 mod copy;
 mod dump;
+mod extents;
 mod info;
 mod json;
+mod map;
 mod size;
 
 use std::process::ExitCode;
