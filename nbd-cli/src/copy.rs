@@ -1,12 +1,18 @@
 //! `nbd copy SRC DST`: NBD exports, local files, stdin/stdout and `null:`.
 //!
 //! Reads from an NBD source run with many requests in flight; writes to an NBD
-//! destination likewise. The number of buffers in use is bounded by
-//! `--requests`: a new read starts only when a buffer is free. Any failed read
-//! or write fails the copy: nothing is reported done that the server did not
+//! destination likewise. The number of requests in use is bounded by
+//! `--requests`: a new read starts only when one is free. Any failed read or
+//! write fails the copy: nothing is reported done that the server did not
 //! acknowledge.
+//!
+//! Where the source is an NBD export with `base:allocation`, runs it reports as
+//! zero are not read at all; and with `--sparse N`, all-zero blocks of N bytes in
+//! what was read are not written either. Either way the destination gets zeroes
+//! the cheap way: a zero request on an NBD export, nothing on a fresh local file
+//! (created sparse), plain zero bytes on standard output.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -15,8 +21,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
-use nbd_proto::{CmdFlags, Cookie};
+use nbd_proto::{CmdFlags, Config, Cookie};
 
+use crate::extents::{self, Run, BASE_ALLOCATION, STATE_ZERO};
 use crate::size::parse_size;
 
 /// Options of `nbd copy`.
@@ -35,6 +42,12 @@ pub struct CopyArgs {
     /// Flush the destination before finishing.
     #[arg(long)]
     pub flush: bool,
+    /// Read every byte of the source, ignoring its extents.
+    #[arg(long)]
+    pub no_extents: bool,
+    /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it off.
+    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    pub sparse: u64,
 }
 
 fn parse_request_size(s: &str) -> Result<u64, String> {
@@ -49,51 +62,86 @@ fn is_uri(s: &str) -> bool {
     s.starts_with("nbd") && s.contains("://")
 }
 
-enum Source {
-    Nbd(Box<Client>),
-    Stream(Box<dyn Read>),
-}
-
-enum Dest {
-    Nbd(Box<Client>),
-    File(File),
-    Stdout {
-        out: io::Stdout,
-        next: u64,
-        waiting: BTreeMap<u64, Bytes>,
-    },
-    Null,
-}
-
 fn fail(msg: String) -> Error {
     Error::Io(io::Error::other(msg))
 }
 
+/// Largest single zero request.
+const ZERO_CHUNK: u64 = 1 << 30;
+/// How far ahead of the copy the source's extents are read.
+const EXTENT_WINDOW: u64 = 1 << 30;
+
+enum Source {
+    Nbd {
+        client: Box<Client>,
+        /// Upcoming runs of the source, when its extents are used.
+        runs: Option<VecDeque<Run>>,
+    },
+    Stream(Box<dyn Read>),
+}
+
+/// A piece of standard output waiting for the pieces before it.
+enum Piece {
+    Data(Bytes),
+    Zero(u64),
+}
+
+enum Dest {
+    Nbd {
+        client: Box<Client>,
+        can_zero: bool,
+    },
+    File(File),
+    Stdout {
+        out: io::Stdout,
+        next: u64,
+        waiting: BTreeMap<u64, Piece>,
+    },
+    Null,
+}
+
 /// Runs `nbd copy`.
 pub fn run(args: &CopyArgs) -> Result<ExitCode, Error> {
-    let (src, size) = open_source(&args.src)?;
+    let (src, size) = open_source(&args.src, !args.no_extents)?;
     let dst = open_dest(&args.dst, size)?;
+    let request_size = args.request_size as usize;
     let mut job = Copy {
         src,
         dst,
         size,
         requests: args.requests as usize,
-        request_size: args.request_size as usize,
+        request_size,
+        sparse: args.sparse as usize,
         next: 0,
         reads: HashMap::new(),
         writes: HashMap::new(),
         spare: Vec::new(),
+        zeroes: Bytes::from(vec![0u8; request_size]),
     };
     job.run()?;
     job.finish(args.flush)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_source(spec: &str) -> Result<(Source, Option<u64>), Error> {
+fn open_source(spec: &str, use_extents: bool) -> Result<(Source, Option<u64>), Error> {
     if is_uri(spec) {
-        let client = Client::connect_uri(spec)?;
+        let mut config = Config::default();
+        if use_extents {
+            config.meta_contexts.push(BASE_ALLOCATION.into());
+        }
+        let client = Client::connect_uri_with(spec, config)?;
         let size = client.size()?;
-        return Ok((Source::Nbd(Box::new(client)), Some(size)));
+        let runs = client
+            .connection()
+            .can_meta_context(BASE_ALLOCATION)
+            .then(VecDeque::new);
+        return Ok((
+            Source::Nbd {
+                client: Box::new(client),
+                runs,
+            },
+            Some(size),
+        ));
     }
     if spec == "-" {
         return Ok((Source::Stream(Box::new(io::stdin())), None));
@@ -129,8 +177,13 @@ fn open_dest(spec: &str, size: Option<u64>) -> Result<Dest, Error> {
                 )));
             }
         }
-        return Ok(Dest::Nbd(Box::new(client)));
+        let can_zero = client.connection().can_zero()?;
+        return Ok(Dest::Nbd {
+            client: Box::new(client),
+            can_zero,
+        });
     }
+    // A new, sparse file: every byte not written reads as zero.
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -149,17 +202,20 @@ struct Copy {
     size: Option<u64>,
     requests: usize,
     request_size: usize,
+    sparse: usize,
     /// Offset of the next read.
     next: u64,
     /// Reads in flight on an NBD source.
     reads: HashMap<Cookie, u64>,
-    /// Writes in flight on an NBD destination, with their data kept to reuse its buffer.
+    /// Writes and zeroes in flight on an NBD destination, with the data kept to reuse its buffer.
     writes: HashMap<Cookie, (u64, Bytes)>,
     spare: Vec<BytesMut>,
+    /// One request of zeroes, for destinations that cannot zero cheaply.
+    zeroes: Bytes,
 }
 
 impl Copy {
-    fn buffers_in_use(&self) -> usize {
+    fn requests_in_use(&self) -> usize {
         self.reads.len() + self.writes.len()
     }
 
@@ -172,30 +228,44 @@ impl Copy {
     fn run(&mut self) -> Result<(), Error> {
         let mut source_done = false;
         loop {
-            while !source_done && self.buffers_in_use() < self.requests {
-                source_done = !self.start_read()?;
-            }
+            // Collect first: finished requests free room for new ones, and the
+            // wait below must never start with room left unused.
             self.collect()?;
-            if source_done && self.buffers_in_use() == 0 {
+            while !source_done && self.requests_in_use() < self.requests {
+                source_done = !self.start_read()?;
+                self.collect()?;
+            }
+            if source_done && self.requests_in_use() == 0 {
                 return Ok(());
             }
             self.wait()?;
         }
     }
 
-    /// Starts (or, for a stream, does) one read; false when the source is exhausted.
+    /// Starts (or, for a stream, does) one read, or skips one zero run; false
+    /// when the source is exhausted.
     fn start_read(&mut self) -> Result<bool, Error> {
         if self.size.is_some_and(|s| self.next >= s) {
             return Ok(false);
         }
-        let len = match self.size {
+        let mut len = match self.size {
             Some(s) => (s - self.next).min(self.request_size as u64) as usize,
             None => self.request_size,
         };
-        let mut buf = self.buffer(len);
         let offset = self.next;
+        if let Some(run) = self.current_run()? {
+            let run_end = run.offset + run.length;
+            if run.flags & STATE_ZERO != 0 {
+                // Nothing to read: the destination gets zeroes directly.
+                self.next = run_end;
+                self.zero(offset, run_end - offset)?;
+                return Ok(true);
+            }
+            len = len.min((run_end - offset) as usize);
+        }
+        let mut buf = self.buffer(len);
         match &mut self.src {
-            Source::Nbd(client) => {
+            Source::Nbd { client, .. } => {
                 let cookie = client.aio_pread(buf, offset, CmdFlags::empty())?;
                 self.reads.insert(cookie, offset);
                 self.next += len as u64;
@@ -220,9 +290,31 @@ impl Copy {
         }
     }
 
+    /// The source run containing `self.next`, reading more extents when needed;
+    /// `None` when extents are not used.
+    fn current_run(&mut self) -> Result<Option<Run>, Error> {
+        let size = self.size.unwrap_or(0);
+        let next = self.next;
+        let Source::Nbd {
+            client,
+            runs: Some(runs),
+        } = &mut self.src
+        else {
+            return Ok(None);
+        };
+        while runs.front().is_some_and(|r| r.offset + r.length <= next) {
+            runs.pop_front();
+        }
+        if runs.is_empty() {
+            let window = (size - next).min(EXTENT_WINDOW);
+            runs.extend(extents::query(client, BASE_ALLOCATION, next, window)?);
+        }
+        Ok(runs.front().copied())
+    }
+
     /// Takes finished reads and writes, checking each result.
     fn collect(&mut self) -> Result<(), Error> {
-        if let Source::Nbd(client) = &mut self.src {
+        if let Source::Nbd { client, .. } = &mut self.src {
             let mut done = Vec::new();
             while let Some(c) = client.next_completion() {
                 done.push(c);
@@ -234,13 +326,11 @@ impl Copy {
                     .expect("a read this copy started");
                 c.result
                     .map_err(|e| fail(format!("read at offset {offset} failed: {e}")))?;
-                self.write(
-                    offset,
-                    c.buffer.expect("reads return their buffer").freeze(),
-                )?;
+                let data = c.buffer.expect("reads return their buffer").freeze();
+                self.write(offset, data)?;
             }
         }
-        if let Dest::Nbd(client) = &mut self.dst {
+        if let Dest::Nbd { client, .. } = &mut self.dst {
             while let Some(c) = client.next_completion() {
                 let (offset, data) = self
                     .writes
@@ -249,16 +339,46 @@ impl Copy {
                 c.result
                     .map_err(|e| fail(format!("write at offset {offset} failed: {e}")))?;
                 if let Ok(buf) = data.try_into_mut() {
-                    self.spare.push(buf);
+                    if buf.capacity() > 0 {
+                        self.spare.push(buf);
+                    }
                 }
             }
         }
         Ok(())
     }
 
+    /// Writes what was read, turning all-zero blocks into zeroes when `--sparse` asks.
     fn write(&mut self, offset: u64, data: Bytes) -> Result<(), Error> {
+        let sparse_target = matches!(self.dst, Dest::Nbd { .. } | Dest::File(_));
+        if self.sparse == 0 || !sparse_target {
+            return self.write_data(offset, data);
+        }
+        let mut at = 0;
+        while at < data.len() {
+            let zero = is_zero(&data[at..(at + self.sparse).min(data.len())]);
+            let mut end = at;
+            while end < data.len()
+                && is_zero(&data[end..(end + self.sparse).min(data.len())]) == zero
+            {
+                end = (end + self.sparse).min(data.len());
+            }
+            if zero {
+                self.zero(offset + at as u64, (end - at) as u64)?;
+            } else if at == 0 && end == data.len() {
+                return self.write_data(offset, data);
+            } else {
+                self.write_data(offset + at as u64, data.slice(at..end))?;
+            }
+            at = end;
+        }
+        self.recycle(data);
+        Ok(())
+    }
+
+    fn write_data(&mut self, offset: u64, data: Bytes) -> Result<(), Error> {
         match &mut self.dst {
-            Dest::Nbd(client) => {
+            Dest::Nbd { client, .. } => {
                 let size = client.size()?;
                 if offset + data.len() as u64 > size {
                     return Err(fail(format!(
@@ -272,15 +392,67 @@ impl Copy {
                 file.write_all_at(&data, offset)?;
                 self.recycle(data);
             }
-            Dest::Stdout { out, next, waiting } => {
-                // Replies arrive in any order; standard output must stay in order.
-                waiting.insert(offset, data);
-                while let Some(piece) = waiting.remove(next) {
-                    out.write_all(&piece)?;
-                    *next += piece.len() as u64;
+            Dest::Stdout { .. } => self.emit(offset, Piece::Data(data))?,
+            Dest::Null => self.recycle(data),
+        }
+        Ok(())
+    }
+
+    /// Makes `length` bytes at `offset` zero on the destination the cheapest way.
+    fn zero(&mut self, offset: u64, length: u64) -> Result<(), Error> {
+        match &mut self.dst {
+            Dest::Nbd {
+                client,
+                can_zero: true,
+            } => {
+                let mut at = offset;
+                while at < offset + length {
+                    let n = (offset + length - at).min(ZERO_CHUNK);
+                    let cookie = client.aio_zero(n, at, CmdFlags::empty())?;
+                    self.writes.insert(cookie, (at, Bytes::new()));
+                    at += n;
                 }
             }
-            Dest::Null => self.recycle(data),
+            Dest::Nbd {
+                can_zero: false, ..
+            } => {
+                let mut at = offset;
+                while at < offset + length {
+                    let n = (offset + length - at).min(self.zeroes.len() as u64) as usize;
+                    let piece = self.zeroes.slice(..n);
+                    self.write_data(at, piece)?;
+                    at += n as u64;
+                }
+            }
+            // A new local file is sparse: unwritten bytes already read as zero.
+            Dest::File(_) | Dest::Null => {}
+            Dest::Stdout { .. } => self.emit(offset, Piece::Zero(length))?,
+        }
+        Ok(())
+    }
+
+    /// Standard output must stay in order while replies arrive in any order.
+    fn emit(&mut self, offset: u64, piece: Piece) -> Result<(), Error> {
+        let zeroes = self.zeroes.clone();
+        let Dest::Stdout { out, next, waiting } = &mut self.dst else {
+            unreachable!("only for standard output")
+        };
+        waiting.insert(offset, piece);
+        while let Some(piece) = waiting.remove(next) {
+            match piece {
+                Piece::Data(data) => {
+                    out.write_all(&data)?;
+                    *next += data.len() as u64;
+                }
+                Piece::Zero(mut left) => {
+                    while left > 0 {
+                        let n = left.min(zeroes.len() as u64) as usize;
+                        out.write_all(&zeroes[..n])?;
+                        left -= n as u64;
+                        *next += n as u64;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -295,11 +467,11 @@ impl Copy {
     fn wait(&mut self) -> Result<(), Error> {
         let timeout = Some(Duration::from_secs(60));
         let mut clients: Vec<&mut Client> = Vec::with_capacity(2);
-        if let Source::Nbd(c) = &mut self.src {
-            clients.push(c);
+        if let Source::Nbd { client, .. } = &mut self.src {
+            clients.push(client);
         }
-        if let Dest::Nbd(c) = &mut self.dst {
-            clients.push(c);
+        if let Dest::Nbd { client, .. } = &mut self.dst {
+            clients.push(client);
         }
         if clients.is_empty() {
             return Ok(());
@@ -311,11 +483,11 @@ impl Copy {
     }
 
     fn finish(self, flush: bool) -> Result<(), Error> {
-        if let Source::Nbd(client) = self.src {
+        if let Source::Nbd { client, .. } = self.src {
             client.shutdown()?;
         }
         match self.dst {
-            Dest::Nbd(mut client) => {
+            Dest::Nbd { mut client, .. } => {
                 if flush && client.connection().can_flush()? {
                     client.flush()?;
                 }
@@ -338,6 +510,10 @@ impl Copy {
         }
         Ok(())
     }
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.

@@ -6,8 +6,6 @@ use nbd_proto::CmdFlags;
 
 /// The context `--map` and `nbd copy` use by default.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-/// `base:allocation` flag: the extent is a hole.
-pub const STATE_HOLE: u64 = 1;
 /// `base:allocation` flag: the extent reads as zeroes.
 pub const STATE_ZERO: u64 = 2;
 
