@@ -33,6 +33,7 @@ mod nbdkit;
 mod process;
 mod qemu;
 mod ready;
+pub mod testkit;
 mod tools;
 mod watchdog;
 
