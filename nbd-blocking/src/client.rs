@@ -201,14 +201,14 @@ impl Client {
                 break;
             }
             match self.stream.write_vectored(&iov[..n]) {
-                Ok(0) => return Err(self.socket_failed(io::ErrorKind::WriteZero.into())),
+                Ok(0) => return self.socket_failed(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
                     self.conn.notify_write(k);
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.socket_failed(e)),
+                Err(e) => return self.socket_failed(e),
             }
         }
         for _ in 0..READS_PER_STEP {
@@ -226,19 +226,25 @@ impl Client {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.socket_failed(e)),
+                Err(e) => return self.socket_failed(e),
             }
         }
         self.collect_events();
         Ok(progressed)
     }
 
-    /// A socket error ends the connection: the core sees end of stream so every
-    /// pending command fails exactly once, and the caller gets the socket error.
-    fn socket_failed(&mut self, e: io::Error) -> Error {
+    /// A socket error ends the connection: the core sees end of stream, so every
+    /// pending command fails exactly once. If that end was expected (the server
+    /// hung up after an abort or disconnect, as nbd-server does), the connection
+    /// closed cleanly and it is no error; otherwise the caller gets the socket error.
+    fn socket_failed(&mut self, e: io::Error) -> Result<bool> {
         let _ = self.conn.notify_read(0);
         self.collect_events();
-        Error::Io(e)
+        if self.conn.is_closed() {
+            Ok(true)
+        } else {
+            Err(Error::Io(e))
+        }
     }
 
     fn collect_events(&mut self) {
@@ -436,12 +442,22 @@ impl Client {
         Ok(reports)
     }
 
+    /// The largest request the convenience calls send: 4 MiB, or less if the
+    /// server's maximum block size says so.
+    pub fn max_request(&self) -> usize {
+        match self.conn.block_sizes() {
+            Some(sizes) => CONVENIENCE_CHUNK.min(sizes.maximum as usize),
+            None => CONVENIENCE_CHUNK,
+        }
+    }
+
     /// Fills `buf` from `offset`, splitting large reads (copies from internal buffers).
     pub fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let chunk = self.max_request();
         let mut scratch = BytesMut::new();
-        for (i, part) in buf.chunks_mut(CONVENIENCE_CHUNK).enumerate() {
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
             scratch.resize(part.len(), 0);
-            let at = offset + (i * CONVENIENCE_CHUNK) as u64;
+            let at = offset + (i * chunk) as u64;
             scratch = self.pread(scratch, at, CmdFlags::empty())?;
             part.copy_from_slice(&scratch);
         }
@@ -450,8 +466,9 @@ impl Client {
 
     /// Writes all of `data` at `offset`, splitting large writes.
     pub fn write_all_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        for (i, part) in data.chunks(CONVENIENCE_CHUNK).enumerate() {
-            let at = offset + (i * CONVENIENCE_CHUNK) as u64;
+        let chunk = self.max_request();
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let at = offset + (i * chunk) as u64;
             self.pwrite(Bytes::copy_from_slice(part), at, CmdFlags::empty())?;
         }
         Ok(())

@@ -28,7 +28,12 @@ impl Stream {
                     s.set_nodelay(true)?;
                     return Self::ready(Stream::Tcp(s));
                 }
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    last = Some(io::Error::new(
+                        e.kind(),
+                        format!("cannot connect to {a}: {e}"),
+                    ))
+                }
             }
         }
         Err(last.unwrap_or_else(|| {
@@ -38,7 +43,14 @@ impl Stream {
 
     /// Connects to a Unix socket.
     pub fn connect_unix(path: impl AsRef<Path>) -> io::Result<Self> {
-        Self::ready(Stream::Unix(UnixStream::connect(path)?))
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
+        })?;
+        Self::ready(Stream::Unix(stream))
     }
 
     fn ready(self) -> io::Result<Self> {

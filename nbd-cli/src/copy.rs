@@ -104,7 +104,14 @@ enum Dest {
 pub fn run(args: &CopyArgs) -> Result<ExitCode, Error> {
     let (src, size) = open_source(&args.src, !args.no_extents)?;
     let dst = open_dest(&args.dst, size)?;
-    let request_size = args.request_size as usize;
+    // No request may exceed either server's maximum block size.
+    let mut request_size = args.request_size as usize;
+    if let Source::Nbd { client, .. } = &src {
+        request_size = request_size.min(client.max_request());
+    }
+    if let Dest::Nbd { client, .. } = &dst {
+        request_size = request_size.min(client.max_request());
+    }
     let mut job = Copy {
         src,
         dst,

@@ -50,9 +50,10 @@ pub fn run(args: &DumpArgs) -> Result<ExitCode, Error> {
     let mut out = io::BufWriter::new(stdout.lock());
     let mut dumper = HexDump::default();
     let mut at = args.offset;
-    let mut buf = vec![0u8; READ_CHUNK as usize];
+    let chunk = READ_CHUNK.min(client.max_request() as u64);
+    let mut buf = vec![0u8; chunk as usize];
     while at < end {
-        let n = (end - at).min(READ_CHUNK) as usize;
+        let n = (end - at).min(chunk) as usize;
         client.read_exact_at(&mut buf[..n], at)?;
         dumper.feed(&mut out, at, &buf[..n])?;
         at += n as u64;

@@ -236,7 +236,13 @@ fn print_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) {
         if let Some(d) = &e.description {
             println!("\tdescription: {d}");
         }
-        println!("\texport-size: {} ({})", e.size, human_size(e.size));
+        // As nbdinfo: the human form only where it says something new.
+        let human = human_size(e.size);
+        if human == e.size.to_string() {
+            println!("\texport-size: {}", e.size);
+        } else {
+            println!("\texport-size: {} ({human})", e.size);
+        }
         println!("\turi: {}", e.uri);
         if let Some(contexts) = &e.contexts {
             println!("\tcontexts:");

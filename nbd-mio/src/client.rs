@@ -223,7 +223,11 @@ impl Client {
                 break;
             }
             match self.stream.write_vectored(&iov[..n]) {
-                Ok(0) => return Err(self.socket_failed(io::ErrorKind::WriteZero.into())),
+                Ok(0) => {
+                    return self
+                        .socket_failed(io::ErrorKind::WriteZero.into())
+                        .map(|()| true)
+                }
                 Ok(k) => {
                     self.conn.notify_write(k);
                     progressed = true;
@@ -290,13 +294,19 @@ impl Client {
                 return Ok(());
             }
         }
-        Err(self.socket_failed(e))
+        self.socket_failed(e)
     }
 
-    /// The core sees end of stream, so every pending command fails exactly once.
-    fn socket_failed(&mut self, e: io::Error) -> Error {
+    /// A socket error ends the connection: the core sees end of stream, so every
+    /// pending command fails exactly once. An expected end (the server hanging up
+    /// after an abort or disconnect) is a clean close, not an error.
+    fn socket_failed(&mut self, e: io::Error) -> Result<()> {
         let _ = self.conn.notify_read(0);
-        Error::Io(e)
+        if self.conn.is_closed() {
+            Ok(())
+        } else {
+            Err(Error::Io(e))
+        }
     }
 
     fn collect_events(&mut self) {

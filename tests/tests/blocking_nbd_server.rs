@@ -363,7 +363,7 @@ fn read_only_export_refuses_writes_with_eperm() {
 /// to expect that from older servers, and libnbd copes (`nbdinfo --list`
 /// against nbd-server exits 0).
 #[test]
-#[ignore = "client bug: opt_abort fails with ECONNRESET when nbd-server closes without acknowledging NBD_OPT_ABORT"]
+
 fn opt_abort_tolerates_a_server_that_just_closes() {
     let server = four_exports();
     let config = Config {

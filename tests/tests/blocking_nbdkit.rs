@@ -447,7 +447,7 @@ fn eval_plugin_read_only_with_block_sizes() {
 /// fail on such servers (nbdkit's blocksize-policy filter here; qemu-nbd with
 /// a small `--image-opts` limit or any plugin with a `block_size` method alike).
 #[test]
-#[ignore = "client bug: read_exact_at/write_all_at/ExportFile split at 4 MiB, not at the server's maximum block size"]
+
 fn convenience_calls_respect_the_maximum_block_size() {
     let server = NbdkitBuilder::memory(MIB)
         .filter("blocksize-policy")

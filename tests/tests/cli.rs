@@ -414,7 +414,7 @@ fn info_text_matches_nbdinfo() {
 /// that says something: for a size that is not a multiple of 1 KiB it prints
 /// "export-size: 1000" where `nbd info` prints "export-size: 1000 (1000)".
 #[test]
-#[ignore = "cli bug: nbd info prints 'export-size: N (N)' where nbdinfo prints 'export-size: N'"]
+
 fn info_text_matches_nbdinfo_for_odd_sizes() {
     let server = NbdkitBuilder::memory(1000).start();
     assert_same_text(&server.uri());
@@ -459,7 +459,7 @@ fn list_json_matches_nbdinfo_on_nbd_server() {
 /// "Connection reset by peer", and `nbd info --list` exits 1 after printing a
 /// complete listing. `nbdinfo --list` exits 0 on the same server.
 #[test]
-#[ignore = "client bug: opt_abort fails with ECONNRESET on nbd-server, so `nbd info --list` exits 1"]
+
 fn list_exits_zero_on_nbd_server() {
     let server = NbdServerBuilder::new()
         .export("alpha", MIB)
@@ -858,7 +858,7 @@ fn nbd_within(args: &[&str], limit: Duration) -> Option<Output> {
 /// is in flight while it waits: it sleeps until its 60 s timeout and fails
 /// with "nbd: timed out". Seen for every kind of source and destination.
 #[test]
-#[ignore = "cli bug: nbd copy hangs (then 'timed out') when one poll completes every request in flight"]
+
 fn copy_with_few_or_small_requests_finishes() {
     let source = NbdkitBuilder::pattern(3 * MIB).start();
     let destination = NbdkitBuilder::memory(3 * MIB).start();
@@ -890,7 +890,7 @@ fn copy_with_few_or_small_requests_finishes() {
 /// ("request too large ... exceeds the server's maximum payload 65536").
 /// nbdcopy copies from and to the same servers.
 #[test]
-#[ignore = "cli bug: nbd copy and nbd dump ignore the server's maximum block size"]
+
 fn copy_and_dump_respect_the_maximum_block_size() {
     let data = random_data(106, MIB);
     let limited = |builder: NbdkitBuilder| {
@@ -1036,7 +1036,7 @@ fn refused_connections_are_one_line_errors() {
 /// A one-line error should say what it could not reach: "nbd: No such file or
 /// directory (os error 2)" does not name the socket (nbdinfo's message does).
 #[test]
-#[ignore = "cli: connection errors do not name the socket path or address"]
+
 fn refused_connection_errors_name_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nobody.sock");
