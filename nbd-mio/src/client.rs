@@ -372,6 +372,13 @@ impl Client {
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
+    /// Queues a block status query over every negotiated meta context; each
+    /// context's extents arrive as an `Event::BlockStatus` from
+    /// [`next_event`](Self::next_event) before the completion.
+    pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        Ok(self.conn.block_status(count, offset, flags)?)
+    }
+
     /// Queues a write of zeroes.
     pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.zero(count, offset, flags)?)
