@@ -624,9 +624,11 @@ impl Connection {
         }
         let reason = format!("connection failed: {error}");
         self.fail_all(&reason);
-        if let Some(pending) = self.pending_opt.take() {
+        // A caller's option fails with the connection; automatic steps have no
+        // caller waiting, so only `Closed` reports them.
+        if let Some(pending) = self.pending_opt.take().filter(|p| !p.is_auto()) {
             self.events.push_back(Event::OptionDone {
-                option: pending.option(),
+                option: pending.caller_option(),
                 result: Err(error.clone()),
             });
         }
@@ -638,6 +640,9 @@ impl Connection {
     /// Ends the connection as asked: pending commands fail, `Closed` without error.
     pub(crate) fn close_clean(&mut self) {
         if let Some(error) = self.shutdown_error.take() {
+            // The abort that followed a shutdown refusal is done; the refusal,
+            // already reported to any caller, is why the connection ends.
+            self.pending_opt = None;
             return self.kill(error);
         }
         if matches!(self.state, State::Dead(_) | State::Closed) {

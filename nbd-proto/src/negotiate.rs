@@ -75,10 +75,25 @@ impl PendingOpt {
     pub(crate) fn is_export_name(self) -> bool {
         self == PendingOpt::ExportName
     }
-    fn is_auto(self) -> bool {
+    /// The option the caller asked for: an `opt_go` / `opt_info` that is still
+    /// selecting its meta contexts is reported as GO / INFO.
+    pub(crate) fn caller_option(self) -> u32 {
+        match self {
+            PendingOpt::SetMeta { then: Some(step) } if step.go => OPT_GO,
+            PendingOpt::SetMeta { then: Some(_) } => OPT_INFO,
+            other => other.option(),
+        }
+    }
+
+    pub(crate) fn is_auto(self) -> bool {
         matches!(
             self,
-            PendingOpt::StructuredReply { auto: true } | PendingOpt::Info { auto: true, .. }
+            PendingOpt::ExtendedHeaders { auto: true }
+                | PendingOpt::StructuredReply { auto: true }
+                | PendingOpt::SetMeta {
+                    then: Some(InfoStep { auto: true, .. })
+                }
+                | PendingOpt::Info { auto: true, .. }
         )
     }
 }
@@ -527,7 +542,7 @@ impl Connection {
             // The server is going away: say goodbye properly, then report why.
             if !pending.is_auto() {
                 self.events.push_back(Event::OptionDone {
-                    option: pending.option(),
+                    option: pending.caller_option(),
                     result: Err(error.clone()),
                 });
             }

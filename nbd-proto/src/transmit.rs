@@ -626,10 +626,11 @@ impl Connection {
 
     /// Gathers a block status payload, then checks and reports it.
     pub(crate) fn rx_status_payload(&mut self, header: ChunkHeader) -> bool {
-        if self.stage.is_empty() {
+        let want = header.length as usize - self.status_buf.len();
+        // An empty payload is complete at once: waiting for input would stall it.
+        if want > 0 && self.stage.is_empty() {
             return false;
         }
-        let want = header.length as usize - self.status_buf.len();
         let n = want.min(self.stage.len());
         self.status_buf.extend_from_slice(&self.stage.data()[..n]);
         self.stage.consume(n);

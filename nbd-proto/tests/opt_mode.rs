@@ -426,7 +426,50 @@ fn opt_mode_rep_err_shutdown_reports_option_done_then_aborts() {
     assert!(conn.opt_list().is_err());
     feed(&mut conn, &s.ack(OPT_ABORT).take());
     let events = drain(&mut conn);
+    // The abort was the client's own doing: only the end is reported.
+    assert!(
+        matches!(events.as_slice(), [Event::Closed { error: Some(e) }] if e.errno() == Errno::Shutdown),
+        "{events:?}"
+    );
     assert_dead(&conn, &events, Errno::Shutdown);
+}
+
+#[test]
+fn opt_go_failing_while_it_selects_contexts_is_reported_as_go() {
+    let mut conn = negotiating();
+    conn.add_meta_context("base:allocation").unwrap();
+    conn.opt_go().unwrap();
+    // opt_go selects the configured contexts first.
+    assert_eq!(sent_option(&mut conn).option, OPT_SET_META_CONTEXT);
+    let mut s = Script::new();
+    feed(
+        &mut conn,
+        &s.opt_error(OPT_SET_META_CONTEXT, REP_ERR_SHUTDOWN, "bye")
+            .take(),
+    );
+    let events = drain(&mut conn);
+    assert!(
+        matches!(events.as_slice(), [Event::OptionDone { option: OPT_GO, result: Err(e) }] if e.errno() == Errno::Shutdown),
+        "{events:?}"
+    );
+    assert_eq!(sent_option(&mut conn).option, OPT_ABORT);
+    feed(&mut conn, &s.ack(OPT_ABORT).take());
+    assert!(matches!(
+        drain(&mut conn).as_slice(),
+        [Event::Closed { error: Some(_) }]
+    ));
+
+    // A connection dying under the same opt_go reports GO too.
+    let mut conn = negotiating();
+    conn.add_meta_context("base:allocation").unwrap();
+    conn.opt_go().unwrap();
+    conn.take_output();
+    conn.handle_input(&[]).unwrap();
+    let events = drain(&mut conn);
+    assert!(
+        matches!(&events[0], Event::OptionDone { option: OPT_GO, result: Err(e) } if e.errno() == Errno::NotConn),
+        "{events:?}"
+    );
 }
 
 #[test]

@@ -347,3 +347,157 @@ fn wire_constants_match_the_specification() {
     assert_eq!(REPLY_TYPE_ERROR, 0x8001);
     assert_eq!(REPLY_TYPE_ERROR_OFFSET, 0x8002);
 }
+
+// ---------------------------------------------------------------- meta contexts and block status
+
+fn pairs_strategy() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec((any::<u64>(), any::<u64>()), 1..24)
+}
+
+fn chunk_of(context_id: u32, pairs: &[(u64, u64)]) -> BlockStatusChunk {
+    BlockStatusChunk {
+        context_id,
+        extents: pairs
+            .iter()
+            .map(|&(length, flags)| Extent { length, flags })
+            .collect(),
+    }
+}
+
+proptest! {
+    #[test]
+    fn meta_context_request_round_trips_and_rejects_truncation_and_trailing_bytes(
+        name in string(),
+        queries in prop::collection::vec(string(), 0..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let bytes = encoded(|b| MetaContextRequest::encode(&name, &queries, b));
+        let want_len = 4 + name.len() + 4 + queries.iter().map(|q| 4 + q.len()).sum::<usize>();
+        prop_assert_eq!(bytes.len(), want_len);
+        prop_assert_eq!(be32(&bytes, 0) as usize, name.len());
+        prop_assert_eq!(be32(&bytes, 4 + name.len()) as usize, queries.len());
+        let expected = MetaContextRequest { name: name.clone(), queries: queries.clone() };
+        prop_assert_eq!(MetaContextRequest::decode(&bytes), Ok(expected));
+        // Every strict prefix is refused, and so is a byte more.
+        let at = cut.index(bytes.len());
+        prop_assert!(MetaContextRequest::decode(&bytes[..at]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let trailing = matches!(MetaContextRequest::decode(&longer), Err(DecodeError::Invalid { .. }));
+        prop_assert!(trailing);
+    }
+
+    #[test]
+    fn meta_context_request_refuses_a_query_count_beyond_the_data(
+        name in string(), queries in prop::collection::vec(string(), 0..4), extra in 1u32..1000,
+    ) {
+        let mut bytes = encoded(|b| MetaContextRequest::encode(&name, &queries, b));
+        let at = 4 + name.len();
+        let claimed = queries.len() as u32 + extra;
+        bytes[at..at + 4].copy_from_slice(&claimed.to_be_bytes());
+        prop_assert!(MetaContextRequest::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn meta_context_reply_round_trips(id in any::<u32>(), name in string()) {
+        let reply = MetaContextReply { id, name: name.clone() };
+        let bytes = encoded(|b| reply.encode(b));
+        prop_assert_eq!(bytes.len(), 4 + name.len());
+        prop_assert_eq!(&bytes[..4], &id.to_be_bytes());
+        prop_assert_eq!(MetaContextReply::decode(&bytes), Ok(reply));
+        for short in 0..4 {
+            let refused = matches!(
+                MetaContextReply::decode(&bytes[..short]),
+                Err(DecodeError::Length { need: 4, .. })
+            );
+            prop_assert!(refused);
+        }
+    }
+
+    #[test]
+    fn extended_block_status_round_trips_64_bit_extents(
+        context_id in any::<u32>(), pairs in pairs_strategy(),
+    ) {
+        let chunk = chunk_of(context_id, &pairs);
+        let bytes = encoded(|b| chunk.encode(true, b));
+        prop_assert_eq!(bytes.len(), 8 + 16 * pairs.len());
+        prop_assert_eq!(be32(&bytes, 4) as usize, pairs.len());
+        prop_assert_eq!(BlockStatusChunk::decode(true, &bytes), Ok(chunk));
+        // Not a compact payload (4 + 8n never equals 8 + 16m).
+        prop_assert!(BlockStatusChunk::decode(false, &bytes).is_err());
+        // A missing byte, a missing descriptor or a wrong count is refused.
+        prop_assert!(BlockStatusChunk::decode(true, &bytes[..bytes.len() - 1]).is_err());
+        prop_assert!(BlockStatusChunk::decode(true, &bytes[..bytes.len() - 16]).is_err());
+        let mut miscounted = bytes.clone();
+        miscounted[4..8].copy_from_slice(&(pairs.len() as u32 + 1).to_be_bytes());
+        let refused = matches!(BlockStatusChunk::decode(true, &miscounted), Err(DecodeError::Invalid { .. }));
+        prop_assert!(refused);
+    }
+
+    #[test]
+    fn compact_block_status_round_trips_32_bit_extents(
+        context_id in any::<u32>(), pairs in pairs_strategy(),
+    ) {
+        let narrow: Vec<(u64, u64)> = pairs
+            .iter()
+            .map(|&(l, f)| (l & 0xffff_ffff, f & 0xffff_ffff))
+            .collect();
+        let chunk = chunk_of(context_id, &narrow);
+        let bytes = encoded(|b| chunk.encode(false, b));
+        prop_assert_eq!(bytes.len(), 4 + 8 * pairs.len());
+        prop_assert_eq!(BlockStatusChunk::decode(false, &bytes), Ok(chunk.clone()));
+        // The server-side compact encoder keeps the low 32 bits of wider values.
+        let wide = encoded(|b| chunk_of(context_id, &pairs).encode(false, b));
+        prop_assert_eq!(&wide, &bytes);
+        // Not an extended payload (8 + 16m never equals 4 + 8n).
+        prop_assert!(BlockStatusChunk::decode(true, &bytes).is_err());
+        prop_assert!(BlockStatusChunk::decode(false, &bytes[..bytes.len() - 1]).is_err());
+        // Just the context id: no extent, refused.
+        prop_assert!(BlockStatusChunk::decode(false, &bytes[..4]).is_err());
+    }
+
+    #[test]
+    fn extent_to_u32_is_exact_or_an_overflow(length in any::<u64>(), flags in any::<u64>()) {
+        let fits = length <= u64::from(u32::MAX) && flags <= u64::from(u32::MAX);
+        match (Extent { length, flags }).to_u32() {
+            Ok((l, f)) => {
+                prop_assert!(fits);
+                prop_assert_eq!(u64::from(l), length);
+                prop_assert_eq!(u64::from(f), flags);
+            }
+            Err(e) => {
+                prop_assert!(!fits);
+                prop_assert!(matches!(e, crate::Error::Overflow(_)), "{e:?}");
+            }
+        }
+    }
+
+    /// The new decoders, any bytes: an answer, never a panic.
+    #[test]
+    fn meta_and_status_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..120)) {
+        let _ = MetaContextRequest::decode(&bytes);
+        let _ = MetaContextReply::decode(&bytes);
+        for extended in [false, true] {
+            if let Ok(chunk) = BlockStatusChunk::decode(extended, &bytes) {
+                prop_assert!(!chunk.extents.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn meta_and_status_constants_match_the_specification() {
+    assert_eq!(OPT_LIST_META_CONTEXT, 9);
+    assert_eq!(OPT_SET_META_CONTEXT, 10);
+    assert_eq!(OPT_EXTENDED_HEADERS, 11);
+    assert_eq!(REP_META_CONTEXT, 4);
+    assert_eq!(REP_ERR_EXT_HEADER_REQD, 0x8000_000a);
+    assert_eq!(EXTENDED_REQUEST_MAGIC, 0x21e4_1c71);
+    assert_eq!(EXTENDED_REPLY_MAGIC, 0x6e8a_278c);
+    assert_eq!(REPLY_TYPE_BLOCK_STATUS, 5);
+    assert_eq!(REPLY_TYPE_BLOCK_STATUS_EXT, 6);
+    assert_eq!(CMD_BLOCK_STATUS, 7);
+    assert_eq!(CMD_FLAG_REQ_ONE, 1 << 3);
+    assert_eq!(CMD_FLAG_PAYLOAD_LEN, 1 << 5);
+    assert_eq!(FLAG_BLOCK_STATUS_PAYLOAD, 1 << 12);
+}

@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use bytes::{Bytes, BytesMut};
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::{
-    ChunkHeader, ErrorChunk, ExportNameReply, GreetingStart, HoleChunk, Info, InfoRequest,
-    OldstyleRest, OptionReplyHeader, OptionRequest, RequestHeader, ServerEntry, SimpleReply,
+    BlockStatusChunk, ChunkHeader, ErrorChunk, ExportNameReply, Extent, GreetingStart, HoleChunk,
+    Info, InfoRequest, MetaContextReply, MetaContextRequest, OldstyleRest, OptionReplyHeader,
+    OptionRequest, RequestHeader, ServerEntry, SimpleReply,
 };
 use nbd_proto::{Completion, Config, Connection, Cookie, Errno, Error, Event, ReadChunk, Strict};
 
@@ -536,4 +537,323 @@ pub fn assert_dead(conn: &Connection, events: &[Event], errno: Errno) {
         other => panic!("last event should be Closed with the error, got {other:?}"),
     }
     assert_eq!(conn.direction(), nbd_proto::Direction::None);
+}
+
+// ---------------------------------------------------------------- meta contexts,
+// block status and extended headers
+
+impl Script {
+    /// An `NBD_REP_META_CONTEXT` reply to `option` (LIST or SET).
+    pub fn meta_context(&mut self, option: u32, id: u32, name: &str) -> &mut Self {
+        let mut data = Vec::new();
+        MetaContextReply {
+            id,
+            name: name.into(),
+        }
+        .encode(&mut data);
+        self.opt_reply(option, REP_META_CONTEXT, &data)
+    }
+
+    /// An extended (32-byte) chunk header announcing `length` payload bytes; the
+    /// payload is not added.
+    pub fn ext_chunk_header(
+        &mut self,
+        cookie: u64,
+        flags: u16,
+        chunk_type: u16,
+        offset: u64,
+        length: u64,
+    ) -> &mut Self {
+        ChunkHeader {
+            flags,
+            chunk_type,
+            cookie,
+            offset,
+            length,
+        }
+        .encode_extended(&mut self.bytes);
+        self
+    }
+
+    /// An extended chunk with its payload; `offset` is the header's offset field
+    /// (the request's offset, for a well-behaved server).
+    pub fn ext_chunk(
+        &mut self,
+        cookie: Cookie,
+        done: bool,
+        chunk_type: u16,
+        offset: u64,
+        payload: &[u8],
+    ) -> &mut Self {
+        self.ext_chunk_header(
+            cookie.get(),
+            done_flag(done),
+            chunk_type,
+            offset,
+            payload.len() as u64,
+        );
+        self.raw(payload)
+    }
+
+    /// An extended `NONE` chunk with the DONE flag.
+    pub fn ext_none(&mut self, cookie: Cookie, request_offset: u64) -> &mut Self {
+        self.ext_chunk(cookie, true, REPLY_TYPE_NONE, request_offset, &[])
+    }
+
+    /// An extended `OFFSET_DATA` chunk for data at `offset`.
+    pub fn ext_data(
+        &mut self,
+        cookie: Cookie,
+        request_offset: u64,
+        offset: u64,
+        data: &[u8],
+        done: bool,
+    ) -> &mut Self {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(data);
+        self.ext_chunk(
+            cookie,
+            done,
+            REPLY_TYPE_OFFSET_DATA,
+            request_offset,
+            &payload,
+        )
+    }
+
+    /// An extended `OFFSET_HOLE` chunk.
+    pub fn ext_hole(
+        &mut self,
+        cookie: Cookie,
+        request_offset: u64,
+        offset: u64,
+        length: u32,
+        done: bool,
+    ) -> &mut Self {
+        let mut payload = Vec::new();
+        HoleChunk { offset, length }.encode(&mut payload);
+        self.ext_chunk(
+            cookie,
+            done,
+            REPLY_TYPE_OFFSET_HOLE,
+            request_offset,
+            &payload,
+        )
+    }
+
+    /// An extended `ERROR` chunk.
+    pub fn ext_error_chunk(
+        &mut self,
+        cookie: Cookie,
+        request_offset: u64,
+        error: u32,
+        message: &str,
+        done: bool,
+    ) -> &mut Self {
+        let mut payload = Vec::new();
+        ErrorChunk {
+            error,
+            message: message.into(),
+            offset: None,
+        }
+        .encode(&mut payload);
+        self.ext_chunk(cookie, done, REPLY_TYPE_ERROR, request_offset, &payload)
+    }
+
+    /// A compact `BLOCK_STATUS` chunk (structured header, 32-bit extents).
+    pub fn block_status(
+        &mut self,
+        cookie: Cookie,
+        done: bool,
+        context_id: u32,
+        pairs: &[(u64, u64)],
+    ) -> &mut Self {
+        let payload = status_payload(false, context_id, pairs);
+        self.chunk(cookie, done, REPLY_TYPE_BLOCK_STATUS, &payload)
+    }
+
+    /// A `BLOCK_STATUS_EXT` chunk (extended header, 64-bit extents).
+    pub fn block_status_ext(
+        &mut self,
+        cookie: Cookie,
+        request_offset: u64,
+        done: bool,
+        context_id: u32,
+        pairs: &[(u64, u64)],
+    ) -> &mut Self {
+        let payload = status_payload(true, context_id, pairs);
+        self.ext_chunk(
+            cookie,
+            done,
+            REPLY_TYPE_BLOCK_STATUS_EXT,
+            request_offset,
+            &payload,
+        )
+    }
+}
+
+/// Extents from `(length, flags)` pairs.
+pub fn extents(pairs: &[(u64, u64)]) -> Vec<Extent> {
+    pairs
+        .iter()
+        .map(|&(length, flags)| Extent { length, flags })
+        .collect()
+}
+
+/// A block status chunk payload, compact or extended.
+pub fn status_payload(extended: bool, context_id: u32, pairs: &[(u64, u64)]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    BlockStatusChunk {
+        context_id,
+        extents: extents(pairs),
+    }
+    .encode(extended, &mut payload);
+    payload
+}
+
+impl SentOption {
+    /// The data of an `OPT_LIST_META_CONTEXT` / `OPT_SET_META_CONTEXT`, decoded.
+    pub fn meta_request(&self) -> MetaContextRequest {
+        MetaContextRequest::decode(&self.data).expect("client sent a valid meta context request")
+    }
+}
+
+/// Decodes a run of extended (32-byte) requests; every byte must belong to one.
+/// A write carries `length` payload bytes, as does any request with
+/// `CMD_FLAG_PAYLOAD_LEN` (the block status filter).
+pub fn parse_extended_requests(mut sent: &[u8]) -> Vec<SentRequest> {
+    let mut out = Vec::new();
+    while !sent.is_empty() {
+        assert!(
+            sent.len() >= EXTENDED_REQUEST_LEN,
+            "truncated extended request: {sent:?}"
+        );
+        assert_eq!(
+            &sent[..4],
+            &EXTENDED_REQUEST_MAGIC.to_be_bytes(),
+            "not an extended request: {sent:?}"
+        );
+        let header = RequestHeader::decode(&sent[..EXTENDED_REQUEST_LEN]).expect("request magic");
+        let has_payload = header.command == CMD_WRITE || header.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+        let payload_len = if has_payload {
+            header.length as usize
+        } else {
+            0
+        };
+        let end = EXTENDED_REQUEST_LEN + payload_len;
+        assert!(sent.len() >= end, "truncated request payload");
+        out.push(SentRequest {
+            header,
+            payload: sent[EXTENDED_REQUEST_LEN..end].to_vec(),
+        });
+        sent = &sent[end..];
+    }
+    out
+}
+
+/// Takes everything the client has queued and decodes it as extended requests.
+pub fn sent_extended_requests(conn: &mut Connection) -> Vec<SentRequest> {
+    parse_extended_requests(&conn.take_output())
+}
+
+/// Takes the client's single queued extended request.
+pub fn sent_extended_request(conn: &mut Connection) -> SentRequest {
+    let mut all = sent_extended_requests(conn);
+    assert_eq!(all.len(), 1, "expected exactly one request: {all:?}");
+    all.pop().unwrap()
+}
+
+/// Like [`handshake`], for a configuration with meta contexts: the fake server
+/// answers `NBD_OPT_SET_META_CONTEXT` (which must name the configured export and
+/// queries) with `contexts`, then acknowledges; the connection must end up with
+/// exactly those contexts negotiated.
+pub fn handshake_meta(config: Config, export: Export, contexts: &[(u32, &str)]) -> Connection {
+    assert!(!config.meta_contexts.is_empty(), "use handshake() instead");
+    let request_eh = config.request_extended_headers;
+    let mut request_sr = config.request_structured_replies;
+    let name = config.export_name.clone();
+    let queries = config.meta_contexts.clone();
+    let mut conn = Connection::new(config);
+    let mut s = Script::new();
+    feed(
+        &mut conn,
+        &s.newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).take(),
+    );
+    let sent = conn.take_output();
+    let (flags, rest) = split_client_flags(&sent);
+    assert_eq!(flags, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    let mut options = parse_options(rest);
+    if request_eh {
+        assert_eq!(options.len(), 1, "{options:?}");
+        assert_eq!(options[0].option, OPT_EXTENDED_HEADERS);
+        assert!(options[0].data.is_empty());
+        if export.extended {
+            s.ack(OPT_EXTENDED_HEADERS);
+            request_sr = false;
+        } else {
+            s.opt_error(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, "");
+        }
+        feed(&mut conn, &s.take());
+        options = parse_options(&conn.take_output());
+    }
+    if request_sr {
+        assert_eq!(options.len(), 1, "{options:?}");
+        assert_eq!(options[0].option, OPT_STRUCTURED_REPLY);
+        assert!(export.structured, "meta contexts need structured replies");
+        s.ack(OPT_STRUCTURED_REPLY);
+        feed(&mut conn, &s.take());
+        options = parse_options(&conn.take_output());
+    }
+    assert_eq!(options.len(), 1, "{options:?}");
+    assert_eq!(options[0].option, OPT_SET_META_CONTEXT);
+    assert_eq!(
+        options[0].meta_request(),
+        MetaContextRequest {
+            name: name.clone(),
+            queries
+        }
+    );
+    for &(id, ctx) in contexts {
+        s.meta_context(OPT_SET_META_CONTEXT, id, ctx);
+    }
+    s.ack(OPT_SET_META_CONTEXT);
+    feed(&mut conn, &s.take());
+    assert!(drain(&mut conn).is_empty(), "no events before GO ends");
+    let options = parse_options(&conn.take_output());
+    assert_eq!(options.len(), 1, "{options:?}");
+    assert_eq!(options[0].option, OPT_GO);
+    assert_eq!(options[0].info_request().name, name);
+    s.info_export(OPT_GO, export.size, export.flags).ack(OPT_GO);
+    feed(&mut conn, &s.take());
+    let events = drain(&mut conn);
+    assert!(
+        matches!(events.as_slice(), [Event::Ready]),
+        "expected Ready: {events:?}"
+    );
+    assert!(conn.is_ready());
+    assert!(!conn.wants_write());
+    let want: Vec<(u32, String)> = contexts
+        .iter()
+        .map(|&(id, n)| (id, n.to_string()))
+        .collect();
+    assert_eq!(conn.meta_contexts(), want.as_slice());
+    conn
+}
+
+/// Every completion in `events` is for a distinct cookie, and together they are
+/// exactly `cookies`: each command completed exactly once.
+pub fn assert_completed_once(events: &[Event], cookies: &[Cookie]) {
+    let mut seen: Vec<Cookie> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Completed(c) => Some(c.cookie),
+            _ => None,
+        })
+        .collect();
+    let n = seen.len();
+    seen.sort_by_key(|c| c.get());
+    seen.dedup();
+    assert_eq!(seen.len(), n, "a cookie completed twice: {events:?}");
+    let mut want = cookies.to_vec();
+    want.sort_by_key(|c| c.get());
+    assert_eq!(seen, want, "completions differ from the commands issued");
 }
