@@ -903,7 +903,9 @@ fn check_status(
             chunk.extents.len()
         ));
     }
-    // Every extent but the last must end inside the request.
+    // Only the last extent may run past the request: every other one ends
+    // within it. (The last may even start at the end, as nbdkit sends when a
+    // request ends on an extent boundary; libnbd accepts that too.)
     let mut covered: u64 = 0;
     let last = chunk.extents.len() - 1;
     for (i, e) in chunk.extents.iter().enumerate() {
@@ -913,7 +915,7 @@ fn check_status(
         if i < last {
             covered = covered
                 .checked_add(e.length)
-                .filter(|&c| c < cmd.length)
+                .filter(|&c| c <= cmd.length)
                 .ok_or_else(|| format!("extents for context {name:?} run past the request"))?;
         }
     }

@@ -489,18 +489,24 @@ fn each_status_chunk_is_checked_against_its_request() {
             false,
         ),
         case(
-            "an extent before the last ending at the request end",
+            "valid: an extent ending at the request end, the last wholly past it (nbdkit)",
             &[(BASE_ID, &[(LEN, 0), (4096, 1)]), (DIRTY_ID, whole)],
-            &[1],
-            false,
+            &[0, 1],
+            true,
         ),
         case(
-            "extents before the last adding up to the request end",
+            "valid: extents before the last adding up to the request end",
             &[
                 (BASE_ID, whole),
                 (DIRTY_ID, &[(4096, 0), (4096, 1), (1, 0)]),
             ],
-            &[0],
+            &[0, 1],
+            true,
+        ),
+        case(
+            "two extents wholly past the request end",
+            &[(BASE_ID, &[(LEN, 0), (1, 0), (1, 1)]), (DIRTY_ID, whole)],
+            &[1],
             false,
         ),
         case(
