@@ -422,9 +422,12 @@ impl Client {
         self.send()
     }
 
-    /// Removes the socket from the registry and closes it.
+    /// Removes the socket from the registry (unless the connection already
+    /// did, on closing) and closes it.
     pub fn close(mut self) -> Result<()> {
-        self.registry.deregister(&mut self.stream)?;
+        if !self.closed {
+            self.registry.deregister(&mut self.stream)?;
+        }
         let _ = self.stream.shutdown();
         Ok(())
     }

@@ -119,19 +119,33 @@ impl MultiConn {
         }
         let i = event.token().0 - self.base;
         let result = self.clients[i].handle_event(event);
-        self.collect(i)?;
+        self.collect_all();
         result
     }
 
-    /// Sends what the connections have queued.
+    /// Sends what the connections have queued. Every connection gets its turn
+    /// even if one fails; the first failure is returned, and the commands of a
+    /// failed connection complete with errors.
     pub fn send(&mut self) -> Result<()> {
+        let mut first_error = None;
         for c in &mut self.clients {
-            c.send()?;
+            if let Err(e) = c.send() {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        self.collect_all();
+        first_error.map_or(Ok(()), Err)
     }
 
-    fn collect(&mut self, i: usize) -> Result<()> {
+    /// Takes the completions of every connection: a connection that failed
+    /// while sending gets no more events, but its commands completed all the same.
+    fn collect_all(&mut self) {
+        for i in 0..self.clients.len() {
+            self.collect(i);
+        }
+    }
+
+    fn collect(&mut self, i: usize) {
         while let Some(done) = self.clients[i].next_completion() {
             let Some(id) = self.ids.remove(&(i, done.cookie)) else {
                 continue;
@@ -146,11 +160,15 @@ impl MultiConn {
                 buffer: done.buffer,
             });
         }
-        self.release_flushes()
+        self.release_flushes();
     }
 
     /// Sends the flushes whose writes have all completed.
-    fn release_flushes(&mut self) -> Result<()> {
+    ///
+    /// Each goes out on the next connection that takes it; if none does (all
+    /// closed), the flush completes with the last connection's error, so it is
+    /// never lost.
+    fn release_flushes(&mut self) {
         let mut at = 0;
         while at < self.flushes.len() {
             if !self.flushes[at].waiting_for.is_empty() {
@@ -158,12 +176,32 @@ impl MultiConn {
                 continue;
             }
             let f = self.flushes.remove(at);
-            let i = self.pick();
-            let cookie = self.clients[i].flush(f.flags)?;
-            self.ids.insert((i, cookie), f.id);
-            self.clients[i].send()?;
+            let mut last_error = None;
+            let mut sent = false;
+            for _ in 0..self.clients.len() {
+                let i = self.pick();
+                match self.clients[i].flush(f.flags) {
+                    Ok(cookie) => {
+                        self.ids.insert((i, cookie), f.id);
+                        // A send failure fails the flush through the connection's completions.
+                        let _ = self.clients[i].send();
+                        sent = true;
+                        break;
+                    }
+                    Err(Error::Nbd(e)) => last_error = Some(e),
+                    Err(e) => last_error = Some(nbd_proto::Error::NotConnected(e.to_string())),
+                }
+            }
+            if !sent {
+                let error = last_error
+                    .unwrap_or_else(|| nbd_proto::Error::NotConnected("no connection".into()));
+                self.completions.push_back(MultiCompletion {
+                    cookie: f.id,
+                    result: Err(error),
+                    buffer: None,
+                });
+            }
         }
-        Ok(())
     }
 
     fn pick(&mut self) -> usize {
@@ -204,7 +242,7 @@ impl MultiConn {
             flags,
             waiting_for: self.writes_in_flight.clone(),
         });
-        self.release_flushes()?;
+        self.release_flushes();
         Ok(id)
     }
 
@@ -215,6 +253,9 @@ impl MultiConn {
 
     /// The oldest finished command not yet taken.
     pub fn next_completion(&mut self) -> Option<MultiCompletion> {
+        if self.completions.is_empty() {
+            self.collect_all();
+        }
         self.completions.pop_front()
     }
 
