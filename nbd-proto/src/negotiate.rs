@@ -40,8 +40,12 @@ pub(crate) enum PendingOpt {
         go: bool,
         auto: bool,
     },
+    /// Only ever sent by the client itself: the automatic path or its fallback.
     ExportName,
-    Abort,
+    /// `auto`: sent by the client itself after `NBD_REP_ERR_SHUTDOWN`.
+    Abort {
+        auto: bool,
+    },
 }
 
 /// An `NBD_OPT_INFO` or `NBD_OPT_GO` waiting for its meta context selection.
@@ -66,11 +70,11 @@ impl PendingOpt {
             PendingOpt::Info { go: true, .. } => OPT_GO,
             PendingOpt::Info { go: false, .. } => OPT_INFO,
             PendingOpt::ExportName => OPT_EXPORT_NAME,
-            PendingOpt::Abort => OPT_ABORT,
+            PendingOpt::Abort { .. } => OPT_ABORT,
         }
     }
     pub(crate) fn is_abort(self) -> bool {
-        self == PendingOpt::Abort
+        matches!(self, PendingOpt::Abort { .. })
     }
     pub(crate) fn is_export_name(self) -> bool {
         self == PendingOpt::ExportName
@@ -94,6 +98,8 @@ impl PendingOpt {
                     then: Some(InfoStep { auto: true, .. })
                 }
                 | PendingOpt::Info { auto: true, .. }
+                | PendingOpt::ExportName
+                | PendingOpt::Abort { auto: true }
         )
     }
 }
@@ -368,7 +374,7 @@ impl Connection {
     /// connection closes cleanly when the server acknowledges or hangs up.
     pub fn opt_abort(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.send_option(OPT_ABORT, &[], PendingOpt::Abort);
+        self.send_option(OPT_ABORT, &[], PendingOpt::Abort { auto: false });
         Ok(())
     }
 
@@ -426,7 +432,7 @@ impl Connection {
 
     /// Handles one option reply; an error return kills the connection.
     fn on_opt_reply(&mut self, pending: PendingOpt, reply: u32, data: &[u8]) -> Result<()> {
-        if pending == PendingOpt::Abort {
+        if pending.is_abort() {
             // Whatever the server says, the abort is done.
             self.close_clean();
             return Ok(());
@@ -546,7 +552,7 @@ impl Connection {
                     result: Err(error.clone()),
                 });
             }
-            self.send_option(OPT_ABORT, &[], PendingOpt::Abort);
+            self.send_option(OPT_ABORT, &[], PendingOpt::Abort { auto: true });
             self.shutdown_error = Some(error);
             return Ok(());
         }
