@@ -193,6 +193,13 @@ impl Client {
     }
 
     fn try_io(&mut self) -> Result<bool> {
+        let wrote = self.write_some()?;
+        let read = self.read_some()?;
+        Ok(wrote || read)
+    }
+
+    /// Writes what is pending until done or the socket would block.
+    fn write_some(&mut self) -> Result<bool> {
         let mut progressed = false;
         while self.conn.wants_write() {
             let mut iov = [IoSlice::new(&[]); 64];
@@ -211,16 +218,25 @@ impl Client {
                 Err(e) => return self.socket_failed(e),
             }
         }
+        self.collect_events();
+        Ok(progressed)
+    }
+
+    /// Reads what has arrived. A read shorter than the space offered means the
+    /// socket is drained for now, so no further read (and no `EAGAIN`) is tried.
+    fn read_some(&mut self) -> Result<bool> {
+        let mut progressed = false;
         for _ in 0..READS_PER_STEP {
             if !self.conn.direction().is_read() {
                 break;
             }
             let buf = self.conn.recv_buf();
+            let offered = buf.len();
             match self.stream.read(buf) {
                 Ok(n) => {
                     self.conn.notify_read(n)?;
                     progressed = true;
-                    if n == 0 {
+                    if n == 0 || n < offered {
                         break;
                     }
                 }
@@ -265,6 +281,10 @@ impl Client {
     }
 
     /// Drives the socket until `done` holds, the connection ends, or the timeout passes.
+    ///
+    /// Each round writes what is pending and reads what has arrived; when
+    /// nothing arrived it waits on the socket at once rather than trying again,
+    /// so a command answered later costs one write, one poll and one read.
     fn run_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> Result<()> {
         let mut last_progress = Instant::now();
         loop {
@@ -277,12 +297,25 @@ impl Client {
             if self.conn.is_closed() {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
             }
+            let wrote = self.write_some()?;
+            if self.read_some()? {
+                last_progress = Instant::now();
+                continue;
+            }
+            if wrote {
+                last_progress = Instant::now();
+            }
+            let dir = self.conn.direction();
+            if dir == Direction::None {
+                // Over: the checks at the top say how.
+                continue;
+            }
             let wait = self
                 .timeout
                 .map(|t| t.saturating_sub(last_progress.elapsed()));
-            if self.poll(wait)? {
-                last_progress = Instant::now();
-            } else if self.timeout.is_some_and(|t| last_progress.elapsed() >= t) {
+            if !self.stream.wait(dir.is_read(), dir.is_write(), wait)?
+                && self.timeout.is_some_and(|t| last_progress.elapsed() >= t)
+            {
                 return Err(Error::TimedOut);
             }
         }
