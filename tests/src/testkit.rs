@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+use bytes::{Bytes, BytesMut};
+use nbd_blocking::{Client, Error};
+use nbd_proto::{CmdFlags, Errno};
+
 /// A xorshift64* generator with a fixed seed: reproducible "random" offsets,
 /// lengths and data without the `rand` crate.
 ///
@@ -342,4 +346,74 @@ pub fn assert_matches_nbdinfo(uri: &str, ours: &Negotiated) {
     });
     assert_eq!(ours.block_sizes, theirs, "block sizes of {uri}\n{json}");
     assert_eq!(ours.size, nbdinfo_size(uri), "size of {uri}");
+}
+
+// ---------------------------------------------------------------- blocking-client helpers
+
+/// What a blocking client negotiated, in the shape nbdinfo is compared with.
+pub fn negotiated(client: &Client) -> Negotiated {
+    let c = client.connection();
+    Negotiated {
+        protocol: c.protocol().expect("the greeting was seen").to_string(),
+        structured: c.structured_replies_negotiated(),
+        flags: vec![
+            ("is_rotational", c.is_rotational().unwrap()),
+            ("is_read_only", c.is_read_only().unwrap()),
+            ("can_cache", c.can_cache().unwrap()),
+            ("can_df", c.can_df().unwrap()),
+            ("can_fast_zero", c.can_fast_zero().unwrap()),
+            ("can_flush", c.can_flush().unwrap()),
+            ("can_fua", c.can_fua().unwrap()),
+            ("can_multi_conn", c.can_multi_conn().unwrap()),
+            ("can_trim", c.can_trim().unwrap()),
+            ("can_zero", c.can_zero().unwrap()),
+        ],
+        block_sizes: c.block_sizes().map(|b| (b.minimum, b.preferred, b.maximum)),
+        size: client.size().unwrap(),
+    }
+}
+
+/// Reads `len` bytes at `offset`, panicking with the offset on failure.
+pub fn read(client: &mut Client, offset: u64, len: u64) -> Vec<u8> {
+    client
+        .pread(BytesMut::zeroed(len as usize), offset, CmdFlags::empty())
+        .unwrap_or_else(|e| panic!("pread of {len} at {offset}: {e}"))
+        .to_vec()
+}
+
+/// Runs `steps` steps of `work` through a blocking client, checking every read
+/// against the workload's model.
+pub fn run_workload(client: &mut Client, work: &mut Workload, steps: usize) {
+    for step in 0..steps {
+        match work.next_op() {
+            Op::Write { offset, data } => client
+                .pwrite(Bytes::from(data), offset, CmdFlags::empty())
+                .unwrap_or_else(|e| panic!("step {step}: write at {offset}: {e}")),
+            Op::Zero { offset, len } => client
+                .zero(len, offset, CmdFlags::empty())
+                .unwrap_or_else(|e| panic!("step {step}: zero {len} at {offset}: {e}")),
+            Op::Trim { offset, len } => client
+                .trim(len, offset, CmdFlags::empty())
+                .unwrap_or_else(|e| panic!("step {step}: trim {len} at {offset}: {e}")),
+            Op::Read { offset, expected } => {
+                let got = read(client, offset, expected.len() as u64);
+                assert!(
+                    got == expected,
+                    "step {step}: {} bytes at {offset} differ from the model",
+                    expected.len()
+                );
+            }
+        }
+    }
+}
+
+/// Asserts that `result` failed with `errno`, and returns the error.
+pub fn assert_errno<T: std::fmt::Debug>(
+    result: Result<T, Error>,
+    errno: Errno,
+    what: &str,
+) -> Error {
+    let err = result.expect_err(what);
+    assert_eq!(err.errno(), Some(errno), "{what}: {err}");
+    err
 }

@@ -12,73 +12,16 @@
 use std::collections::HashMap;
 use std::fs;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Config, Errno, Strict};
-use nbd_tests::testkit::{assert_matches_nbdinfo, Negotiated, Op, Workload, XorShift};
+use nbd_tests::testkit::{
+    assert_errno, assert_matches_nbdinfo, negotiated, read, run_workload, Workload, XorShift,
+};
 use nbd_tests::{nbdinfo_list_json, read_export, NbdServerBuilder, NbdServerExport, ServerHandle};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn negotiated(client: &Client) -> Negotiated {
-    let c = client.connection();
-    Negotiated {
-        protocol: c.protocol().expect("the greeting was seen").to_string(),
-        structured: c.structured_replies_negotiated(),
-        flags: vec![
-            ("is_rotational", c.is_rotational().unwrap()),
-            ("is_read_only", c.is_read_only().unwrap()),
-            ("can_cache", c.can_cache().unwrap()),
-            ("can_df", c.can_df().unwrap()),
-            ("can_fast_zero", c.can_fast_zero().unwrap()),
-            ("can_flush", c.can_flush().unwrap()),
-            ("can_fua", c.can_fua().unwrap()),
-            ("can_multi_conn", c.can_multi_conn().unwrap()),
-            ("can_trim", c.can_trim().unwrap()),
-            ("can_zero", c.can_zero().unwrap()),
-        ],
-        block_sizes: c.block_sizes().map(|b| (b.minimum, b.preferred, b.maximum)),
-        size: client.size().unwrap(),
-    }
-}
-
-fn read(client: &mut Client, offset: u64, len: u64) -> Vec<u8> {
-    client
-        .pread(BytesMut::zeroed(len as usize), offset, CmdFlags::empty())
-        .unwrap_or_else(|e| panic!("pread of {len} at {offset}: {e}"))
-        .to_vec()
-}
-
-fn run_workload(client: &mut Client, work: &mut Workload, steps: usize) {
-    for step in 0..steps {
-        match work.next_op() {
-            Op::Write { offset, data } => client
-                .pwrite(Bytes::from(data), offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: write at {offset}: {e}")),
-            Op::Zero { offset, len } => client
-                .zero(len, offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: zero {len} at {offset}: {e}")),
-            Op::Trim { offset, len } => client
-                .trim(len, offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: trim {len} at {offset}: {e}")),
-            Op::Read { offset, expected } => {
-                let got = read(client, offset, expected.len() as u64);
-                assert!(
-                    got == expected,
-                    "step {step}: {} bytes at {offset} differ from the model",
-                    expected.len()
-                );
-            }
-        }
-    }
-}
-
-fn assert_errno<T: std::fmt::Debug>(result: Result<T, Error>, errno: Errno, what: &str) -> Error {
-    let err = result.expect_err(what);
-    assert_eq!(err.errno(), Some(errno), "{what}: {err}");
-    err
-}
 
 fn delta_bytes() -> Vec<u8> {
     b"reference server ".repeat(1000)

@@ -13,35 +13,13 @@ use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error, ExportFile};
 use nbd_proto::{CmdFlags, Config, Cookie, Errno, HandshakeFlags, ReadChunk, Strict};
 use nbd_tests::testkit::{
-    assert_matches_nbdinfo, pattern_at, pattern_bytes, Negotiated, Op, Workload, XorShift,
+    assert_errno, assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, read,
+    run_workload, Negotiated, Workload, XorShift,
 };
 use nbd_tests::{json_value, nbdinfo_json, nbdinfo_list_json, read_export, NbdkitBuilder};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-/// Everything the client learnt in the handshake, named as nbdinfo names it.
-fn negotiated(client: &Client) -> Negotiated {
-    let c = client.connection();
-    Negotiated {
-        protocol: c.protocol().expect("the greeting was seen").to_string(),
-        structured: c.structured_replies_negotiated(),
-        flags: vec![
-            ("is_rotational", c.is_rotational().unwrap()),
-            ("is_read_only", c.is_read_only().unwrap()),
-            ("can_cache", c.can_cache().unwrap()),
-            ("can_df", c.can_df().unwrap()),
-            ("can_fast_zero", c.can_fast_zero().unwrap()),
-            ("can_flush", c.can_flush().unwrap()),
-            ("can_fua", c.can_fua().unwrap()),
-            ("can_multi_conn", c.can_multi_conn().unwrap()),
-            ("can_trim", c.can_trim().unwrap()),
-            ("can_zero", c.can_zero().unwrap()),
-        ],
-        block_sizes: c.block_sizes().map(|b| (b.minimum, b.preferred, b.maximum)),
-        size: client.size().unwrap(),
-    }
-}
 
 fn flag(got: &Negotiated, name: &str) -> bool {
     got.flags
@@ -49,38 +27,6 @@ fn flag(got: &Negotiated, name: &str) -> bool {
         .find(|(flag, _)| *flag == name)
         .unwrap_or_else(|| panic!("no flag {name}"))
         .1
-}
-
-fn read(client: &mut Client, offset: u64, len: u64) -> Vec<u8> {
-    client
-        .pread(BytesMut::zeroed(len as usize), offset, CmdFlags::empty())
-        .unwrap_or_else(|e| panic!("pread of {len} at {offset}: {e}"))
-        .to_vec()
-}
-
-/// Applies `steps` operations of `work` with blocking calls, checking reads.
-fn run_workload(client: &mut Client, work: &mut Workload, steps: usize) {
-    for step in 0..steps {
-        match work.next_op() {
-            Op::Write { offset, data } => client
-                .pwrite(Bytes::from(data), offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: write at {offset}: {e}")),
-            Op::Zero { offset, len } => client
-                .zero(len, offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: zero {len} at {offset}: {e}")),
-            Op::Trim { offset, len } => client
-                .trim(len, offset, CmdFlags::empty())
-                .unwrap_or_else(|e| panic!("step {step}: trim {len} at {offset}: {e}")),
-            Op::Read { offset, expected } => {
-                let got = read(client, offset, expected.len() as u64);
-                assert!(
-                    got == expected,
-                    "step {step}: {} bytes at {offset} differ from the model",
-                    expected.len()
-                );
-            }
-        }
-    }
 }
 
 /// Polls until every cookie in `pending` completed; returns the completions in
@@ -97,12 +43,6 @@ fn collect_all(client: &mut Client, count: usize) -> Vec<nbd_proto::Completion> 
     }
     assert_eq!(client.in_flight(), 0);
     done
-}
-
-fn assert_errno<T: std::fmt::Debug>(result: Result<T, Error>, errno: Errno, what: &str) -> Error {
-    let err = result.expect_err(what);
-    assert_eq!(err.errno(), Some(errno), "{what}: {err}");
-    err
 }
 
 #[test]
