@@ -522,30 +522,6 @@ fn a_wrong_offset_on_a_status_chunk_fails_that_command() {
 
 const EXPORT_SIZE: u64 = 1 << 30;
 
-/// A small deterministic generator, seeded by proptest.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Read {
@@ -665,7 +641,7 @@ enum Expect {
 }
 
 /// Extents for `len` bytes: 1 to 4 of them, the last maybe running past the end.
-fn extents_for(len: u64, one: bool, rng: &mut Rng) -> Vec<(u64, u64)> {
+fn extents_for(len: u64, one: bool, rng: &mut SplitRng) -> Vec<(u64, u64)> {
     let n = if one { 1 } else { rng.range(1, 4) };
     let mut out = Vec::new();
     let mut left = len;
@@ -690,7 +666,7 @@ fn extents_for(len: u64, one: bool, rng: &mut Rng) -> Vec<(u64, u64)> {
 }
 
 /// The server's replies, commands interleaved, and what each should end with.
-fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut Rng) -> (Vec<u8>, Vec<Expect>) {
+fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<Expect>) {
     let mut per_command: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut expect = Vec::new();
     for (i, (op, &cookie)) in ops.iter().zip(cookies).enumerate() {
@@ -836,55 +812,6 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut Rng) -> (Vec<u8>, Vec<Expec
     (out, expect)
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    Whole,
-    RandomSplits,
-    ByteAtATime,
-    ZeroCopy,
-}
-
-fn feed_with(conn: &mut Connection, bytes: &[u8], mode: Mode, rng: &mut Rng) {
-    match mode {
-        Mode::Whole => conn.handle_input(bytes).unwrap(),
-        Mode::RandomSplits => {
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let n = match rng.below(4) {
-                    0 => rng.range(1, 8),
-                    1 => rng.range(1, 40),
-                    2 => rng.range(1, 4096),
-                    _ => rng.range(1, 70_000),
-                } as usize;
-                let n = n.min(rest.len());
-                conn.handle_input(&rest[..n]).unwrap();
-                rest = &rest[n..];
-            }
-        }
-        Mode::ByteAtATime => {
-            for b in bytes {
-                conn.handle_input(std::slice::from_ref(b)).unwrap();
-            }
-        }
-        Mode::ZeroCopy => {
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let want = match rng.below(3) {
-                    0 => rng.range(1, 16),
-                    1 => rng.range(1, 2048),
-                    _ => rng.range(1, 200_000),
-                } as usize;
-                let buf = conn.recv_buf();
-                assert!(!buf.is_empty(), "the connection expects input");
-                let n = want.min(buf.len()).min(rest.len());
-                buf[..n].copy_from_slice(&rest[..n]);
-                conn.notify_read(n).unwrap();
-                rest = &rest[n..];
-            }
-        }
-    }
-}
-
 /// One status report: cookie, context id, context name, extents.
 type Report = (Cookie, u32, String, Vec<(u64, u64)>);
 
@@ -900,7 +827,7 @@ struct Run {
 }
 
 fn run(ops: &[Op], reply_bytes: &[u8], cookies: &[Cookie], mode: Mode, seed: u64) -> Run {
-    let mut rng = Rng(seed);
+    let mut rng = SplitRng(seed);
     let mut conn = Connection::new(split_config());
     let mut events = Vec::new();
     let mut done = Vec::new();
@@ -965,7 +892,7 @@ proptest! {
         probe.handle_input(&handshake_bytes()).unwrap();
         probe.take_output();
         let cookies = issue(&mut probe, &ops);
-        let (reply_bytes, expect) = replies(&ops, &cookies, &mut Rng(reply_seed));
+        let (reply_bytes, expect) = replies(&ops, &cookies, &mut SplitRng(reply_seed));
 
         let whole = run(&ops, &reply_bytes, &cookies, Mode::Whole, feed_seed);
 

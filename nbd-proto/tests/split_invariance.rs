@@ -18,30 +18,6 @@ use support::*;
 
 const EXPORT_SIZE: u64 = 1 << 20;
 
-/// A small deterministic generator, seeded by proptest.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Read {
@@ -141,7 +117,7 @@ fn replies(
     ops: &[Op],
     cookies: &[Cookie],
     structured: bool,
-    rng: &mut Rng,
+    rng: &mut SplitRng,
 ) -> (Vec<u8>, Vec<Expect>) {
     let mut per_command: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut expect = Vec::new();
@@ -254,55 +230,6 @@ fn replies(
     (out, expect)
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    Whole,
-    RandomSplits,
-    ByteAtATime,
-    ZeroCopy,
-}
-
-fn feed_with(conn: &mut Connection, bytes: &[u8], mode: Mode, rng: &mut Rng) {
-    match mode {
-        Mode::Whole => conn.handle_input(bytes).unwrap(),
-        Mode::RandomSplits => {
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let n = match rng.below(4) {
-                    0 => rng.range(1, 8),
-                    1 => rng.range(1, 64),
-                    2 => rng.range(1, 4096),
-                    _ => rng.range(1, 70_000),
-                } as usize;
-                let n = n.min(rest.len());
-                conn.handle_input(&rest[..n]).unwrap();
-                rest = &rest[n..];
-            }
-        }
-        Mode::ByteAtATime => {
-            for b in bytes {
-                conn.handle_input(std::slice::from_ref(b)).unwrap();
-            }
-        }
-        Mode::ZeroCopy => {
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let want = match rng.below(3) {
-                    0 => rng.range(1, 16),
-                    1 => rng.range(1, 2048),
-                    _ => rng.range(1, 200_000),
-                } as usize;
-                let buf = conn.recv_buf();
-                assert!(!buf.is_empty(), "the connection expects input");
-                let n = want.min(buf.len()).min(rest.len());
-                buf[..n].copy_from_slice(&rest[..n]);
-                conn.notify_read(n).unwrap();
-                rest = &rest[n..];
-            }
-        }
-    }
-}
-
 /// Everything observable from one run.
 #[derive(Debug, PartialEq, Eq)]
 struct Run {
@@ -321,7 +248,7 @@ fn run(
     mode: Mode,
     feed_seed: u64,
 ) -> Run {
-    let mut rng = Rng(feed_seed);
+    let mut rng = SplitRng(feed_seed);
     let mut conn = Connection::new(compact());
     let mut events = Vec::new();
     let mut buffers = Vec::new();
@@ -371,7 +298,7 @@ proptest! {
         probe.handle_input(&handshake).unwrap();
         probe.take_output();
         let cookies = issue(&mut probe, &ops);
-        let (reply_bytes, expect) = replies(&ops, &cookies, structured, &mut Rng(reply_seed));
+        let (reply_bytes, expect) = replies(&ops, &cookies, structured, &mut SplitRng(reply_seed));
 
         let whole = run(structured, &ops, &handshake, &reply_bytes, &cookies, Mode::Whole, feed_seed);
         // Every command completed exactly once, successful reads with the right bytes.
@@ -403,7 +330,7 @@ proptest! {
 fn successful_reads_hold_exactly_the_data_and_zeroed_holes() {
     // A fixed transcript checked against the expected buffer contents, so the
     // invariance above is not merely "equally wrong".
-    let mut rng = Rng(7);
+    let mut rng = SplitRng(7);
     let ops = [
         Op::Read {
             offset: 100,
