@@ -350,9 +350,9 @@ pub fn assert_matches_nbdinfo(uri: &str, ours: &Negotiated) {
 
 // ---------------------------------------------------------------- blocking-client helpers
 
-/// What a blocking client negotiated, in the shape nbdinfo is compared with.
-pub fn negotiated(client: &Client) -> Negotiated {
-    let c = client.connection();
+/// What a client negotiated, in the shape nbdinfo is compared with; works for
+/// either adapter through the protocol state they both expose.
+pub fn negotiated(c: &nbd_proto::Connection) -> Negotiated {
     Negotiated {
         protocol: c.protocol().expect("the greeting was seen").to_string(),
         structured: c.structured_replies_negotiated(),
@@ -369,7 +369,7 @@ pub fn negotiated(client: &Client) -> Negotiated {
             ("can_zero", c.can_zero().unwrap()),
         ],
         block_sizes: c.block_sizes().map(|b| (b.minimum, b.preferred, b.maximum)),
-        size: client.size().unwrap(),
+        size: c.size().unwrap(),
     }
 }
 

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use nbd_proto::{CmdFlags, Config, Errno, Strict};
 use nbd_tests::adapters::{Adapter, CallResult, Cmd, Done};
 use nbd_tests::testkit::{
-    assert_matches_nbdinfo, pattern_at, pattern_bytes, Negotiated, Op, Workload, XorShift,
+    assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, Op, Workload, XorShift,
 };
 use nbd_tests::{read_export, ImageFormat, NbdkitBuilder, QemuNbdBuilder, ServerHandle};
 
@@ -33,29 +33,6 @@ fn connect<A: Adapter>(server: &ServerHandle) -> A {
 fn connect_with<A: Adapter>(server: &ServerHandle, config: Config) -> A {
     A::connect(&server.uri(), config)
         .unwrap_or_else(|e| panic!("{}: connect to {}: {e}", A::NAME, server.uri()))
-}
-
-/// What the client learnt in the handshake, named as nbdinfo names it.
-fn negotiated<A: Adapter>(client: &A) -> Negotiated {
-    let c = client.connection();
-    Negotiated {
-        protocol: c.protocol().expect("the greeting was seen").to_string(),
-        structured: c.structured_replies_negotiated(),
-        flags: vec![
-            ("is_rotational", c.is_rotational().unwrap()),
-            ("is_read_only", c.is_read_only().unwrap()),
-            ("can_cache", c.can_cache().unwrap()),
-            ("can_df", c.can_df().unwrap()),
-            ("can_fast_zero", c.can_fast_zero().unwrap()),
-            ("can_flush", c.can_flush().unwrap()),
-            ("can_fua", c.can_fua().unwrap()),
-            ("can_multi_conn", c.can_multi_conn().unwrap()),
-            ("can_trim", c.can_trim().unwrap()),
-            ("can_zero", c.can_zero().unwrap()),
-        ],
-        block_sizes: c.block_sizes().map(|b| (b.minimum, b.preferred, b.maximum)),
-        size: c.size().unwrap(),
-    }
 }
 
 fn read<A: Adapter>(client: &mut A, offset: u64, len: u64) -> Vec<u8> {
@@ -175,7 +152,7 @@ fn nbdkit_handshake_facts<A: Adapter>() {
     let client: A = connect(&server);
     let c = client.connection();
     assert!(c.is_ready());
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.protocol, "newstyle-fixed");
     assert!(got.structured, "nbdkit offers structured replies");
     assert_eq!(got.size, 4 * MIB);
@@ -209,7 +186,7 @@ fn nbdkit_handshake_facts<A: Adapter>() {
     // A server without structured replies.
     let server = NbdkitBuilder::pattern(MIB).no_sr().start();
     let mut client: A = connect(&server);
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert!(!got.structured);
     assert!(!client.connection().extended_headers_negotiated());
     assert_matches_nbdinfo(&server.uri(), &got);
@@ -225,7 +202,7 @@ fn qemu_handshake_facts<A: Adapter>() {
         .shared(4)
         .start();
     let client: A = connect(&server);
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.protocol, "newstyle-fixed");
     assert!(got.structured);
     assert_eq!(got.size, 3 * MIB);

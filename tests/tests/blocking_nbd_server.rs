@@ -132,7 +132,7 @@ fn handshake_and_flags_of_each_export_match_nbdinfo() {
     for (name, size, read_only, flush, trim) in expected {
         let uri = server.uri_for(name);
         let client = Client::connect_uri(&uri).unwrap();
-        let got = negotiated(&client);
+        let got = negotiated(client.connection());
         assert_eq!(got.protocol, "newstyle-fixed", "{name}");
         assert!(!got.structured, "nbd-server has no structured replies");
         assert_eq!(got.size, size, "{name}");

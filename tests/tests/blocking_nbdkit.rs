@@ -50,7 +50,7 @@ fn memory_plugin_handshake_and_every_command() {
     let server = NbdkitBuilder::memory(4 * MIB).start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
     assert!(client.connection().is_ready());
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.protocol, "newstyle-fixed");
     assert!(got.structured, "nbdkit offers structured replies");
     assert_eq!(got.size, 4 * MIB);
@@ -238,7 +238,7 @@ fn unix_tcp_and_uri_connections_agree() {
 fn pattern_plugin_reads_its_pattern() {
     let server = NbdkitBuilder::pattern(3 * MIB).start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.size, 3 * MIB);
     assert!(
         flag(&got, "is_read_only"),
@@ -287,7 +287,7 @@ fn file_plugin_random_io_lands_in_the_file() {
     let server = NbdkitBuilder::file_of_size(2 * MIB).start();
     let disk = server.backing_file().unwrap().to_path_buf();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert!(!flag(&got, "is_read_only"));
     assert!(flag(&got, "can_flush"));
     assert!(flag(&got, "can_zero"));
@@ -331,7 +331,7 @@ fn eval_plugin_read_only_with_block_sizes() {
         .no_sr()
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.protocol, "newstyle-fixed");
     assert!(!got.structured, "--no-sr: no structured replies");
     assert_eq!(got.block_sizes, Some((512, 4096, 65536)));
@@ -434,7 +434,7 @@ esac
 "#;
     let server = NbdkitBuilder::sh(script).start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert!(!flag(&got, "is_read_only"));
     assert!(flag(&got, "can_flush"));
     assert!(flag(&got, "can_fua"));
@@ -483,7 +483,7 @@ fn blocksize_policy_filter_alignment_enforced_both_sides() {
         .param("blocksize-error-policy", "error")
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.block_sizes, Some((4096, 65536, 262144)));
     assert_matches_nbdinfo(&server.uri(), &got);
 
@@ -589,7 +589,7 @@ fn handshake_styles_and_structured_reply_choices() {
         };
         let server = builder.start();
         let mut client = Client::connect_uri(&server.uri()).unwrap();
-        let got = negotiated(&client);
+        let got = negotiated(client.connection());
         let protocol = match style {
             "oldstyle" | "newstyle" => style,
             _ => "newstyle-fixed",
@@ -733,7 +733,7 @@ fn opt_list_default_export_matches_nbdinfo() {
 fn read_only_export_refuses_writes_with_eperm() {
     let server = NbdkitBuilder::memory(MIB).readonly().start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert!(flag(&got, "is_read_only"));
     assert_matches_nbdinfo(&server.uri(), &got);
 
@@ -878,7 +878,7 @@ fn nbdinfo_json_of_eval_plugin_is_what_the_client_saw() {
         .method("can_cache", "echo none")
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     let json = nbdinfo_json(&server.uri());
     assert_eq!(json_value(&json, "can_cache"), Some("false"), "{json}");
     assert!(flag(&got, "can_fua"));

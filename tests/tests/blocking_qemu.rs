@@ -48,7 +48,7 @@ fn writable_image(format: ImageFormat, seed: u64) {
         .shared(4)
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.protocol, "newstyle-fixed");
     assert!(got.structured, "qemu-nbd offers structured replies");
     assert_eq!(got.size, 4 * MIB);
@@ -138,7 +138,7 @@ fn read_only_image(format: ImageFormat) {
         .shared(4)
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let got = negotiated(&client);
+    let got = negotiated(client.connection());
     assert_eq!(got.size, MIB);
     assert!(client.connection().is_read_only().unwrap());
     assert!(!client.connection().can_trim().unwrap());

@@ -251,21 +251,34 @@ impl SentRequest {
 }
 
 /// Decodes a run of compact requests; every byte must belong to one.
-pub fn parse_requests(mut sent: &[u8]) -> Vec<SentRequest> {
+pub fn parse_requests(sent: &[u8]) -> Vec<SentRequest> {
+    parse_requests_in(sent, false)
+}
+
+/// Decodes requests of one header form. A payload follows a write, and (with
+/// extended headers) any request flagged `PAYLOAD_LEN`.
+fn parse_requests_in(mut sent: &[u8], extended: bool) -> Vec<SentRequest> {
+    let len = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
     let mut out = Vec::new();
     while !sent.is_empty() {
-        assert!(sent.len() >= REQUEST_LEN, "truncated request: {sent:?}");
-        let header = RequestHeader::decode(&sent[..REQUEST_LEN]).expect("request magic");
-        let payload_len = if header.command == CMD_WRITE {
-            header.length as usize
-        } else {
-            0
-        };
-        let end = REQUEST_LEN + payload_len;
-        assert!(sent.len() >= end, "truncated write payload");
+        assert!(sent.len() >= len, "truncated request: {sent:?}");
+        let header = RequestHeader::decode(&sent[..len]).expect("request magic");
+        let has_payload =
+            header.command == CMD_WRITE || (extended && header.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+        let end = len
+            + if has_payload {
+                header.length as usize
+            } else {
+                0
+            };
+        assert!(sent.len() >= end, "truncated request payload");
         out.push(SentRequest {
             header,
-            payload: sent[REQUEST_LEN..end].to_vec(),
+            payload: sent[len..end].to_vec(),
         });
         sent = &sent[end..];
     }
@@ -720,34 +733,8 @@ impl SentOption {
 /// Decodes a run of extended (32-byte) requests; every byte must belong to one.
 /// A write carries `length` payload bytes, as does any request with
 /// `CMD_FLAG_PAYLOAD_LEN` (the block status filter).
-pub fn parse_extended_requests(mut sent: &[u8]) -> Vec<SentRequest> {
-    let mut out = Vec::new();
-    while !sent.is_empty() {
-        assert!(
-            sent.len() >= EXTENDED_REQUEST_LEN,
-            "truncated extended request: {sent:?}"
-        );
-        assert_eq!(
-            &sent[..4],
-            &EXTENDED_REQUEST_MAGIC.to_be_bytes(),
-            "not an extended request: {sent:?}"
-        );
-        let header = RequestHeader::decode(&sent[..EXTENDED_REQUEST_LEN]).expect("request magic");
-        let has_payload = header.command == CMD_WRITE || header.flags & CMD_FLAG_PAYLOAD_LEN != 0;
-        let payload_len = if has_payload {
-            header.length as usize
-        } else {
-            0
-        };
-        let end = EXTENDED_REQUEST_LEN + payload_len;
-        assert!(sent.len() >= end, "truncated request payload");
-        out.push(SentRequest {
-            header,
-            payload: sent[EXTENDED_REQUEST_LEN..end].to_vec(),
-        });
-        sent = &sent[end..];
-    }
-    out
+pub fn parse_extended_requests(sent: &[u8]) -> Vec<SentRequest> {
+    parse_requests_in(sent, true)
 }
 
 /// Takes everything the client has queued and decodes it as extended requests.
