@@ -3,8 +3,9 @@
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use nbd_blocking::{Client, Error};
+use nbd_blocking::Client;
 
+use crate::failure::Failure;
 use crate::size::parse_size;
 
 /// Options of `nbd dump`.
@@ -23,7 +24,7 @@ pub struct DumpArgs {
 const READ_CHUNK: u64 = 1 << 20;
 
 /// Runs `nbd dump`.
-pub fn run(args: &DumpArgs) -> Result<ExitCode, Error> {
+pub fn run(args: &DumpArgs) -> Result<ExitCode, Failure> {
     let mut client = Client::connect_uri(&args.uri)?;
     let size = client.size()?;
     if args.offset > size {
@@ -55,11 +56,15 @@ pub fn run(args: &DumpArgs) -> Result<ExitCode, Error> {
     while at < end {
         let n = (end - at).min(chunk) as usize;
         client.read_exact_at(&mut buf[..n], at)?;
-        dumper.feed(&mut out, at, &buf[..n])?;
+        dumper
+            .feed(&mut out, at, &buf[..n])
+            .map_err(Failure::Stdout)?;
         at += n as u64;
     }
-    dumper.finish(&mut out, end)?;
-    out.flush()?;
+    dumper
+        .finish(&mut out, end)
+        .and_then(|()| out.flush())
+        .map_err(Failure::Stdout)?;
     client.shutdown()?;
     Ok(ExitCode::SUCCESS)
 }

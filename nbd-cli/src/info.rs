@@ -1,11 +1,13 @@
 //! `nbd info`: what an export (or a server's exports) looks like, as nbdinfo shows it.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use nbd_blocking::{Client, Error};
 use nbd_proto::uri::NbdUri;
 use nbd_proto::{Config, Connection};
 
+use crate::failure::{self, Failure};
 use crate::json::{self, Value};
 use crate::size::human_size;
 
@@ -47,7 +49,7 @@ pub struct InfoArgs {
 }
 
 /// Runs `nbd info`.
-pub fn run(args: &InfoArgs) -> Result<ExitCode, Error> {
+pub fn run(args: &InfoArgs) -> Result<ExitCode, Failure> {
     if let Some(feature) = args.can.as_deref().or(args.is.as_deref()) {
         return answer_feature(&args.uri, feature);
     }
@@ -59,8 +61,9 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode, Error> {
     }
     if args.size {
         let client = connect(&args.uri, Config::default())?;
-        println!("{}", client.size()?);
+        let size = client.size()?;
         client.shutdown()?;
+        failure::print(&format!("{size}\n"))?;
         return Ok(ExitCode::SUCCESS);
     }
     // Opt mode, so the meta contexts can be listed before the export is selected.
@@ -84,8 +87,9 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode, Error> {
         .to_string();
     let mut export = describe(conn, &name, &args.uri)?;
     export.contexts = contexts;
-    print_exports(args.json, conn, &[export]);
+    let report = render_exports(args.json, conn, &[export]);
     client.shutdown()?;
+    failure::print(&report)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -94,7 +98,7 @@ fn connect(uri: &str, config: Config) -> Result<Client, Error> {
 }
 
 /// Whether a `--can` / `--is` question holds, answered by exit code as nbdinfo does.
-fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Error> {
+fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Failure> {
     let known = [
         "connect",
         "read",
@@ -148,7 +152,7 @@ fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Error> {
 }
 
 /// Lists every export through opt mode, asking about each in turn.
-fn list(args: &InfoArgs) -> Result<ExitCode, Error> {
+fn list(args: &InfoArgs) -> Result<ExitCode, Failure> {
     let base: NbdUri = args.uri.parse()?;
     let mut client = connect(
         &args.uri,
@@ -177,8 +181,9 @@ fn list(args: &InfoArgs) -> Result<ExitCode, Error> {
         }
         exports.push(export);
     }
-    print_exports(args.json, client.connection(), &exports);
+    let report = render_exports(args.json, client.connection(), &exports);
     client.opt_abort()?;
+    failure::print(&report)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -216,49 +221,54 @@ fn describe(c: &Connection, name: &str, uri: &str) -> Result<ExportReport, Error
     })
 }
 
-fn print_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) {
+/// The report of `exports`, as text or JSON, as nbdinfo prints it.
+fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> String {
     let protocol = c.protocol().unwrap_or("unknown");
     if as_json {
-        println!(
-            "{}",
-            render_json(protocol, c.structured_replies_negotiated(), exports)
-        );
-        return;
+        let mut json = render_json(protocol, c.structured_replies_negotiated(), exports);
+        json.push('\n');
+        return json;
     }
     let packets = if c.structured_replies_negotiated() {
         "structured"
     } else {
         "simple"
     };
-    println!("protocol: {protocol} without TLS, using {packets} packets");
+    // Writing to a String cannot fail.
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "protocol: {protocol} without TLS, using {packets} packets"
+    );
     for e in exports {
-        println!("export={}:", json::quote(&e.name));
+        let _ = writeln!(out, "export={}:", json::quote(&e.name));
         if let Some(d) = &e.description {
-            println!("\tdescription: {d}");
+            let _ = writeln!(out, "\tdescription: {d}");
         }
         // As nbdinfo: the human form only where it says something new.
         let human = human_size(e.size);
         if human == e.size.to_string() {
-            println!("\texport-size: {}", e.size);
+            let _ = writeln!(out, "\texport-size: {}", e.size);
         } else {
-            println!("\texport-size: {} ({human})", e.size);
+            let _ = writeln!(out, "\texport-size: {} ({human})", e.size);
         }
-        println!("\turi: {}", e.uri);
+        let _ = writeln!(out, "\turi: {}", e.uri);
         if let Some(contexts) = &e.contexts {
-            println!("\tcontexts:");
+            let _ = writeln!(out, "\tcontexts:");
             for c in contexts {
-                println!("\t\t{c}");
+                let _ = writeln!(out, "\t\t{c}");
             }
         }
         for (k, v) in &e.flags {
-            println!("\t{k}: {v}");
+            let _ = writeln!(out, "\t{k}: {v}");
         }
         if let Some(b) = e.block_sizes {
-            println!("\tblock_size_minimum: {}", b.minimum);
-            println!("\tblock_size_preferred: {}", b.preferred);
-            println!("\tblock_size_maximum: {}", b.maximum);
+            let _ = writeln!(out, "\tblock_size_minimum: {}", b.minimum);
+            let _ = writeln!(out, "\tblock_size_preferred: {}", b.preferred);
+            let _ = writeln!(out, "\tblock_size_maximum: {}", b.maximum);
         }
     }
+    out
 }
 
 fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> String {

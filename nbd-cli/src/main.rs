@@ -6,11 +6,13 @@
 //! nbd dump URI [--offset N] [--length N]
 //! ```
 //! Errors are one line on standard error and exit code 1; `--can` / `--is`
-//! answer 0 (yes) or 2 (no), as nbdinfo does.
+//! answer 0 (yes) or 2 (no), as nbdinfo does. A reader of standard output
+//! that goes away (`nbd dump URI | head`) ends the command quietly.
 
 mod copy;
 mod dump;
 mod extents;
+mod failure;
 mod info;
 mod json;
 mod map;
@@ -42,14 +44,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info(args) => info::run(args),
-        Command::Copy(args) => copy::run(args),
+        Command::Copy(args) => copy::run(args).map_err(failure::Failure::from),
         Command::Dump(args) => dump::run(args),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("nbd: {e}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(),
     }
 }

@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use nbd_blocking::{Client, Error};
+use nbd_blocking::Client;
 use nbd_proto::Config;
 
 use crate::extents::{self, Run};
+use crate::failure::{self, Failure};
 use crate::json;
 
 /// Runs `--map` (and `--totals`).
-pub fn run(uri: &str, context: &str, totals: bool, as_json: bool) -> Result<ExitCode, Error> {
+pub fn run(uri: &str, context: &str, totals: bool, as_json: bool) -> Result<ExitCode, Failure> {
     let config = Config {
         meta_contexts: vec![context.to_string()],
         ..Config::default()
@@ -30,7 +31,7 @@ pub fn run(uri: &str, context: &str, totals: bool, as_json: bool) -> Result<Exit
     } else {
         render_map(as_json, context, &runs)
     };
-    print!("{out}");
+    failure::print(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 
