@@ -1,0 +1,89 @@
+//! The one error type of the connection layer.
+
+use std::io;
+
+use nbd_proto::uri::UriError;
+use nbd_proto::Errno;
+
+/// Why reaching a server, or talking to it, failed.
+///
+/// Every error that comes from reaching a server names what was being
+/// reached (the [`Target`](crate::Target) as text), so that a message read
+/// on its own says where the problem is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Connecting to the target failed (refused, unreachable, no such socket).
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// The target, as text.
+        target: String,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The host name did not resolve, or resolved to no address.
+    #[error("cannot resolve host name {host:?}: {source}")]
+    Resolve {
+        /// The host name as given.
+        host: String,
+        /// What the resolver said.
+        #[source]
+        source: io::Error,
+    },
+    /// The server program could not be started.
+    #[error("cannot start server {program:?}: {source}")]
+    Spawn {
+        /// The program as given.
+        program: String,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The URI is not a valid NBD URI.
+    #[error("{0}")]
+    Uri(#[from] UriError),
+    /// The URI is valid but the [`UriPolicy`](crate::UriPolicy) in force refuses it.
+    #[error("URI refused: {0}")]
+    UriRefused(String),
+    /// Something this build or platform cannot do (for example vsock where
+    /// the kernel has no vsock support).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A socket failed after the connection was made.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The NBD layer failed: a caller error, a server error, a protocol violation.
+    #[error("{0}")]
+    Nbd(#[from] nbd_proto::Error),
+}
+
+impl Error {
+    /// The errno-like kind, as libnbd's `nbd_get_errno` would give it; `None`
+    /// for failures that only the operating system can classify (see
+    /// [`Error::os_error`]).
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Error::Nbd(e) => Some(e.errno()),
+            Error::Uri(_) | Error::UriRefused(_) => Some(Errno::Inval),
+            Error::Unsupported(_) => Some(Errno::NotSup),
+            Error::Connect { .. } | Error::Resolve { .. } | Error::Spawn { .. } | Error::Io(_) => {
+                None
+            }
+        }
+    }
+
+    /// The operating system's error, where one caused this.
+    pub fn os_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Connect { source, .. }
+            | Error::Resolve { source, .. }
+            | Error::Spawn { source, .. } => Some(source),
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Result alias of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

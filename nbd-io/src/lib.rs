@@ -1,0 +1,42 @@
+//! The I/O that every adapter of the `nbd-proto` core shares.
+//!
+//! `nbd-proto` is a pure protocol state machine; the adapters (`nbd-blocking`,
+//! `nbd-mio`) differ only in how they wait. Everything else about reaching a
+//! server lives here, once:
+//!
+//! - [`Target`]: where a server is: TCP (every resolved address in turn),
+//!   Unix sockets (paths and Linux abstract names), `AF_VSOCK`, a server
+//!   program on a socket pair (libnbd's `connect_command`), or a server started
+//!   by systemd-style socket activation (libnbd's
+//!   `connect_systemd_socket_activation`);
+//! - [`connect`]: reach a target, with errors that name it;
+//! - [`Socket`]: the connected stream, whatever reached it, including a
+//!   socket the caller already holds ([`Socket::from_fd`], libnbd's
+//!   `connect_socket`); it owns any server process it started and stops it
+//!   when dropped;
+//! - [`UriPolicy`]: which NBD URIs a program accepts (libnbd's
+//!   `set_uri_allow_transports`, `set_uri_allow_tls`,
+//!   `set_uri_allow_local_file`), with every query parameter of the URI
+//!   specification recognised and any other diagnosed;
+//! - [`Error`]: one error type.
+//!
+//! ```no_run
+//! use nbd_io::{connect, UriPolicy};
+//! let endpoint = UriPolicy::default().resolve("nbd+unix:///disk?socket=/run/nbd.sock")?;
+//! let socket = connect(&endpoint.target)?;
+//! // Hand `socket` to an adapter, or drive an `nbd_proto::Connection` over it.
+//! # Ok::<(), nbd_io::Error>(())
+//! ```
+
+mod connect;
+mod error;
+mod policy;
+mod server;
+mod socket;
+mod target;
+
+pub use connect::connect;
+pub use error::{Error, Result};
+pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
+pub use socket::Socket;
+pub use target::Target;
