@@ -248,9 +248,10 @@ impl Client {
     }
 
     /// Whether waiting on the socket would be pointless: nothing in flight,
-    /// nothing to send, no handshake step under way. The stall clock restarts
-    /// here, so a client idle for an hour is not "stalled" when it next issues
-    /// a command.
+    /// nothing to send, no handshake step or held disconnect under way, or the
+    /// connection is over. While this holds the stall clock keeps restarting,
+    /// so a client idle for an hour is not "stalled" when it next issues a
+    /// command.
     fn nothing_to_wait_for(&self) -> bool {
         let settled = self.conn.in_flight() == 0
             && !self.conn.wants_write()
@@ -490,14 +491,18 @@ impl Client {
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
-    /// New commands are refused once the caller asked to disconnect, also
-    /// while `NBD_CMD_DISC` is held back for the commands in flight.
-    fn check_accepting(&self) -> Result<()> {
+    /// Before a command is issued: refuses it once the caller asked to
+    /// disconnect (also while `NBD_CMD_DISC` is held back for the commands in
+    /// flight), and starts the stall clock afresh if the client was idle.
+    fn check_accepting(&mut self) -> Result<()> {
         if self.disconnect_held {
             return Err(nbd_proto::Error::Shutdown(
                 "the connection is disconnecting; no new commands".into(),
             )
             .into());
+        }
+        if self.nothing_to_wait_for() {
+            self.last_progress = Instant::now();
         }
         Ok(())
     }
@@ -837,11 +842,7 @@ impl Drop for Client {
     /// `NBD_CMD_DISC` if the socket takes it at once; with commands in flight
     /// it is not, as the server could then cut them short.
     fn drop(&mut self) {
-        if self.conn.is_ready()
-            && self.conn.in_flight() == 0
-            && !self.disconnect_held
-            && self.conn.disconnect().is_ok()
-        {
+        if self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok() {
             let _ = self.write_some();
         }
     }
