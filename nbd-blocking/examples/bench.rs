@@ -80,6 +80,17 @@ fn stream(
     let mut outstanding = 0usize;
     let t0 = Instant::now();
     loop {
+        // Take what finished before deciding anything: one poll can complete
+        // every command in flight, and the slots it frees must be refilled
+        // before the next poll, or that poll would wait with nothing in flight.
+        while let Some(done) = client.next_completion() {
+            done.result?;
+            outstanding -= 1;
+            if let Some(mut buf) = done.buffer {
+                buf.resize(req, 0);
+                free_bufs.push(buf);
+            }
+        }
         while next < size && outstanding < inflight {
             let n = (size - next).min(req as u64) as usize;
             if writing {
@@ -94,15 +105,7 @@ fn stream(
             outstanding += 1;
             next += n as u64;
         }
-        while let Some(done) = client.next_completion() {
-            done.result?;
-            outstanding -= 1;
-            if let Some(mut buf) = done.buffer {
-                buf.resize(req, 0);
-                free_bufs.push(buf);
-            }
-        }
-        if next >= size && outstanding == 0 {
+        if outstanding == 0 {
             break;
         }
         client.poll(None)?;

@@ -36,6 +36,12 @@ pub struct ExportEntry {
 /// drives the socket and [`Client::next_completion`] hands back finished commands,
 /// so many commands can be in flight on one connection.
 ///
+/// No call waits forever in silence: [`Client::poll`] returns at once when
+/// nothing is in flight and nothing is waiting to be sent, and with
+/// [`Client::set_timeout`] every wait (blocking calls, `poll`, `poll_many`)
+/// fails with [`Error::TimedOut`] once the server has made no progress for
+/// that long while something is pending.
+///
 /// ```no_run
 /// use nbd_blocking::Client;
 /// let mut client = Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock")?;
@@ -57,6 +63,13 @@ pub struct Client {
     option_result: Option<nbd_proto::Result<()>>,
     closed: bool,
     timeout: Option<Duration>,
+    /// When bytes last moved (or the client was last idle): the start of the
+    /// stall that [`Client::set_timeout`] bounds.
+    last_progress: Instant,
+    /// The caller asked to disconnect while commands were in flight:
+    /// `NBD_CMD_DISC` goes out once they have all completed, because a
+    /// server that sees it earlier may cut them short.
+    disconnect_held: bool,
 }
 
 impl Client {
@@ -122,13 +135,21 @@ impl Client {
             option_result: None,
             closed: false,
             timeout: None,
+            last_progress: Instant::now(),
+            disconnect_held: false,
         };
         client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
         Ok(client)
     }
 
-    /// Sets how long a blocking call may wait without any progress from the
-    /// server before it fails with [`Error::TimedOut`]; `None` waits forever.
+    /// Sets how long the client may wait without any progress from the server
+    /// while something is pending before it fails with [`Error::TimedOut`];
+    /// `None` waits forever.
+    ///
+    /// It bounds the blocking calls, [`Client::poll`] and [`Client::poll_many`]
+    /// alike: a loop that polls with a short timeout gets `TimedOut` once the
+    /// server has stalled for this long, rather than spinning. The commands
+    /// stay in flight; the connection is still usable.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
     }
@@ -153,24 +174,42 @@ impl Client {
     /// Drives the socket once: writes what is pending, reads what has arrived,
     /// waiting up to `timeout` (`None`: forever) if neither can proceed.
     /// Returns whether anything moved.
+    ///
+    /// Returns `Ok(false)` at once, without waiting, when there is nothing to
+    /// wait for: no command in flight and nothing to send (an idle client, or
+    /// a connection that closed cleanly). A loop that polls until its commands
+    /// complete therefore never sleeps forever on a server that owes it nothing.
+    ///
+    /// Errors: the connection's own error once it is dead (its commands have
+    /// completed with errors, still available from
+    /// [`Client::next_completion`]); [`Error::TimedOut`] when the timeout of
+    /// [`Client::set_timeout`] passed without progress while something is pending.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<bool> {
         if self.try_io()? {
             return Ok(true);
         }
+        self.check_dead()?;
+        if self.nothing_to_wait_for() {
+            return Ok(false);
+        }
         let dir = self.conn.direction();
-        if dir == Direction::None {
-            return Ok(false);
+        let wait = self.wait_limit(timeout);
+        if self.stream.wait(dir.is_read(), dir.is_write(), wait)? && self.try_io()? {
+            return Ok(true);
         }
-        if !self.stream.wait(dir.is_read(), dir.is_write(), timeout)? {
-            return Ok(false);
-        }
-        self.try_io()
+        self.check_dead()?;
+        self.check_stalled()?;
+        Ok(false)
     }
 
     /// Drives several clients at once: each moves what it can, and if none could,
     /// waits up to `timeout` for any of their sockets. Returns whether anything moved.
     ///
-    /// This lets one thread copy between two exports without busy-waiting.
+    /// This lets one thread copy between two exports without busy-waiting. As
+    /// with [`Client::poll`], it returns `Ok(false)` at once when no client has
+    /// anything to wait for, returns the error of a client whose connection is
+    /// dead, and fails with [`Error::TimedOut`] when a client's own
+    /// [`Client::set_timeout`] passed without progress.
     pub fn poll_many(clients: &mut [&mut Client], timeout: Option<Duration>) -> Result<bool> {
         let mut progressed = false;
         for c in clients.iter_mut() {
@@ -179,23 +218,100 @@ impl Client {
         if progressed {
             return Ok(true);
         }
-        let waits: Vec<(&Stream, Direction)> = clients
-            .iter()
-            .map(|c| (&c.stream, c.conn.direction()))
-            .collect();
-        if !Stream::wait_many(&waits, timeout)? {
+        for c in clients.iter() {
+            c.check_dead()?;
+        }
+        let mut wait = timeout;
+        let mut waits: Vec<(&Stream, Direction)> = Vec::with_capacity(clients.len());
+        for c in clients.iter() {
+            if !c.nothing_to_wait_for() {
+                wait = c.wait_limit(wait);
+                waits.push((&c.stream, c.conn.direction()));
+            }
+        }
+        if waits.is_empty() {
             return Ok(false);
         }
-        for c in clients.iter_mut() {
-            progressed |= c.try_io()?;
+        if Stream::wait_many(&waits, wait)? {
+            for c in clients.iter_mut() {
+                progressed |= c.try_io()?;
+            }
         }
-        Ok(progressed)
+        if progressed {
+            return Ok(true);
+        }
+        for c in clients.iter() {
+            c.check_dead()?;
+            c.check_stalled()?;
+        }
+        Ok(false)
     }
 
+    /// Whether waiting on the socket would be pointless: nothing in flight,
+    /// nothing to send, no handshake step or held disconnect under way, or the
+    /// connection is over. While this holds the stall clock keeps restarting,
+    /// so a client idle for an hour is not "stalled" when it next issues a
+    /// command.
+    fn nothing_to_wait_for(&self) -> bool {
+        let settled = self.conn.in_flight() == 0
+            && !self.conn.wants_write()
+            && !self.disconnect_held
+            && (self.conn.is_ready() || self.conn.is_negotiating());
+        settled || self.conn.direction() == Direction::None
+    }
+
+    /// The caller's `timeout`, shortened to what is left of the stall timeout.
+    fn wait_limit(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let left = self
+            .timeout
+            .map(|t| t.saturating_sub(self.last_progress.elapsed()));
+        match (timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn check_stalled(&self) -> Result<()> {
+        match self.timeout {
+            Some(t) if self.last_progress.elapsed() >= t => Err(Error::TimedOut),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_dead(&self) -> Result<()> {
+        match self.conn.error() {
+            Some(e) => Err(e.clone().into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes and reads what can move now; sends a held `NBD_CMD_DISC` once
+    /// nothing is in flight. Restarts the stall clock when anything moved.
     fn try_io(&mut self) -> Result<bool> {
         let wrote = self.write_some()?;
         let read = self.read_some()?;
-        Ok(wrote || read)
+        let released = self.release_disconnect()?;
+        let moved = wrote || read || released;
+        if moved || self.nothing_to_wait_for() {
+            self.last_progress = Instant::now();
+        }
+        Ok(moved)
+    }
+
+    /// Sends the `NBD_CMD_DISC` that [`Client::disconnect`] held back, once
+    /// every command in flight has completed.
+    fn release_disconnect(&mut self) -> Result<bool> {
+        if !self.disconnect_held || self.conn.in_flight() > 0 {
+            return Ok(false);
+        }
+        self.disconnect_held = false;
+        if !self.conn.is_ready() {
+            // The connection ended meanwhile; its end says how.
+            return Ok(false);
+        }
+        self.conn.disconnect()?;
+        self.write_some()?;
+        Ok(true)
     }
 
     /// Writes what is pending until done or the socket would block.
@@ -286,37 +402,35 @@ impl Client {
     /// nothing arrived it waits on the socket at once rather than trying again,
     /// so a command answered later costs one write, one poll and one read.
     fn run_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> Result<()> {
-        let mut last_progress = Instant::now();
+        self.last_progress = Instant::now();
         loop {
             if done(self) {
                 return Ok(());
             }
-            if let Some(e) = self.conn.error() {
-                return Err(e.clone().into());
-            }
+            self.check_dead()?;
             if self.conn.is_closed() {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
             }
             let wrote = self.write_some()?;
-            if self.read_some()? {
-                last_progress = Instant::now();
+            let read = self.read_some()?;
+            let released = self.release_disconnect()?;
+            if read || released {
+                self.last_progress = Instant::now();
                 continue;
             }
             if wrote {
-                last_progress = Instant::now();
+                self.last_progress = Instant::now();
             }
             let dir = self.conn.direction();
             if dir == Direction::None {
                 // Over: the checks at the top say how.
                 continue;
             }
-            let wait = self
-                .timeout
-                .map(|t| t.saturating_sub(last_progress.elapsed()));
-            if !self.stream.wait(dir.is_read(), dir.is_write(), wait)?
-                && self.timeout.is_some_and(|t| last_progress.elapsed() >= t)
+            if !self
+                .stream
+                .wait(dir.is_read(), dir.is_write(), self.wait_limit(None))?
             {
-                return Err(Error::TimedOut);
+                self.check_stalled()?;
             }
         }
     }
@@ -325,6 +439,7 @@ impl Client {
 
     /// Starts a read into `buf` (its length is the read's length); returns at once.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
@@ -335,38 +450,61 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pread_structured(buf, offset, flags)?)
     }
 
     /// Starts a write of `data`; returns at once. The payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Starts a flush.
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.flush(flags)?)
     }
 
     /// Starts a trim of `count` bytes at `offset`.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Starts a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
     /// Starts a block status query over every negotiated meta context; the
     /// extents are taken with [`Client::take_block_status`].
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.block_status(count, offset, flags)?)
+    }
+
+    /// Before a command is issued: refuses it once the caller asked to
+    /// disconnect (also while `NBD_CMD_DISC` is held back for the commands in
+    /// flight), and starts the stall clock afresh if the client was idle.
+    fn check_accepting(&mut self) -> Result<()> {
+        if self.disconnect_held {
+            return Err(nbd_proto::Error::Shutdown(
+                "the connection is disconnecting; no new commands".into(),
+            )
+            .into());
+        }
+        if self.nothing_to_wait_for() {
+            self.last_progress = Instant::now();
+        }
+        Ok(())
     }
 
     /// Takes the block status reports that arrived for `cookie`, one per context.
@@ -401,7 +539,19 @@ impl Client {
     }
 
     /// Blocks until `cookie` finishes and returns its completion.
+    ///
+    /// A cookie that is neither in flight nor waiting to be taken (already
+    /// taken, or never issued here) is an `EINVAL` error, not a wait forever.
     pub fn wait_for(&mut self, cookie: Cookie) -> Result<Completion> {
+        if let Some(done) = self.take_completion(cookie) {
+            return Ok(done);
+        }
+        if !self.conn.is_in_flight(cookie) {
+            return Err(nbd_proto::Error::InvalidArgument(format!(
+                "{cookie:?} is not in flight and has no completion waiting"
+            ))
+            .into());
+        }
         let mut found = None;
         self.run_until(|c| {
             found = c.take_completion(cookie);
@@ -531,23 +681,78 @@ impl Client {
         self.complete(cookie).map(drop)
     }
 
-    /// Sends `NBD_CMD_DISC` without waiting (libnbd's `aio_disconnect`).
+    /// Asks the server to end the connection without waiting (libnbd's
+    /// `aio_disconnect`). New commands are refused from now on. If commands
+    /// are in flight, `NBD_CMD_DISC` is held back until they have all
+    /// completed (a server that sees it earlier may cut them short); driving
+    /// the client ([`Client::poll`]) sends it then. The connection is closed
+    /// once [`Client::connection`] says `is_closed`.
     pub fn disconnect(&mut self) -> Result<()> {
-        self.conn.disconnect()?;
+        if self.conn.is_ready() && self.conn.in_flight() > 0 {
+            self.disconnect_held = true;
+        } else {
+            self.conn.disconnect()?;
+        }
         self.try_io().map(drop)
     }
 
-    /// Disconnects cleanly: commands in flight finish, the server closes, the
-    /// socket is shut (libnbd's `shutdown`).
+    /// Disconnects gracefully (libnbd's `shutdown`): waits until every command
+    /// in flight has completed, then sends `NBD_CMD_DISC`, waits for the
+    /// connection to close and shuts the socket. In opt mode it aborts the
+    /// negotiation instead.
+    ///
+    /// `Ok` means every command issued on this client either succeeded or had
+    /// its completion taken by the caller: nothing the server did not
+    /// acknowledge is reported as done. If completions that were never taken
+    /// failed (including commands cut short because the connection ended), it
+    /// returns [`Error::CommandsFailed`] with how many and the first cause.
+    /// Otherwise a failure of the connection itself (dead, timed out, socket
+    /// error) is returned as such.
     pub fn shutdown(mut self) -> Result<()> {
-        if self.conn.is_negotiating() {
-            self.conn.opt_abort()?;
-        } else if !self.conn.is_closed() {
-            self.conn.disconnect()?;
-        }
-        let result = self.run_until(|c| c.closed);
+        let ended = if self.conn.is_negotiating() {
+            self.conn
+                .opt_abort()
+                .map_err(Error::from)
+                .and_then(|()| self.run_until(|c| c.closed))
+        } else if self.conn.is_ready() {
+            self.disconnect()
+                .and_then(|()| self.run_until(|c| c.closed))
+        } else {
+            self.check_dead()
+        };
         let _ = self.stream.shutdown();
-        result
+        match self.untaken_failures() {
+            Some(failed) => Err(failed),
+            None => ended,
+        }
+    }
+
+    /// Waits until nothing is in flight, then takes every completion the
+    /// caller has not taken: an error if any of them failed. For owners of a
+    /// client that issue only blocking calls (such as [`crate::ExportFile`]),
+    /// whose leftover completions belong to calls that already returned.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        let waited = self.run_until(|c| c.conn.in_flight() == 0);
+        let failed = self.untaken_failures();
+        self.completed.clear();
+        self.chunks.clear();
+        self.statuses.clear();
+        match failed {
+            Some(failed) => Err(failed),
+            None => waited,
+        }
+    }
+
+    /// [`Error::CommandsFailed`] for the completions not taken that failed,
+    /// counting commands still in flight (abandoned) as failed too.
+    fn untaken_failures(&self) -> Option<Error> {
+        let mut failures = self
+            .completed
+            .iter()
+            .filter_map(|c| c.result.as_ref().err());
+        let first = failures.next()?.clone();
+        let count = 1 + failures.count() + self.conn.in_flight();
+        Some(Error::CommandsFailed { count, first })
     }
 
     // ------------------------------------------------------------ opt mode
@@ -631,10 +836,14 @@ impl Client {
 }
 
 impl Drop for Client {
+    /// Closes without blocking. Commands still in flight are abandoned: their
+    /// outcome is unknown and never reported (call [`Client::shutdown`] to wait
+    /// for them). With nothing in flight the server is told goodbye with
+    /// `NBD_CMD_DISC` if the socket takes it at once; with commands in flight
+    /// it is not, as the server could then cut them short.
     fn drop(&mut self) {
-        // Best effort, without blocking: tell the server goodbye if it can be said at once.
-        if self.conn.is_ready() && self.conn.disconnect().is_ok() {
-            let _ = self.try_io();
+        if self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok() {
+            let _ = self.write_some();
         }
     }
 }

@@ -19,16 +19,26 @@ pub enum Error {
     /// The URI asks for something this adapter cannot do (TLS, vsock).
     #[error("unsupported URI: {0}")]
     Unsupported(String),
-    /// No answer within the time given.
+    /// No progress from the server within the time given.
     #[error("timed out")]
     TimedOut,
+    /// Commands the caller never took the completions of failed (or were
+    /// still in flight when the connection ended): returned by a graceful
+    /// shutdown or flush, which must not report such work as done.
+    #[error("{count} command(s) failed; the first: {first}")]
+    CommandsFailed {
+        /// How many failed.
+        count: usize,
+        /// Why the first of them failed.
+        first: nbd_proto::Error,
+    },
 }
 
 impl Error {
     /// The errno-like kind, as libnbd's `nbd_get_errno` would give it.
     pub fn errno(&self) -> Option<Errno> {
         match self {
-            Error::Nbd(e) => Some(e.errno()),
+            Error::Nbd(e) | Error::CommandsFailed { first: e, .. } => Some(e.errno()),
             Error::Unsupported(_) => Some(Errno::NotSup),
             Error::Uri(_) => Some(Errno::Inval),
             Error::Io(_) | Error::TimedOut => None,

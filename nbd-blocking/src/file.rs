@@ -10,8 +10,13 @@ const FILE_CHUNK: usize = 4 * 1024 * 1024;
 /// An export with a cursor, usable with `std::io::copy` and friends.
 ///
 /// Reads stop at the end of the export (returning 0); writes past the end fail,
-/// since an export cannot grow. `flush` sends `NBD_CMD_FLUSH` if the server
-/// supports it.
+/// since an export cannot grow. Each `write` returns once the server has
+/// acknowledged it. `flush` first waits for anything still in flight (a command
+/// left behind by a call that timed out) and fails if any of it failed, then
+/// sends `NBD_CMD_FLUSH` if the server supports it.
+///
+/// Dropping it closes the connection without flushing or waiting; use
+/// [`ExportFile::shutdown`] to end it gracefully and learn the outcome.
 ///
 /// ```no_run
 /// use nbd_blocking::{Client, ExportFile};
@@ -52,6 +57,13 @@ impl ExportFile {
     pub fn into_inner(self) -> Client {
         self.client
     }
+
+    /// Ends the connection gracefully ([`Client::shutdown`]): waits for what
+    /// is in flight and reports any of it that failed. It does not flush;
+    /// call `flush` first for durability.
+    pub fn shutdown(self) -> crate::Result<()> {
+        self.client.shutdown()
+    }
 }
 
 impl Read for ExportFile {
@@ -83,6 +95,9 @@ impl Write for ExportFile {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        // A flush covers only writes the server has completed, so nothing may
+        // still be in flight, and nothing that failed may pass as flushed.
+        self.client.settle()?;
         if self.client.connection().can_flush().unwrap_or(false) {
             self.client.flush()?;
         }

@@ -44,7 +44,11 @@ fn main() -> Res<()> {
     )?;
     while !group.is_ready()? {
         poll.poll(&mut events, Some(Duration::from_secs(10)))?;
+        if events.is_empty() {
+            return Err("no answer from the server for 10 s during the handshake".into());
+        }
         for e in events.iter() {
+            // Returns a connection's error if its handshake failed.
             group.handle_event(e)?;
         }
     }
@@ -71,6 +75,17 @@ fn main() -> Res<()> {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let t0 = Instant::now();
     loop {
+        // Take what finished first: the slots it frees are refilled before
+        // the next wait, so the loop never waits with nothing in flight.
+        while let Some(done) = group.next_completion() {
+            done.result?;
+            outstanding -= 1;
+            ops += 1;
+            if let Some(mut buf) = done.buffer {
+                buf.resize(req, 0);
+                free.push(buf);
+            }
+        }
         let more = if mode == "qd1" {
             t0.elapsed() < Duration::from_secs(3)
         } else {
@@ -102,21 +117,16 @@ fn main() -> Res<()> {
             outstanding += 1;
         }
         group.send()?;
-        if !more && outstanding == 0 {
+        if outstanding == 0 {
             break;
+        }
+        if group.in_flight() == 0 {
+            // Every request has completed, so waiting could only hang.
+            return Err("internal error: requests outstanding but none in flight".into());
         }
         poll.poll(&mut events, None)?;
         for e in events.iter() {
             group.handle_event(e)?;
-        }
-        while let Some(done) = group.next_completion() {
-            done.result?;
-            outstanding -= 1;
-            ops += 1;
-            if let Some(mut buf) = done.buffer {
-                buf.resize(req, 0);
-                free.push(buf);
-            }
         }
     }
     let dt = t0.elapsed().as_secs_f64();
@@ -131,6 +141,18 @@ fn main() -> Res<()> {
             size as f64 / dt / 1e9
         );
     }
+    // A graceful end: the connections close once the server has them.
     group.disconnect()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !group.is_closed() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the server did not close the connections after NBD_CMD_DISC".into());
+        }
+        poll.poll(&mut events, Some(left))?;
+        for e in events.iter() {
+            group.handle_event(e)?;
+        }
+    }
     Ok(())
 }

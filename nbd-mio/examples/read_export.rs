@@ -27,11 +27,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut client = Client::connect_uri(uri, Config::default(), poll.registry(), Token(7))?;
     while !client.connection().is_ready() {
         poll.poll(&mut events, Some(Duration::from_secs(10)))?;
+        if events.is_empty() {
+            return Err("no answer from the server for 10 s during the handshake".into());
+        }
         for e in events.iter() {
+            // Returns the connection's error if the handshake failed.
             client.handle_event(e)?;
         }
         if client.is_closed() {
-            return Err(format!("connection ended: {:?}", client.connection().error()).into());
+            return Err("the connection closed before it was ready".into());
         }
     }
     let size = client.connection().size()?;
@@ -40,12 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sums = std::collections::BTreeMap::new();
     let mut next = 0u64;
     loop {
-        while next < size && client.in_flight() < in_flight {
-            let n = (size - next).min(req);
-            client.pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
-            next += n;
-        }
-        client.send()?;
+        // Completions first: the room they free is filled before waiting.
         while let Some(done) = client.next_completion() {
             done.result?;
             let buf = done.buffer.expect("reads return their buffer");
@@ -54,12 +53,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
             sums.insert(done.cookie, sum);
         }
-        if next >= size && client.in_flight() == 0 {
+        while next < size && client.in_flight() < in_flight {
+            let n = (size - next).min(req);
+            client.pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
+            next += n;
+        }
+        client.send()?;
+        if client.in_flight() == 0 {
+            // Everything was read, and nothing is left to wait for.
             break;
         }
         poll.poll(&mut events, None)?;
         for e in events.iter() {
             if e.token() == client.token() {
+                // Returns the connection's error if it ended.
                 client.handle_event(e)?;
             }
         }
@@ -70,5 +77,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sums.len()
     );
     client.disconnect()?;
+    while !client.is_closed() {
+        poll.poll(&mut events, Some(Duration::from_secs(10)))?;
+        if events.is_empty() {
+            return Err("the server did not close the connection after NBD_CMD_DISC".into());
+        }
+        for e in events.iter() {
+            client.handle_event(e)?;
+        }
+    }
     Ok(())
 }

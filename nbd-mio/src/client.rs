@@ -23,6 +23,16 @@ use crate::stream::Stream;
 /// A write that would block waits for the next writable event, so an idle
 /// or stalled connection costs nothing until the server moves.
 ///
+/// Every way the connection can end reaches this loop: once the connection is
+/// dead (refused connect, export refused during the handshake, server gone,
+/// protocol violation), [`handle_event`](Self::handle_event) and
+/// [`drive`](Self::drive) return its error, on the call that saw it and on every
+/// later call, and its commands complete with errors. A clean end (after
+/// [`disconnect`](Self::disconnect) or `opt_abort`) is `Ok`, with
+/// [`is_closed`](Self::is_closed) true and an `Event::Closed` without error.
+/// The socket is deregistered when the connection ends, so no further events
+/// come: a loop must stop waiting once `is_closed` is true.
+///
 /// ```no_run
 /// use bytes::BytesMut;
 /// use mio::{Events, Poll, Token};
@@ -35,6 +45,7 @@ use crate::stream::Stream;
 /// while !client.connection().is_ready() {
 ///     poll.poll(&mut events, None)?;
 ///     for e in events.iter() {
+///         // A refused handshake (no such export, ...) is returned here.
 ///         client.handle_event(e)?;
 ///     }
 /// }
@@ -68,6 +79,10 @@ pub struct Client {
     completions: VecDeque<Completion>,
     events: VecDeque<Event>,
     closed: bool,
+    /// The caller asked to disconnect while commands were in flight:
+    /// `NBD_CMD_DISC` goes out once they have all completed, because a
+    /// server that sees it earlier may cut them short.
+    disconnect_held: bool,
 }
 
 impl Client {
@@ -146,6 +161,7 @@ impl Client {
             completions: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
+            disconnect_held: false,
         })
     }
 
@@ -172,6 +188,8 @@ impl Client {
     // ------------------------------------------------------------ driving
 
     /// Handles a readiness event for this connection's token.
+    ///
+    /// Returns the connection's error once it is dead (see [`drive`](Self::drive)).
     pub fn handle_event(&mut self, event: &mio::event::Event) -> Result<()> {
         if event.is_writable() {
             self.write_blocked = false;
@@ -182,36 +200,68 @@ impl Client {
     /// Moves every byte that can move now: writes until done or blocked, reads
     /// until the socket would block. Safe to call at any time.
     ///
-    /// A socket error ends the connection: every pending command completes with
-    /// an error, and the error is returned.
+    /// Once the connection is dead this returns its error, on the call that
+    /// saw it end and on every later one (a socket error is returned as such
+    /// the first time); every pending command has then completed with an
+    /// error. After a clean close it returns `Ok` and does nothing.
     pub fn drive(&mut self) -> Result<()> {
-        if self.closed {
-            return Ok(());
-        }
-        let result = self.drive_inner();
+        let result = if self.closed {
+            Ok(())
+        } else {
+            self.drive_inner()
+        };
         self.collect_events();
-        result
+        self.end_result(result)
     }
 
     fn drive_inner(&mut self) -> Result<()> {
         loop {
             let wrote = self.write_some()?;
             let read = self.read_all()?;
+            let released = self.release_disconnect()?;
             // Reads may have queued output (handshake replies); go round until idle.
-            if !wrote && !read {
+            if !wrote && !read && !released {
                 return Ok(());
             }
         }
     }
 
-    /// Writes what is pending without reading; call after issuing commands.
-    pub fn send(&mut self) -> Result<()> {
-        if self.closed {
-            return Ok(());
+    /// The result of a driving call: its own error, else the connection's
+    /// sticky error if it is dead.
+    fn end_result(&self, result: Result<()>) -> Result<()> {
+        result?;
+        match self.conn.error() {
+            Some(e) => Err(e.clone().into()),
+            None => Ok(()),
         }
-        let result = self.write_some().map(drop);
+    }
+
+    /// Sends the `NBD_CMD_DISC` that [`disconnect`](Self::disconnect) held
+    /// back, once every command in flight has completed.
+    fn release_disconnect(&mut self) -> Result<bool> {
+        if !self.disconnect_held || self.conn.in_flight() > 0 {
+            return Ok(false);
+        }
+        self.disconnect_held = false;
+        if !self.conn.is_ready() {
+            // The connection ended meanwhile; its end says how.
+            return Ok(false);
+        }
+        self.conn.disconnect()?;
+        self.write_some()?;
+        Ok(true)
+    }
+
+    /// Writes what is pending without reading; call after issuing commands.
+    /// Returns the connection's error once it is dead.
+    pub fn send(&mut self) -> Result<()> {
+        let result = if self.closed {
+            Ok(())
+        } else {
+            self.write_some().map(drop)
+        };
         self.collect_events();
-        result
+        self.end_result(result)
     }
 
     fn write_some(&mut self) -> Result<bool> {
@@ -339,6 +389,7 @@ impl Client {
 
     /// Queues a read into `buf`; call [`send`](Self::send) to send.
     pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
@@ -349,26 +400,31 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pread_structured(buf, offset, flags)?)
     }
 
     /// Queues a write; the payload is sent without copying.
     pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
     pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.flush(flags)?)
     }
 
     /// Queues a trim.
     pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Queues a cache (prefetch).
     pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
@@ -376,19 +432,42 @@ impl Client {
     /// context's extents arrive as an `Event::BlockStatus` from
     /// [`next_event`](Self::next_event) before the completion.
     pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
     /// Queues a write of zeroes.
     pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+        self.check_accepting()?;
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
-    /// Queues `NBD_CMD_DISC` and sends it; the connection closes once the server
-    /// has answered what is in flight.
+    /// Asks the server to end the connection (libnbd's `aio_disconnect`).
+    /// New commands are refused from now on. If commands are in flight,
+    /// `NBD_CMD_DISC` is held back until they have all completed (a server
+    /// that sees it earlier may cut them short) and goes out from
+    /// [`handle_event`](Self::handle_event) then; otherwise it is sent now.
+    /// Keep handling events until [`is_closed`](Self::is_closed).
     pub fn disconnect(&mut self) -> Result<()> {
-        self.conn.disconnect()?;
+        if self.conn.is_ready() && self.conn.in_flight() > 0 {
+            self.disconnect_held = true;
+        } else {
+            self.conn.disconnect()?;
+        }
+        // Commands queued but not yet sent must go out either way.
         self.send()
+    }
+
+    /// New commands are refused once the caller asked to disconnect, also
+    /// while `NBD_CMD_DISC` is held back for the commands in flight.
+    fn check_accepting(&self) -> Result<()> {
+        if self.disconnect_held {
+            return Err(nbd_proto::Error::Shutdown(
+                "the connection is disconnecting; no new commands".into(),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// Commands issued and not yet completed.
@@ -423,12 +502,37 @@ impl Client {
     }
 
     /// Removes the socket from the registry (unless the connection already
-    /// did, on closing) and closes it.
+    /// did, on closing) and closes it, at once.
+    ///
+    /// `Ok` means every command issued on this client either succeeded or had
+    /// its completion taken by the caller. Commands still in flight are
+    /// abandoned (their outcome is unknown), and completions not taken that
+    /// failed are not done: either makes it [`Error::CommandsFailed`], with
+    /// how many and the first cause. To end gracefully, call
+    /// [`disconnect`](Self::disconnect) and handle events until
+    /// [`is_closed`](Self::is_closed) first.
     pub fn close(mut self) -> Result<()> {
-        if !self.closed {
-            self.registry.deregister(&mut self.stream)?;
-        }
+        let deregistered = if self.closed {
+            Ok(())
+        } else {
+            self.registry.deregister(&mut self.stream)
+        };
         let _ = self.stream.shutdown();
-        Ok(())
+        let abandoned = self.conn.in_flight();
+        let mut failures = self
+            .completions
+            .iter()
+            .filter_map(|c| c.result.as_ref().err());
+        let first = failures.next().cloned();
+        let count = first.is_some() as usize + failures.count() + abandoned;
+        if count > 0 {
+            let first = first.unwrap_or_else(|| {
+                nbd_proto::Error::NotConnected(format!(
+                    "closed with {abandoned} command(s) in flight; their outcome is unknown"
+                ))
+            });
+            return Err(Error::CommandsFailed { count, first });
+        }
+        Ok(deregistered?)
     }
 }

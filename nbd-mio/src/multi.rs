@@ -40,7 +40,10 @@ struct PendingFlush {
 ///
 /// Register each under its own token (`base`, `base + 1`, ...), pass every
 /// event to [`handle_event`](Self::handle_event), and call
-/// [`send`](Self::send) after issuing commands.
+/// [`send`](Self::send) after issuing commands. As with [`Client`],
+/// `handle_event` returns a connection's error once it is dead (a refused
+/// handshake included), so a loop waiting for [`is_ready`](Self::is_ready)
+/// or for completions ends instead of waiting forever.
 pub struct MultiConn {
     clients: Vec<Client>,
     base: usize,
@@ -51,6 +54,9 @@ pub struct MultiConn {
     writes_in_flight: HashSet<MultiCookie>,
     flushes: Vec<PendingFlush>,
     completions: VecDeque<MultiCompletion>,
+    /// The caller asked to disconnect: no new commands; each connection is
+    /// told once the flushes held back here have gone out.
+    disconnecting: bool,
 }
 
 impl MultiConn {
@@ -80,6 +86,7 @@ impl MultiConn {
             writes_in_flight: HashSet::new(),
             flushes: Vec::new(),
             completions: VecDeque::new(),
+            disconnecting: false,
         })
     }
 
@@ -143,6 +150,7 @@ impl MultiConn {
         for i in 0..self.clients.len() {
             self.collect(i);
         }
+        self.release_disconnects();
     }
 
     fn collect(&mut self, i: usize) {
@@ -217,8 +225,20 @@ impl MultiConn {
         id
     }
 
+    /// New commands are refused once the caller asked to disconnect.
+    fn check_accepting(&self) -> Result<()> {
+        if self.disconnecting {
+            return Err(nbd_proto::Error::Shutdown(
+                "the connections are disconnecting; no new commands".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Queues a read on the next connection.
     pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.check_accepting()?;
         let i = self.pick();
         let cookie = self.clients[i].pread(buf, offset, flags)?;
         Ok(self.issue(i, cookie))
@@ -226,6 +246,7 @@ impl MultiConn {
 
     /// Queues a write on the next connection.
     pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.check_accepting()?;
         let i = self.pick();
         let cookie = self.clients[i].pwrite(data, offset, flags)?;
         let id = self.issue(i, cookie);
@@ -235,6 +256,7 @@ impl MultiConn {
 
     /// Queues a flush covering every write issued before it on any connection.
     pub fn flush(&mut self, flags: CmdFlags) -> Result<MultiCookie> {
+        self.check_accepting()?;
         let id = MultiCookie(self.next_id);
         self.next_id += 1;
         self.flushes.push(PendingFlush {
@@ -259,13 +281,36 @@ impl MultiConn {
         self.completions.pop_front()
     }
 
-    /// Disconnects every connection.
+    /// Disconnects every connection gracefully, without waiting: new commands
+    /// are refused, every command issued through the group (flushes held back
+    /// for earlier writes included) still goes out and completes, and each
+    /// connection sends `NBD_CMD_DISC` once nothing of it is in flight. Keep
+    /// handling events until [`is_closed`](Self::is_closed); take the
+    /// completions to see whether everything succeeded.
     pub fn disconnect(&mut self) -> Result<()> {
+        self.disconnecting = true;
+        self.release_disconnects();
+        self.send()
+    }
+
+    /// Tells each connection to disconnect once no flush waits here to be
+    /// sent on one of them (each holds its `NBD_CMD_DISC` for its own
+    /// commands). A connection that is already over needs no telling.
+    fn release_disconnects(&mut self) {
+        if !self.disconnecting || !self.flushes.is_empty() {
+            return;
+        }
         for c in &mut self.clients {
             if c.connection().is_ready() {
-                c.disconnect()?;
+                // A failure here is the connection's end, which handle_event
+                // reports and which fails its commands.
+                let _ = c.disconnect();
             }
         }
-        Ok(())
+    }
+
+    /// Whether every connection of the group is over (closed or dead).
+    pub fn is_closed(&self) -> bool {
+        self.clients.iter().all(Client::is_closed)
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use nbd_proto::{CmdFlags, Config, Errno, Strict};
@@ -776,14 +776,9 @@ fn nbdkit_killed_mid_flight<A: Adapter>() {
     // Let the server take the requests in, then crash it.
     std::thread::sleep(Duration::from_millis(100));
     server.kill();
-    let started = Instant::now();
+    // `collect` panics after WAIT_LIMIT: that bound, not a speed, is what
+    // turns a hang into a failure.
     let done = client.collect(&cookies);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{}: took {:?}",
-        A::NAME,
-        started.elapsed()
-    );
     let failed = assert_failed_once_with_enotconn::<A>(&done, 10, |d| {
         panic!("{}: read {} succeeded after the kill", A::NAME, d.index)
     });

@@ -568,14 +568,13 @@ fn four_servers_interleaved_in_one_poll() {
         QemuNbdBuilder::qcow2(4 * MIB).shared(2).tcp().start(),
     ];
     let mut l = Loop::new();
-    let started = Instant::now();
     for s in &servers {
         l.connect(&s.uri());
     }
     // The connects returned before any handshake happened.
     assert!(l.clients.iter().all(|c| !c.connection().is_ready()));
+    // Bounded by LIMIT: a connect that never completes fails there.
     l.ready();
-    assert!(started.elapsed() < Duration::from_secs(5));
     for (i, c) in l.clients.iter().enumerate() {
         assert_eq!(c.connection().size().unwrap(), 4 * MIB, "client {i}");
         assert_eq!(c.token(), Token(i));
@@ -726,8 +725,8 @@ fn refused_connects_report_errors_instead_of_hanging() {
         ),
     ];
     for uri in &uris {
+        // Each wait below is bounded by LIMIT, which turns a hang into a failure.
         let mut l = Loop::new();
-        let started = Instant::now();
         let token = l.next_token();
         match Client::connect_uri(uri, Config::default(), l.poll.registry(), token) {
             Err(e) => {
@@ -761,7 +760,6 @@ fn refused_connects_report_errors_instead_of_hanging() {
                     .is_err());
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "{uri}");
     }
 }
 
@@ -792,23 +790,12 @@ fn disconnect_lets_commands_in_flight_finish() {
     let done = by_cookie(std::mem::take(&mut l.done[c]));
     assert_eq!(done.keys().copied().collect::<HashSet<_>>(), cookies);
     // The client waited for every reply rather than dropping the commands
-    // (which would be ENOTCONN). nbdkit cuts short the reads sleeping in
-    // its delay filter once it has seen NBD_CMD_DISC and answers them with
-    // ESHUTDOWN: an answer all the same.
+    // (which would be ENOTCONN), and held NBD_CMD_DISC back until the last
+    // one: nbdkit, seeing it earlier, would cut short the reads sleeping in
+    // its delay filter with ESHUTDOWN.
     for got in done.values() {
-        match &got.result {
-            Ok(()) => assert_eq!(got.buffer.as_ref().unwrap().len(), 4096),
-            Err(e) => assert!(
-                matches!(
-                    e,
-                    nbd_proto::Error::Server {
-                        errno: Errno::Shutdown,
-                        ..
-                    }
-                ),
-                "{e:?}"
-            ),
-        }
+        got.result.as_ref().unwrap();
+        assert_eq!(got.buffer.as_ref().unwrap().len(), 4096);
     }
     let closed: Vec<_> = l.other[c]
         .iter()
@@ -914,12 +901,21 @@ fn drive_at_any_time_and_read_chunks_as_events() {
     let mut l = Loop::new();
     let c = l.connect(&server.uri());
     l.ready();
-    let started = Instant::now();
+    // Idle, a drive finds nothing to read or write: no completion, no event,
+    // and (since the socket never blocks) it returns, however loaded the machine.
+    l.other[c].clear();
+    let cpu_before = thread_cpu_time();
     for _ in 0..10 {
         l.clients[c].drive().unwrap();
     }
-    assert!(started.elapsed() < Duration::from_millis(100));
-    l.other[c].clear();
+    let cpu = thread_cpu_time() - cpu_before;
+    assert!(l.clients[c].next_completion().is_none());
+    assert!(l.clients[c].next_event().is_none());
+    assert_eq!(l.clients[c].in_flight(), 0);
+    assert!(
+        cpu < Duration::from_secs(1),
+        "ten idle drives used {cpu:?} of CPU"
+    );
 
     let cookie = l.clients[c]
         .pread_structured(
