@@ -66,5 +66,5 @@ pub use flags::{CmdFlags, HandshakeFlags, Strict, TransmissionFlags};
 pub use info::{BlockSizes, ExportInfo, HandshakeStyle};
 pub use slab::Cookie;
 pub use tls::TlsSession;
-pub use transmit::{MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
+pub use transmit::{MAX_ERROR_PAYLOAD, MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
 pub use wire::Extent;

@@ -55,6 +55,30 @@ pub(crate) struct InfoStep {
     auto: bool,
 }
 
+/// The largest payload a legal reply of type `reply` to `pending` can carry,
+/// or `None` when no legal reply to that option has that type. Strings are at
+/// most `MAX_STRING_LEN` bytes, as the protocol requires; `NBD_REP_INFO` is
+/// bounded by what the client buffers whole.
+fn option_reply_limit(pending: PendingOpt, reply: u32) -> Option<usize> {
+    if reply & REP_FLAG_ERROR != 0 {
+        // An optional message.
+        return Some(MAX_STRING_LEN);
+    }
+    match (pending, reply) {
+        (_, REP_ACK) => Some(0),
+        // Name length, name, description.
+        (PendingOpt::List, REP_SERVER) => Some(4 + 2 * MAX_STRING_LEN),
+        // Context id, name.
+        (PendingOpt::ListMeta | PendingOpt::SetMeta { .. }, REP_META_CONTEXT) => {
+            Some(4 + MAX_STRING_LEN)
+        }
+        // Unknown info types may be any length and must be ignored: the
+        // bound is what is ever buffered whole.
+        (PendingOpt::Info { .. }, REP_INFO) => Some(MAX_BUFFERED_PAYLOAD),
+        _ => None,
+    }
+}
+
 /// Most replies one option may bring (exports listed, contexts): a bound on
 /// what a hostile server can make the client hold.
 pub(crate) const MAX_OPTION_REPLIES: usize = 65_536;
@@ -406,10 +430,26 @@ impl Connection {
             )));
             return true;
         }
-        if header.length as usize > MAX_BUFFERED_PAYLOAD {
+        if pending.is_abort() {
+            // Whatever the server says, the abort is done; its payload is not
+            // waited for.
+            self.close_clean();
+            return true;
+        }
+        // The length rule of the handshake: judged before any payload byte is
+        // read, so a server cannot make the client wait for bytes no legal
+        // reply has.
+        let name = option_name(header.option);
+        let reply = reply_type_name(header.reply_type);
+        let Some(limit) = option_reply_limit(pending, header.reply_type) else {
             self.kill(Error::Protocol(format!(
-                "{} reply of {} bytes exceeds the limit of {MAX_BUFFERED_PAYLOAD}",
-                option_name(header.option),
+                "unexpected {reply} reply to {name}"
+            )));
+            return true;
+        };
+        if header.length as usize > limit {
+            self.kill(Error::Protocol(format!(
+                "{reply} reply to {name} of {} bytes exceeds the {limit} bytes a legal one can have",
                 header.length
             )));
             return true;
@@ -419,11 +459,19 @@ impl Connection {
     }
 
     pub(crate) fn rx_opt_reply_data(&mut self, header: OptionReplyHeader) -> bool {
+        // The limit checked with the header keeps this within the stage.
         let Some(data) = self.take_vec(header.length as usize) else {
             return false;
         };
         self.rx = Rx::OptReplyHeader;
-        let pending = self.pending_opt.expect("checked with the header");
+        let Some(pending) = self.pending_opt else {
+            // Unreachable: the header was accepted only with an option pending,
+            // and nothing clears it between header and payload.
+            self.kill(Error::Protocol(
+                "option reply with no option pending".into(),
+            ));
+            return true;
+        };
         if let Err(e) = self.on_opt_reply(pending, header.reply_type, &data) {
             self.kill(e);
         }
@@ -432,11 +480,6 @@ impl Connection {
 
     /// Handles one option reply; an error return kills the connection.
     fn on_opt_reply(&mut self, pending: PendingOpt, reply: u32, data: &[u8]) -> Result<()> {
-        if pending.is_abort() {
-            // Whatever the server says, the abort is done.
-            self.close_clean();
-            return Ok(());
-        }
         if reply & REP_FLAG_ERROR != 0 {
             let message = ServerText(decode_string("option error message", data)?);
             let error = Error::OptionRefused {
@@ -541,7 +584,8 @@ impl Connection {
 
     fn on_opt_error(&mut self, pending: PendingOpt, error: Error) -> Result<()> {
         let Error::OptionRefused { reply, .. } = error else {
-            unreachable!("built above")
+            // Only ever called with the refusal built by `on_opt_reply`.
+            return Err(error);
         };
         self.pending_opt = None;
         if reply == REP_ERR_SHUTDOWN {

@@ -3,6 +3,34 @@
 //! Every reply is checked against its request before a byte lands in the
 //! caller's buffer. A violation that loses framing kills the connection; one
 //! confined to a reply fails that command and the others go on.
+//!
+//! # The length rule
+//!
+//! A chunk header's length field is the only thing that says where the next
+//! reply starts, so it is judged before any byte of its payload is read,
+//! buffered or skipped, in one place (`payload_limit`). The limit is the
+//! largest payload that a chunk of that type could carry in a legal reply to
+//! the command it names:
+//!
+//! | chunk type                            | limit                                     |
+//! |---------------------------------------|-------------------------------------------|
+//! | `NONE`                                | 0                                         |
+//! | `OFFSET_DATA`, to a read              | 8 + the read's length                     |
+//! | `OFFSET_HOLE`, to a read              | 12                                        |
+//! | `BLOCK_STATUS(_EXT)`, to block status | `MAX_STATUS_PAYLOAD`                      |
+//! | any error type, to any command        | `MAX_ERROR_PAYLOAD` (all a 16-bit message length allows) |
+//! | any other (unknown, or not legal for the command) | the largest limit of the types legal for the command |
+//!
+//! A length above the limit means no legal reply to that request could have
+//! sent it: the server's framing cannot be trusted, and skipping the payload
+//! could mean waiting forever for bytes that never come. The connection is
+//! killed at once, right after the header: the error is sticky, every pending
+//! command fails exactly once, and `Event::Closed` carries the error.
+//!
+//! A length within the limit keeps framing: the payload is consumed, and
+//! whatever else is wrong with the chunk (too short, wrong type for the
+//! command, outside the request, malformed) fails only its command. Skipping
+//! such a payload costs no more than a legal reply to that request would.
 
 use bytes::{Bytes, BytesMut};
 
@@ -516,6 +544,16 @@ impl Connection {
         let is_read = cmd.command == CMD_READ;
         let command = cmd.command;
         let request_offset = cmd.offset;
+        let limit = payload_limit(cmd, header.chunk_type);
+        if header.length > limit {
+            let name = command_name(command);
+            let chunk = chunk_type_name(header.chunk_type);
+            return self.kill(Error::Protocol(format!(
+                "{chunk} chunk of {} bytes in a reply to {name} that allows at most {limit}: \
+                 framing cannot be trusted",
+                header.length
+            )));
+        }
         let skip = |conn: &mut Connection, error: Error| {
             if let Some(cmd) = conn.commands.get_mut(cookie) {
                 cmd.fail(error);
@@ -549,28 +587,11 @@ impl Connection {
                     };
                     return skip(self, Error::Protocol(why.into()));
                 }
-                if header.length > MAX_STATUS_PAYLOAD {
-                    return skip(
-                        self,
-                        Error::Protocol(format!(
-                            "block status chunk of {} bytes exceeds the limit of {MAX_STATUS_PAYLOAD}",
-                            header.length
-                        )),
-                    );
-                }
                 self.status_buf.clear();
                 self.rx = Rx::StatusPayload(header);
             }
             REPLY_TYPE_NONE => {
-                if header.length != 0 {
-                    return skip(
-                        self,
-                        Error::Protocol(format!(
-                            "NONE chunk with a {}-byte payload",
-                            header.length
-                        )),
-                    );
-                }
+                // The length rule left only an empty payload.
                 if !done {
                     // NONE is only valid as the last chunk: end the command here.
                     cmd.fail(Error::Protocol("NONE chunk without the DONE flag".into()));
@@ -601,16 +622,19 @@ impl Connection {
                     Error::Protocol(format!("OFFSET_HOLE chunk in a reply to {name}")),
                 )
             }
+            // Longer holes were refused by the length rule; this one is short.
             REPLY_TYPE_OFFSET_HOLE if header.length != HoleChunk::LEN as u64 => skip(
                 self,
                 Error::Protocol(format!("OFFSET_HOLE chunk of length {}", header.length)),
             ),
             t if t & REPLY_TYPE_FLAG_ERROR != 0 || t == REPLY_TYPE_OFFSET_HOLE => {
                 if header.length > MAX_BUFFERED_PAYLOAD as u64 {
+                    // Legal in form (the message length field allows it) but far
+                    // beyond any message worth showing: skipped, not buffered.
                     return skip(
                         self,
                         Error::Protocol(format!(
-                            "error chunk of {} bytes exceeds the limit",
+                            "error chunk of {} bytes exceeds the buffered limit of {MAX_BUFFERED_PAYLOAD}",
                             header.length
                         )),
                     );
@@ -872,6 +896,45 @@ impl Connection {
 
 /// Largest block status payload accepted: 512 Ki extended or 1 Mi compact extents.
 pub const MAX_STATUS_PAYLOAD: u64 = 8 * 1024 * 1024;
+
+/// Largest error chunk payload any server can send: error value, 16-bit message
+/// length, the longest message that length allows, and an offset.
+pub const MAX_ERROR_PAYLOAD: u64 = 4 + 2 + u16::MAX as u64 + 8;
+
+/// The length rule of this module (see its documentation): the largest payload a
+/// chunk of `chunk_type` could carry in a legal reply to `cmd`.
+fn payload_limit(cmd: &Command, chunk_type: u16) -> u64 {
+    let is_read = cmd.command == CMD_READ;
+    let is_status = cmd.command == CMD_BLOCK_STATUS;
+    // Saturating: a trim's length may be near u64::MAX (extended headers).
+    let data_limit = cmd.length.saturating_add(8);
+    match chunk_type {
+        REPLY_TYPE_NONE => 0,
+        REPLY_TYPE_OFFSET_DATA if is_read => data_limit,
+        REPLY_TYPE_OFFSET_HOLE if is_read => HoleChunk::LEN as u64,
+        REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT if is_status => MAX_STATUS_PAYLOAD,
+        t if t & REPLY_TYPE_FLAG_ERROR != 0 => MAX_ERROR_PAYLOAD,
+        // Unknown, or not legal for this command: judged by the command's
+        // largest legal chunk, so skipping it costs no more than a legal reply.
+        _ if is_read => data_limit.max(MAX_ERROR_PAYLOAD),
+        _ if is_status => MAX_STATUS_PAYLOAD.max(MAX_ERROR_PAYLOAD),
+        _ => MAX_ERROR_PAYLOAD,
+    }
+}
+
+/// Name of a chunk type, for messages.
+fn chunk_type_name(chunk_type: u16) -> String {
+    match chunk_type {
+        REPLY_TYPE_NONE => "NONE".into(),
+        REPLY_TYPE_OFFSET_DATA => "OFFSET_DATA".into(),
+        REPLY_TYPE_OFFSET_HOLE => "OFFSET_HOLE".into(),
+        REPLY_TYPE_BLOCK_STATUS => "BLOCK_STATUS".into(),
+        REPLY_TYPE_BLOCK_STATUS_EXT => "BLOCK_STATUS_EXT".into(),
+        REPLY_TYPE_ERROR => "ERROR".into(),
+        REPLY_TYPE_ERROR_OFFSET => "ERROR_OFFSET".into(),
+        other => format!("type {other}"),
+    }
+}
 
 /// Checks one block status chunk against its command; returns it with the
 /// context's name, or says what is wrong.
