@@ -317,7 +317,7 @@ mod tests {
             assert_eq!(n, 1, "ciphertext is one contiguous slice");
             let take = iov[0].len().min(3);
             wire.extend_from_slice(&iov[0][..take]);
-            conn.notify_write(take);
+            conn.notify_write(take).unwrap();
         }
         assert!(!conn.wants_write());
         let plain = xor(&wire);
@@ -337,11 +337,11 @@ mod tests {
         session.fail_after = Some(script.len());
         conn.install_tls(Box::new(session));
         conn.handle_input(&xor(&script)).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         assert!(conn.is_ready());
         while conn.poll_event().is_some() {}
         let cookie = conn.flush(CmdFlags::empty()).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         // The session fails inside this call, so the call reports the sticky error.
         assert!(matches!(conn.handle_input(&[0; 16]), Err(Error::Tls(_))));
         let events: Vec<Event> = std::iter::from_fn(|| conn.poll_event()).collect();

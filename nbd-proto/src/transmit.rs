@@ -156,9 +156,18 @@ impl Connection {
         Ok(self.submit(CMD_WRITE_ZEROES, flags, offset, count, None, None, false))
     }
 
-    /// Asks the server to end the connection (`NBD_CMD_DISC`, libnbd's
-    /// `aio_disconnect`). No new command can start; the server finishes the
-    /// commands in flight, then the connection closes with [`Event::Closed`].
+    /// Asks the server to end the connection gracefully (`NBD_CMD_DISC`,
+    /// libnbd's `aio_disconnect`).
+    ///
+    /// New commands are refused at once (with [`Error::Shutdown`]). The
+    /// commands in flight are not cut short: `NBD_CMD_DISC` is queued only once
+    /// every one of them has completed (a server may fail or drop commands that
+    /// are still running when it sees the request), so no write is lost to the
+    /// shutdown. Once the request is written the connection closes with
+    /// [`Event::Closed`] without error. If the server hangs up first, the
+    /// connection still closes cleanly and any command left unanswered fails
+    /// with `ENOTCONN`, each exactly once. A server's `ESHUTDOWN` starts the
+    /// same sequence by itself. Calling it again is harmless.
     pub fn disconnect(&mut self) -> Result<()> {
         self.check_alive()?;
         if !matches!(self.state, State::Ready) {
@@ -166,14 +175,22 @@ impl Connection {
                 "disconnect needs the transmission phase; use opt_abort while negotiating".into(),
             ));
         }
-        if !self.disconnecting {
-            self.queue_disconnect();
-        }
+        self.disconnecting = true;
+        self.maybe_queue_disconnect();
         Ok(())
     }
 
-    fn queue_disconnect(&mut self) {
-        self.disconnecting = true;
+    /// Queues `NBD_CMD_DISC` once a disconnect is wanted (asked by the caller,
+    /// or after the server's `ESHUTDOWN`) and nothing is in flight.
+    fn maybe_queue_disconnect(&mut self) {
+        let wanted = self.disconnecting || self.soft_shutdown;
+        if !wanted || self.disc_queued || self.commands.len() != 0 {
+            return;
+        }
+        if !matches!(self.state, State::Ready) {
+            return;
+        }
+        self.disc_queued = true;
         let header = RequestHeader {
             flags: 0,
             command: CMD_DISC,
@@ -887,9 +904,7 @@ impl Connection {
             result,
             buffer: cmd.buf,
         }));
-        if self.soft_shutdown && !self.disconnecting && self.commands.len() == 0 {
-            self.queue_disconnect();
-        }
+        self.maybe_queue_disconnect();
         self.maybe_close_after_disconnect();
     }
 }

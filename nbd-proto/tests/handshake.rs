@@ -151,7 +151,7 @@ fn fixed_newstyle_with_no_zeroes_gets_no_padding_after_export_name() {
         FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
     );
     feed(&mut conn, &s.ack(OPT_STRUCTURED_REPLY).take());
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &s.opt_error(OPT_GO, REP_ERR_UNSUP, "").take());
     assert_eq!(
         parse_options(&conn.take_output())[0].option,
@@ -166,7 +166,7 @@ fn fixed_newstyle_with_no_zeroes_gets_no_padding_after_export_name() {
     assert!(events_are_ready(&drain(&mut conn)));
     assert_eq!(conn.size().unwrap(), 8192);
     let cookie = conn.flush(Default::default()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &s.simple(cookie, 0, &[]).take());
     assert!(one_completion(&mut conn).result.is_ok());
 }
@@ -510,7 +510,7 @@ fn every_rep_err_maps_to_its_errno() {
         feed(&mut conn, &s.ack(OPT_STRUCTURED_REPLY).take());
         drain(&mut conn);
         conn.opt_info().unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         feed(&mut conn, &s.opt_error(OPT_INFO, reply, "refused").take());
         let events = drain(&mut conn);
         match events.as_slice() {
@@ -789,7 +789,7 @@ fn eof_during_the_handshake_is_not_connected() {
     // After EXPORT_NAME the usual reason is a missing export: the error says so.
     let mut conn = Connection::new(compact());
     feed(&mut conn, &Script::new().newstyle(0).take());
-    conn.take_output();
+    let _ = conn.take_output();
     conn.handle_input(&[]).unwrap();
     let events = drain(&mut conn);
     assert_dead(&conn, &events, Errno::NotConn);
