@@ -936,17 +936,24 @@ impl Connection {
         }
     }
 
-    /// Closes once `NBD_CMD_DISC` is written (nothing can be in flight then).
+    /// Ends the connection once its last message is written: `NBD_CMD_DISC`
+    /// (nothing can be in flight then), or the `NBD_OPT_ABORT` sent after an
+    /// `NBD_REP_ERR_SHUTDOWN` refusal. The latter does not wait for the
+    /// server's acknowledgement: a server going away need not send one, and
+    /// the refusal is known already.
     pub(crate) fn maybe_close_after_disconnect(&mut self) {
-        if self.disc_queued
-            && matches!(self.state, State::Ready)
-            && self.output.is_empty()
-            && self.commands.len() == 0
+        let flushed = self.output.is_empty()
             && self
                 .tls
                 .as_ref()
-                .is_none_or(|t| t.pending_cipher().is_empty())
-        {
+                .is_none_or(|t| t.pending_cipher().is_empty());
+        if !flushed {
+            return;
+        }
+        let disc_done =
+            self.disc_queued && matches!(self.state, State::Ready) && self.commands.len() == 0;
+        let abort_done = self.shutdown_error.is_some() && matches!(self.state, State::Handshake);
+        if disc_done || abort_done {
             self.close_clean();
         }
     }

@@ -68,6 +68,9 @@ enum Outcome {
     VictimFailed(Errno),
     /// The option in flight failed with this kind; still negotiating.
     OptionFailed(Errno),
+    /// The server refused with `NBD_REP_ERR_SHUTDOWN`: the client's abort is
+    /// queued, and writing it (no input needed) ends the connection with this kind.
+    DeadOnceWritten(Errno),
 }
 
 struct Scenario {
@@ -537,6 +540,13 @@ fn scenarios() -> Vec<Scenario> {
             outcome: Dead(Errno::NoEnt),
         },
         Scenario {
+            name: "automatic GO refused because the server shuts down",
+            start: Start::Go,
+            bytes: |_| s().opt_error(OPT_GO, REP_ERR_SHUTDOWN, "bye").take(),
+            decisive: None,
+            outcome: DeadOnceWritten(Errno::Shutdown),
+        },
+        Scenario {
             name: "export entry beyond two strings",
             start: Start::OptList,
             bytes: |_| opt_header_then(OPT_LIST, REP_SERVER, 4 + 2 * 4096 + 1, 10),
@@ -766,6 +776,14 @@ fn check(sc: &Scenario, conn: &mut Connection, events: &[Event], cookies: &[Cook
                 assert!(c.result.is_ok(), "{ctx}: {:?}", c.result);
             }
         }
+        DeadOnceWritten(errno) => {
+            assert!(events.is_empty(), "{ctx}: {events:?}");
+            let sent = parse_options(&conn.take_output());
+            assert_eq!(sent.len(), 1, "{ctx}");
+            assert_eq!(sent[0].option, OPT_ABORT, "{ctx}");
+            let events = drain(conn);
+            assert_dead(conn, &events, errno);
+        }
         OptionFailed(errno) => {
             assert!(conn.is_negotiating(), "{ctx}: {:?}", conn.phase());
             let failed: Vec<_> = events
@@ -792,9 +810,8 @@ fn run(sc: &Scenario, how: Feed) {
     feed_as(&mut conn, &bytes[..decisive], how);
     // The server goes quiet here: no more bytes, no end of stream.
     let events = drain(&mut conn);
-    let dead = conn.is_dead();
     check(sc, &mut conn, &events, &cookies, how);
-    if dead {
+    if conn.is_dead() {
         // What the server sends after the decisive prefix changes nothing.
         feed_as(&mut conn, &bytes[decisive..], how);
         assert!(
