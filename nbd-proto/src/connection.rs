@@ -790,6 +790,7 @@ impl Connection {
     // ------------------------------------------------------------ events
 
     /// The next event, oldest first. O(1); `None` when nothing happened since.
+    #[must_use = "an event polled and dropped is lost"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

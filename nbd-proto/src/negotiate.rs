@@ -147,7 +147,14 @@ impl Connection {
         let Some(bytes) = self.take::<{ OldstyleRest::LEN }>() else {
             return false;
         };
-        let rest = OldstyleRest::decode(&bytes).expect("exact length");
+        let rest = match OldstyleRest::decode(&bytes) {
+            Ok(rest) => rest,
+            // Unreachable: `take` gave exactly the length the decoder needs.
+            Err(e) => {
+                self.kill(e.into());
+                return true;
+            }
+        };
         self.style = Some(HandshakeStyle::Oldstyle);
         self.info.size = Some(rest.size);
         // The low 16 bits are the transmission flags; the high ones are unused.
@@ -206,13 +213,14 @@ impl Connection {
     fn after_auto_options(&mut self) {
         if self.config.opt_mode {
             self.wait_for_caller();
-        } else {
-            self.start_info(true, true);
+        } else if let Err(e) = self.start_info(true, true) {
+            self.kill(e);
         }
     }
 
     /// INFO or GO, preceded by the meta context selection when one is wanted.
-    fn start_info(&mut self, go: bool, auto: bool) {
+    /// An error means nothing was sent: the selection cannot be encoded.
+    fn start_info(&mut self, go: bool, auto: bool) -> Result<()> {
         if self.config.request_meta_context
             && self.structured
             && !self.config.meta_contexts.is_empty()
@@ -224,17 +232,22 @@ impl Connection {
                 PendingOpt::SetMeta {
                     then: Some(InfoStep { go, auto }),
                 },
-            );
+            )
         } else {
             self.send_info(go, auto);
+            Ok(())
         }
     }
 
-    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) {
+    /// Sends a meta context option, or refuses (sending nothing) when the
+    /// queries do not fit the protocol's limits.
+    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) -> Result<()> {
+        crate::config::check_meta_queries(&self.config.export_name, queries)?;
         let mut data = Vec::new();
         MetaContextRequest::encode(&self.config.export_name, queries, &mut data);
         self.meta_pending.clear();
         self.send_option(option, &data, pending);
+        Ok(())
     }
 
     fn wait_for_caller(&mut self) {
@@ -308,8 +321,7 @@ impl Connection {
     /// (`NBD_OPT_INFO`). On success the export queries answer.
     pub fn opt_info(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.start_info(false, false);
-        Ok(())
+        self.start_info(false, false)
     }
 
     /// Opt mode: selects the current export and enters transmission (`NBD_OPT_GO`).
@@ -317,8 +329,7 @@ impl Connection {
     /// error, and the connection stays negotiating.
     pub fn opt_go(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.start_info(true, false);
-        Ok(())
+        self.start_info(true, false)
     }
 
     /// Opt mode: asks for extended headers (`NBD_OPT_EXTENDED_HEADERS`).
@@ -344,8 +355,7 @@ impl Connection {
     /// Opt mode: lists the contexts matching `queries` (all, if empty).
     pub fn opt_list_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
         self.check_meta_allowed(queries)?;
-        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta);
-        Ok(())
+        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta)
     }
 
     /// Opt mode: selects the configured contexts for the current export with
@@ -363,8 +373,7 @@ impl Connection {
             OPT_SET_META_CONTEXT,
             queries,
             PendingOpt::SetMeta { then: None },
-        );
-        Ok(())
+        )
     }
 
     fn check_meta_allowed(&self, queries: &[String]) -> Result<()> {
@@ -374,13 +383,8 @@ impl Connection {
                 "meta contexts need structured replies to be negotiated first".into(),
             ));
         }
-        if let Some(q) = queries.iter().find(|q| q.len() > MAX_STRING_LEN) {
-            return Err(Error::InvalidArgument(format!(
-                "meta context query of {} bytes exceeds {MAX_STRING_LEN}",
-                q.len()
-            )));
-        }
-        Ok(())
+        // The same limits as Config::validate and add_meta_context.
+        crate::config::check_meta_queries(&self.config.export_name, queries)
     }
 
     /// Opt mode: asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
@@ -679,7 +683,14 @@ impl Connection {
         let Some(bytes) = self.take::<{ ExportNameReply::LEN }>() else {
             return false;
         };
-        let reply = ExportNameReply::decode(&bytes).expect("exact length");
+        let reply = match ExportNameReply::decode(&bytes) {
+            Ok(reply) => reply,
+            // Unreachable: `take` gave exactly the length the decoder needs.
+            Err(e) => {
+                self.kill(e.into());
+                return true;
+            }
+        };
         self.info.size = Some(reply.size);
         self.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
         self.pending_opt = None;

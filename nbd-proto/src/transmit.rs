@@ -462,7 +462,8 @@ impl Connection {
         if self.stage.len() < 4 {
             return false;
         }
-        let magic = u32::from_be_bytes(self.stage.data()[..4].try_into().expect("4 bytes"));
+        let data = self.stage.data();
+        let magic = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
         if self.extended {
             // With extended headers every reply is an extended chunk.
             if magic != EXTENDED_REPLY_MAGIC {
@@ -474,8 +475,12 @@ impl Connection {
             let Some(bytes) = self.take::<EXTENDED_REPLY_LEN>() else {
                 return false;
             };
-            let header = ChunkHeader::decode_extended(&bytes).expect("magic and length checked");
-            self.on_chunk_header(header);
+            // The magic and length are checked, so decoding cannot fail; if it
+            // did, framing would be lost.
+            match ChunkHeader::decode_extended(&bytes) {
+                Ok(header) => self.on_chunk_header(header),
+                Err(e) => self.kill(e.into()),
+            }
             return true;
         }
         match magic {
@@ -483,16 +488,19 @@ impl Connection {
                 let Some(bytes) = self.take::<SIMPLE_REPLY_LEN>() else {
                     return false;
                 };
-                let reply = SimpleReply::decode(&bytes).expect("magic and length checked");
-                self.on_simple_reply(reply);
+                match SimpleReply::decode(&bytes) {
+                    Ok(reply) => self.on_simple_reply(reply),
+                    Err(e) => self.kill(e.into()),
+                }
             }
             STRUCTURED_REPLY_MAGIC if self.structured => {
                 let Some(bytes) = self.take::<STRUCTURED_REPLY_LEN>() else {
                     return false;
                 };
-                let header =
-                    ChunkHeader::decode_structured(&bytes).expect("magic and length checked");
-                self.on_chunk_header(header);
+                match ChunkHeader::decode_structured(&bytes) {
+                    Ok(header) => self.on_chunk_header(header),
+                    Err(e) => self.kill(e.into()),
+                }
             }
             STRUCTURED_REPLY_MAGIC => self.kill(Error::Protocol(
                 "structured reply chunk, but structured replies were not negotiated".into(),
@@ -799,23 +807,33 @@ impl Connection {
             return true;
         };
         if header.chunk_type == REPLY_TYPE_OFFSET_HOLE {
-            let hole = HoleChunk::decode(&data).expect("length checked");
-            let length = u64::from(hole.length);
-            let checked = cmd
-                .coverage
-                .as_mut()
-                .map(|c| c.add(hole.offset, length))
-                .unwrap_or(Ok(()));
+            // The length was checked to be exactly a hole's, so this decodes.
+            let checked = HoleChunk::decode(&data)
+                .map_err(|e| e.to_string())
+                .and_then(|hole| {
+                    let length = u64::from(hole.length);
+                    cmd.coverage
+                        .as_mut()
+                        .map(|c| c.add(hole.offset, length))
+                        .unwrap_or(Ok(()))
+                        .map(|()| (hole.offset, length))
+                });
             match checked {
-                Ok(()) => {
-                    let pos = (hole.offset - cmd.offset) as usize;
-                    if let Some(buf) = cmd.buf.as_mut() {
-                        buf[pos..pos + length as usize].fill(0);
+                Ok((offset, length)) => {
+                    // Inside the request (coverage checked it), and the buffer
+                    // is exactly the request.
+                    let pos = (offset - cmd.offset) as usize;
+                    if let Some(region) = cmd
+                        .buf
+                        .as_mut()
+                        .and_then(|b| b.get_mut(pos..pos + length as usize))
+                    {
+                        region.fill(0);
                     }
                     if cmd.chunk_events {
                         let chunk = ReadChunk::Hole {
                             cookie,
-                            offset: hole.offset,
+                            offset,
                             length,
                         };
                         self.events.push_back(Event::ReadChunk(chunk));
