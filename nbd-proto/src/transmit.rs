@@ -17,9 +17,13 @@
 //! | `NONE`                                | 0                                         |
 //! | `OFFSET_DATA`, to a read              | 8 + the read's length                     |
 //! | `OFFSET_HOLE`, to a read              | 12                                        |
-//! | `BLOCK_STATUS(_EXT)`, to block status | `MAX_STATUS_PAYLOAD`                      |
+//! | `BLOCK_STATUS(_EXT)`, to block status | header + one descriptor per byte asked about, plus one; at most `MAX_STATUS_PAYLOAD` |
 //! | any error type, to any command        | `MAX_ERROR_PAYLOAD` (all a 16-bit message length allows) |
 //! | any other (unknown, or not legal for the command) | the largest limit of the types legal for the command |
+//!
+//! (A block status descriptor covers at least one byte, and only the last may
+//! reach past the request or start at its end, so a request of `n` bytes has at
+//! most `n + 1` of them.)
 //!
 //! A length above the limit means no legal reply to that request could have
 //! sent it: the server's framing cannot be trusted, and skipping the payload
@@ -945,14 +949,26 @@ fn payload_limit(cmd: &Command, chunk_type: u16) -> u64 {
         REPLY_TYPE_NONE => 0,
         REPLY_TYPE_OFFSET_DATA if is_read => data_limit,
         REPLY_TYPE_OFFSET_HOLE if is_read => HoleChunk::LEN as u64,
-        REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT if is_status => MAX_STATUS_PAYLOAD,
+        REPLY_TYPE_BLOCK_STATUS if is_status => status_limit(false, cmd.length),
+        REPLY_TYPE_BLOCK_STATUS_EXT if is_status => status_limit(true, cmd.length),
         t if t & REPLY_TYPE_FLAG_ERROR != 0 => MAX_ERROR_PAYLOAD,
         // Unknown, or not legal for this command: judged by the command's
         // largest legal chunk, so skipping it costs no more than a legal reply.
         _ if is_read => data_limit.max(MAX_ERROR_PAYLOAD),
-        _ if is_status => MAX_STATUS_PAYLOAD.max(MAX_ERROR_PAYLOAD),
+        _ if is_status => status_limit(true, cmd.length).max(MAX_ERROR_PAYLOAD),
         _ => MAX_ERROR_PAYLOAD,
     }
+}
+
+/// The largest legal block status payload for a request of `count` bytes: a
+/// descriptor per byte, plus one (the last may start at the end), capped.
+fn status_limit(extended: bool, count: u64) -> u64 {
+    let (head, each) = if extended { (8, 16) } else { (4, 8) };
+    count
+        .saturating_add(1)
+        .saturating_mul(each)
+        .saturating_add(head)
+        .min(MAX_STATUS_PAYLOAD)
 }
 
 /// Name of a chunk type, for messages.

@@ -254,6 +254,26 @@ fn scenarios() -> Vec<Scenario> {
             outcome: Dead(Errno::Proto),
         },
         Scenario {
+            name: "block status chunk with more descriptors than bytes asked about",
+            start: Start::BlockStatus,
+            // 4096 bytes allow 4097 descriptors at most.
+            bytes: |c| header_then(c[0], REPLY_TYPE_BLOCK_STATUS, 4 + 8 * 4098, 100),
+            decisive: Some(CHUNK),
+            outcome: Dead(Errno::Proto),
+        },
+        Scenario {
+            name: "block status chunk with one descriptor per byte asked about, plus one",
+            start: Start::BlockStatus,
+            // Within the limit, so framing holds; the extents run past the request.
+            bytes: |c| {
+                let mut pairs = vec![(1, 0); 4097];
+                pairs[0] = (2, 0);
+                s().block_status(c[0], true, BASE_ID, &pairs).take()
+            },
+            decisive: None,
+            outcome: VictimFailed(Errno::Proto),
+        },
+        Scenario {
             name: "OFFSET_DATA to block status beyond its largest legal chunk",
             start: Start::BlockStatus,
             bytes: |c| header_then(c[0], REPLY_TYPE_OFFSET_DATA, MAX_STATUS_PAYLOAD + 1, 100),
