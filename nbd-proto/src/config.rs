@@ -97,10 +97,10 @@ pub(crate) fn check_meta_context(name: &str) -> Result<()> {
 /// Checks the queries of a meta context option for `export`: each one, and the
 /// whole option data (name, count, queries) against the 32-bit length field.
 pub(crate) fn check_meta_queries(export: &str, queries: &[String]) -> Result<()> {
-    let mut total = 8 + export.len() as u64;
+    let mut total = 8u64.saturating_add(export.len() as u64);
     for q in queries {
         check_meta_context(q)?;
-        total += 4 + q.len() as u64;
+        total = total.saturating_add(4 + q.len() as u64);
     }
     if total > u64::from(u32::MAX) {
         return Err(Error::InvalidArgument(format!(
