@@ -666,10 +666,11 @@ impl Connection {
     ///
     /// `write` gets the slices for one vectored write and returns how many
     /// bytes the socket took. Returns that count; `Ok(0)` without calling
-    /// `write` when nothing is pending. Errors: `write`'s own error, with
-    /// nothing changed; `InvalidInput` wrapping [`Error::InvalidArgument`] if
-    /// `write` claims more bytes than it was given (nothing changes); the
-    /// sticky error if the connection is over.
+    /// `write` when nothing can be listed. Errors, each changing nothing:
+    /// `write`'s own error; `WriteZero` if `write` took none of a non-empty
+    /// write; `InvalidInput` wrapping [`Error::InvalidArgument`] if `write`
+    /// claims more bytes than it was given; the sticky error if the connection
+    /// is over.
     ///
     /// ```no_run
     /// # fn drive(sock: &mut std::net::TcpStream, conn: &mut nbd_proto::Connection) -> std::io::Result<()> {
@@ -699,6 +700,10 @@ impl Connection {
             write(&iov[..n]).map(|k| (k, listed))
         };
         let (written, listed) = result?;
+        if written == 0 {
+            // A socket that takes nothing of a non-empty write will not take more.
+            return Err(io::ErrorKind::WriteZero.into());
+        }
         if written > listed {
             return Err(Error::InvalidArgument(format!(
                 "the writer claims {written} bytes written of {listed} given"

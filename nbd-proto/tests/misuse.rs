@@ -288,6 +288,9 @@ fn write_to_with_a_writer_claiming_too_much_is_einval_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     assert_einval(inner(&e));
+    // A writer taking nothing: WriteZero, nothing changed.
+    let e = conn.write_to(|_| Ok(0)).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::WriteZero);
     // The writer's own error too: passed through, nothing changed.
     let e = conn
         .write_to(|_| Err(io::ErrorKind::WouldBlock.into()))
