@@ -406,3 +406,109 @@ fn every_event_path_still_reports_the_config_error() {
         Errno::Inval
     );
 }
+
+// ---------------------------------------------------------------- misuse anywhere
+
+/// Commands whose requests and replies exercise every byte path: a large read
+/// (zero-copy region), a small one in two chunks, a write and a flush.
+fn issue(conn: &mut Connection) -> Vec<Cookie> {
+    vec![
+        conn.pread(buffer(100_000, 0), 0, CmdFlags::empty())
+            .unwrap(),
+        conn.pread(buffer(600, 0), 4096, CmdFlags::empty()).unwrap(),
+        conn.pwrite(Bytes::from(pattern(3000, 1)), 8192, CmdFlags::empty())
+            .unwrap(),
+        conn.flush(CmdFlags::empty()).unwrap(),
+    ]
+}
+
+fn replies(c: &[Cookie]) -> Vec<u8> {
+    Script::new()
+        .data(c[1], 4096, &pattern(300, 2), false)
+        .simple(c[2], 0, &[])
+        .data(c[0], 0, &pattern(100_000, 3), true)
+        .hole(c[1], 4396, 300, true)
+        .simple(c[3], 0, &[])
+        .take()
+}
+
+/// What a run leaves: the bytes sent and every event, as text.
+fn transcript(conn: &mut Connection, sent: Vec<u8>) -> (Vec<u8>, Vec<String>) {
+    let events = drain(conn).iter().map(|e| format!("{e:?}")).collect();
+    (sent, events)
+}
+
+/// The run without misuse.
+fn clean_run() -> (Vec<u8>, Vec<String>) {
+    let mut conn = ready(Export::default());
+    let cookies = issue(&mut conn);
+    let sent = conn.take_output();
+    feed(&mut conn, &replies(&cookies));
+    transcript(&mut conn, sent)
+}
+
+/// The same run through the zero-copy calls in random pieces, with a misuse
+/// of some kind before many of the calls. Every misuse must be refused with
+/// EINVAL, and the run must end exactly as the clean one.
+fn run_with_misuse(seed: u64) -> (Vec<u8>, Vec<String>) {
+    let mut rng = SplitRng(seed);
+    let mut conn = ready(Export::default());
+    let cookies = issue(&mut conn);
+    let mut refused = 0;
+    let misuse = |conn: &mut Connection, rng: &mut SplitRng, offered: Option<usize>| -> usize {
+        if !rng.chance(40) {
+            return 0;
+        }
+        let e = match (rng.below(2), offered) {
+            (0, Some(len)) => conn.notify_read(len + 1 + rng.below(1000) as usize),
+            _ => conn.notify_write(usize::MAX - rng.below(10) as usize),
+        };
+        assert_einval(&e.unwrap_err());
+        1
+    };
+    // Out: partial writes, misuse in between.
+    let mut sent = Vec::new();
+    while conn.wants_write() {
+        refused += misuse(&mut conn, &mut rng, None);
+        let listed = {
+            let mut iov = [IoSlice::new(&[]); 3];
+            let n = conn.output(&mut iov);
+            let flat: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            let take = (rng.range(1, 2000) as usize).min(flat.len());
+            sent.extend_from_slice(&flat[..take]);
+            (take, flat.len())
+        };
+        assert_einval(&conn.notify_write(listed.1 + 1).unwrap_err());
+        conn.notify_write(listed.0).unwrap();
+    }
+    // In: random reads, misuse before and after each report.
+    let bytes = replies(&cookies);
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let buf = conn.recv_buf();
+        let len = buf.len();
+        let n = (rng.range(1, 40_000) as usize).min(len).min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        refused += misuse(&mut conn, &mut rng, Some(len));
+        conn.notify_read(n).unwrap();
+        rest = &rest[n..];
+        // No offer is left now: any report is refused.
+        if rng.chance(30) {
+            assert_einval(&conn.notify_read(1 + rng.below(50) as usize).unwrap_err());
+            refused += 1;
+        }
+    }
+    assert!(refused > 0 || bytes.len() < 100);
+    transcript(&mut conn, sent)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn misuse_anywhere_changes_nothing(seed in proptest::prelude::any::<u64>()) {
+        let clean = clean_run();
+        let misused = run_with_misuse(seed);
+        proptest::prop_assert_eq!(&misused.0, &clean.0, "bytes sent differ");
+        proptest::prop_assert_eq!(&misused.1, &clean.1, "events differ");
+    }
+}
