@@ -51,6 +51,8 @@ enum Start {
     Greeting,
     /// The automatic handshake, `NBD_OPT_GO` in flight.
     Go,
+    /// Opt mode, waiting for the caller: no option in flight.
+    Negotiating,
     /// Opt mode, `NBD_OPT_LIST` in flight.
     OptList,
     /// Opt mode, `NBD_OPT_LIST_META_CONTEXT` in flight.
@@ -148,6 +150,13 @@ fn scenarios() -> Vec<Scenario> {
             name: "structured chunk without structured replies",
             start: Start::ReadSimple,
             bytes: |c| s().none(c[0]).take(),
+            decisive: Some(4),
+            outcome: Dead(Errno::Proto),
+        },
+        Scenario {
+            name: "extended reply where compact headers were negotiated",
+            start: Start::Read,
+            bytes: |c| s().ext_none(c[1], 0).take(),
             decisive: Some(4),
             outcome: Dead(Errno::Proto),
         },
@@ -432,6 +441,23 @@ fn scenarios() -> Vec<Scenario> {
             outcome: VictimFailed(Errno::Proto),
         },
         Scenario {
+            name: "empty block status chunk",
+            start: Start::BlockStatus,
+            bytes: |c| s().chunk(c[0], true, REPLY_TYPE_BLOCK_STATUS, &[]).take(),
+            decisive: None,
+            outcome: VictimFailed(Errno::Proto),
+        },
+        Scenario {
+            name: "block status chunk not 4 + 8n bytes",
+            start: Start::BlockStatus,
+            bytes: |c| {
+                s().chunk(c[0], true, REPLY_TYPE_BLOCK_STATUS, &[0; 15])
+                    .take()
+            },
+            decisive: None,
+            outcome: VictimFailed(Errno::Proto),
+        },
+        Scenario {
             name: "block status for an unknown context",
             start: Start::BlockStatus,
             bytes: |c| s().block_status(c[0], true, 99, &[(4096, 0)]).take(),
@@ -461,6 +487,18 @@ fn scenarios() -> Vec<Scenario> {
             name: "server error chunk",
             start: Start::Read,
             bytes: |c| s().error_chunk(c[0], EIO, "bad sector", None, true).take(),
+            decisive: None,
+            outcome: VictimFailed(Errno::Io),
+        },
+        Scenario {
+            name: "unknown error chunk type",
+            start: Start::Read,
+            bytes: |c| {
+                let mut payload = EIO.to_be_bytes().to_vec();
+                payload.extend_from_slice(&0u16.to_be_bytes());
+                s().chunk(c[0], true, REPLY_TYPE_FLAG_ERROR | 9, &payload)
+                    .take()
+            },
             decisive: None,
             outcome: VictimFailed(Errno::Io),
         },
@@ -591,6 +629,23 @@ fn scenarios() -> Vec<Scenario> {
             outcome: Dead(Errno::Proto),
         },
         Scenario {
+            name: "malformed meta context reply",
+            start: Start::OptListMeta,
+            bytes: |_| {
+                s().opt_reply(OPT_LIST_META_CONTEXT, REP_META_CONTEXT, &[0, 0, 1])
+                    .take()
+            },
+            decisive: None,
+            outcome: Dead(Errno::Proto),
+        },
+        Scenario {
+            name: "option reply while no option is in flight",
+            start: Start::Negotiating,
+            bytes: |_| s().ack(OPT_LIST).take(),
+            decisive: None,
+            outcome: Dead(Errno::Proto),
+        },
+        Scenario {
             name: "LIST refused",
             start: Start::OptList,
             bytes: |_| s().opt_error(OPT_LIST, REP_ERR_POLICY, "no").take(),
@@ -671,6 +726,7 @@ fn start(at: Start) -> (Connection, Vec<Cookie>) {
             assert_eq!(options[0].option, OPT_GO);
             (conn, vec![])
         }
+        Start::Negotiating => (negotiating(), vec![]),
         Start::OptList => {
             let mut conn = negotiating();
             conn.opt_list().unwrap();
