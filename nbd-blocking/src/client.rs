@@ -326,7 +326,7 @@ impl Client {
             match self.stream.write_vectored(&iov[..n]) {
                 Ok(0) => return self.socket_failed(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
-                    self.conn.notify_write(k);
+                    self.conn.notify_write(k)?;
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

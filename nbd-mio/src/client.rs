@@ -279,7 +279,7 @@ impl Client {
                         .map(|()| true)
                 }
                 Ok(k) => {
-                    self.conn.notify_write(k);
+                    self.conn.notify_write(k)?;
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,

@@ -4,7 +4,7 @@
 //! Negotiation lives in `negotiate.rs`, commands and replies in `transmit.rs`.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -113,6 +113,16 @@ enum RecvTarget {
     Tls,
 }
 
+/// The region the last `recv_buf` offered, valid until `notify_read` reports on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecvOffer {
+    target: RecvTarget,
+    len: usize,
+}
+
+/// Most slices [`Connection::write_to`] offers to one vectored write.
+const WRITE_TO_SLICES: usize = 64;
+
 #[derive(Debug)]
 pub(crate) enum State {
     Handshake,
@@ -181,13 +191,20 @@ pub struct Connection {
     pub(crate) commands: Slab<Command>,
     pub(crate) tls: Option<TlsLayer>,
     pub(crate) pending_opt: Option<crate::negotiate::PendingOpt>,
-    /// `NBD_CMD_DISC` is queued; no new commands.
+    /// The caller asked to disconnect: no new commands; `NBD_CMD_DISC` goes out
+    /// once nothing is in flight.
     pub(crate) disconnecting: bool,
-    /// The server sent `ESHUTDOWN`: disconnect once nothing is in flight.
+    /// The server sent `ESHUTDOWN`: no new commands; disconnect once nothing
+    /// is in flight.
     pub(crate) soft_shutdown: bool,
+    /// `NBD_CMD_DISC` is queued: the connection closes once it is written.
+    pub(crate) disc_queued: bool,
     /// Why the connection ends once the abort sent after `NBD_REP_ERR_SHUTDOWN` completes.
     pub(crate) shutdown_error: Option<Error>,
-    recv_target: RecvTarget,
+    /// What the last `recv_buf` offered, until `notify_read` reports on it.
+    recv_offer: Option<RecvOffer>,
+    /// Bytes of the last `output` listing not yet reported written.
+    out_offered: usize,
     /// Most bytes one read into the stage may take (see `READ_AHEAD_LARGE`).
     pub(crate) read_ahead: usize,
 }
@@ -202,8 +219,23 @@ pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
 
 impl Connection {
     /// A connection that will negotiate as `config` says, waiting for the server's greeting.
+    ///
+    /// A `config` that fails [`Config::validate`] gives a connection that is dead
+    /// from the start with that error (EINVAL): it sends nothing, reads nothing,
+    /// and its only event is [`Event::Closed`] with the error.
+    ///
+    /// ```
+    /// use nbd_proto::{Config, Connection, Direction, Errno, Event};
+    /// let config = Config { export_name: "x".repeat(5000), ..Config::default() };
+    /// let mut conn = Connection::new(config);
+    /// assert!(conn.is_dead());
+    /// assert_eq!(conn.error().unwrap().errno(), Errno::Inval);
+    /// assert_eq!(conn.direction(), Direction::None);
+    /// assert!(matches!(conn.poll_event(), Some(Event::Closed { error: Some(_) })));
+    /// ```
     pub fn new(config: Config) -> Self {
-        Connection {
+        let invalid = config.validate().err();
+        let mut conn = Connection {
             config,
             state: State::Handshake,
             rx: Rx::Greeting,
@@ -225,10 +257,16 @@ impl Connection {
             pending_opt: None,
             disconnecting: false,
             soft_shutdown: false,
+            disc_queued: false,
             shutdown_error: None,
-            recv_target: RecvTarget::Stage,
+            recv_offer: None,
+            out_offered: 0,
             read_ahead: usize::MAX,
+        };
+        if let Some(error) = invalid {
+            conn.kill(error);
         }
+        conn
     }
 
     /// Runs every byte through `session` from now on (the seam STARTTLS will use).
@@ -244,50 +282,82 @@ impl Connection {
     /// During a large read payload with nothing buffered this is the exact
     /// unfilled region of the caller's read buffer (zero-copy); otherwise it is
     /// the connection's own buffer. Empty when no more input is expected.
-    /// Follow each read with [`notify_read`](Self::notify_read).
+    /// Follow each read with exactly one [`notify_read`](Self::notify_read);
+    /// [`read_from`](Self::read_from) does both in one call.
+    #[must_use = "read into the returned buffer, then report with notify_read"]
     pub fn recv_buf(&mut self) -> &mut [u8] {
-        if matches!(self.rx, Rx::Nothing) {
-            self.recv_target = RecvTarget::Stage;
-            return &mut [];
-        }
-        if let Some(tls) = self.tls.as_mut() {
-            self.recv_target = RecvTarget::Tls;
-            return &mut tls.cipher_in[..];
-        }
-        if let Rx::ReadData(rd) = self.rx {
-            if self.stage.is_empty() {
-                let cmd = self.commands.get_mut(rd.cookie);
-                if let Some(buf) = cmd.and_then(|c| c.buf.as_mut()) {
-                    self.recv_target = RecvTarget::Caller;
-                    return &mut buf[rd.pos..rd.end];
+        let (target, buf): (RecvTarget, &mut [u8]) = if matches!(self.rx, Rx::Nothing) {
+            (RecvTarget::Stage, &mut [])
+        } else if let Some(tls) = self.tls.as_mut() {
+            (RecvTarget::Tls, &mut tls.cipher_in[..])
+        } else {
+            let caller = match self.rx {
+                Rx::ReadData(rd) if self.stage.is_empty() => self
+                    .commands
+                    .get_mut(rd.cookie)
+                    .and_then(|c| c.buf.as_mut())
+                    // `rd.pos..rd.end` lies inside the buffer: the reply was
+                    // checked against the request, whose length is the buffer's.
+                    .and_then(|buf| buf.get_mut(rd.pos..rd.end)),
+                _ => None,
+            };
+            match caller {
+                Some(region) => (RecvTarget::Caller, region),
+                None => {
+                    let space = self.stage.space();
+                    let n = space.len().min(self.read_ahead);
+                    (RecvTarget::Stage, &mut space[..n])
                 }
             }
-        }
-        self.recv_target = RecvTarget::Stage;
-        let space = self.stage.space();
-        let n = space.len().min(self.read_ahead);
-        &mut space[..n]
+        };
+        self.recv_offer = Some(RecvOffer {
+            target,
+            len: buf.len(),
+        });
+        buf
     }
 
     /// Reports that `n` bytes were read into the last [`recv_buf`](Self::recv_buf);
-    /// `n == 0` means the server closed its end.
+    /// `n == 0` means the server closed its end (that needs no `recv_buf`).
     ///
-    /// Errors only if the connection cannot take input (it is over, or TLS failed);
-    /// protocol errors arrive as events and make the connection dead.
+    /// Errors, changing nothing:
+    /// - [`Error::InvalidArgument`] (EINVAL) if `n` is larger than the last
+    ///   `recv_buf`, or if no `recv_buf` offered space since the last report:
+    ///   each `recv_buf` takes exactly one report;
+    /// - the sticky error if the connection cannot take input (it is over).
+    ///
+    /// Protocol errors in the bytes are not returned: they arrive as events and
+    /// make the connection dead.
     pub fn notify_read(&mut self, n: usize) -> Result<()> {
         if n == 0 && matches!(self.state, State::Closed) {
             // The server hanging up after a clean close is expected.
+            self.recv_offer = None;
             return Ok(());
         }
         self.check_alive()?;
         if n == 0 {
+            self.recv_offer = None;
             self.on_eof();
             return Ok(());
         }
-        match self.recv_target {
+        let Some(offer) = self.recv_offer else {
+            return Err(Error::InvalidArgument(format!(
+                "notify_read({n}) without a recv_buf: each read needs a fresh recv_buf"
+            )));
+        };
+        if n > offer.len {
+            return Err(Error::InvalidArgument(format!(
+                "notify_read({n}) after a recv_buf of {} bytes",
+                offer.len
+            )));
+        }
+        self.recv_offer = None;
+        match offer.target {
             RecvTarget::Caller => {
+                // Nothing but input changes `rx`, and no input came since the
+                // offer, so the read payload it pointed into is still current.
                 if let Rx::ReadData(mut rd) = self.rx {
-                    rd.pos += n.min(rd.end - rd.pos);
+                    rd.pos += n;
                     self.rx = Rx::ReadData(rd);
                     if rd.pos == rd.end {
                         self.read_data_done(rd);
@@ -301,8 +371,66 @@ impl Connection {
             }
             RecvTarget::Tls => self.tls_input(n),
         }
-        self.recv_target = RecvTarget::Stage;
         Ok(())
+    }
+
+    /// Reads server bytes with `read` straight to where they belong, then
+    /// handles them: [`recv_buf`](Self::recv_buf) and
+    /// [`notify_read`](Self::notify_read) in one call that cannot mismatch them.
+    ///
+    /// `read` gets the region to fill and returns how many bytes it put there
+    /// (`Ok(0)`: end of stream). Returns what `read` returned. Errors:
+    /// - `read`'s own error, with nothing changed (so `WouldBlock` and
+    ///   `Interrupted` can simply be retried later);
+    /// - `InvalidInput` wrapping [`Error::InvalidArgument`] if `read` claims more
+    ///   bytes than the region holds (nothing changes);
+    /// - the sticky error (as an `io::Error`, see [`Error`]'s conversion) if the
+    ///   connection takes no more input; `read` is then not called.
+    ///
+    /// As with `notify_read`, protocol errors in the bytes arrive as events.
+    ///
+    /// ```no_run
+    /// # fn drive(sock: &mut std::net::TcpStream, conn: &mut nbd_proto::Connection) -> std::io::Result<()> {
+    /// use std::io::Read;
+    /// while conn.direction().is_read() {
+    ///     match conn.read_from(|buf| sock.read(buf)) {
+    ///         Ok(0) => break, // end of stream, already handled
+    ///         Ok(_) => {}
+    ///         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+    ///         Err(e) => return Err(e),
+    ///     }
+    ///     while let Some(event) = conn.poll_event() {
+    ///         // ...
+    /// #       drop(event);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn read_from<F>(&mut self, read: F) -> io::Result<usize>
+    where
+        F: FnOnce(&mut [u8]) -> io::Result<usize>,
+    {
+        if matches!(self.rx, Rx::Nothing) {
+            self.check_alive()?;
+        }
+        let buf = self.recv_buf();
+        let offered = buf.len();
+        let n = match read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.recv_offer = None;
+                return Err(e);
+            }
+        };
+        if n > offered {
+            self.recv_offer = None;
+            return Err(Error::InvalidArgument(format!(
+                "the reader claims {n} bytes read into a buffer of {offered}"
+            ))
+            .into());
+        }
+        self.notify_read(n)?;
+        Ok(n)
     }
 
     /// Feeds server bytes by copying them: the same result as reading them through
@@ -341,7 +469,15 @@ impl Connection {
             let Some(tls) = self.tls.as_mut() else { return };
             let mut moved = false;
             if taken < n {
+                // `n` is at most `cipher_in.len()` (notify_read checked it
+                // against the offer) and `taken <= n` is kept below.
+                let offered = n - taken;
                 match tls.session.read_tls(&tls.cipher_in[taken..n]) {
+                    Ok(k) if k > offered => {
+                        return self.kill(Error::Tls(format!(
+                            "TLS session claims {k} ciphertext bytes taken of {offered}"
+                        )))
+                    }
                     Ok(k) => {
                         taken += k;
                         moved |= k > 0;
@@ -350,7 +486,14 @@ impl Connection {
                 }
             }
             let Some(tls) = self.tls.as_mut() else { return };
-            match tls.session.read_plaintext(self.stage.space()) {
+            let space = self.stage.space();
+            let room = space.len();
+            match tls.session.read_plaintext(space) {
+                Ok(k) if k > room => {
+                    return self.kill(Error::Tls(format!(
+                        "TLS session claims {k} plaintext bytes written into {room}"
+                    )))
+                }
                 Ok(k) => {
                     if k > 0 {
                         self.stage.commit(k);
@@ -466,35 +609,115 @@ impl Connection {
     /// Lists the bytes waiting to go to the server, in order, as slices for one
     /// `write_vectored`; returns how many of `slices` were set. Follow the write
     /// with [`notify_write`](Self::notify_write). Write payloads appear as the
-    /// caller's own memory, never copied.
+    /// caller's own memory, never copied. [`write_to`](Self::write_to) does
+    /// both in one call.
+    #[must_use = "write the listed slices, then report with notify_write"]
     pub fn output<'a>(&'a mut self, slices: &mut [IoSlice<'a>]) -> usize {
+        self.out_offered = 0;
         if slices.is_empty() {
             return 0;
         }
         if self.tls.is_some() {
             self.pump_tls_output();
-            let tls = self.tls.as_ref().expect("checked above");
+        }
+        if let Some(tls) = self.tls.as_ref() {
             let pending = tls.pending_cipher();
             if pending.is_empty() {
                 return 0;
             }
+            self.out_offered = pending.len();
             slices[0] = IoSlice::new(pending);
             return 1;
         }
-        self.output.slices(slices)
+        let n = self.output.slices(slices);
+        self.out_offered = slices[..n].iter().map(|s| s.len()).sum();
+        n
     }
 
-    /// Reports that the socket took `n` bytes of what [`output`](Self::output) listed.
-    pub fn notify_write(&mut self, n: usize) {
+    /// Reports that the socket took `n` bytes of what [`output`](Self::output)
+    /// listed last (several reports may share one listing, up to its total).
+    ///
+    /// Errors, changing nothing: [`Error::InvalidArgument`] (EINVAL) if `n` is
+    /// more than the listing still holds, and the sticky error if the
+    /// connection is over (`n == 0` is always fine).
+    pub fn notify_write(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_alive()?;
+        if n > self.out_offered {
+            return Err(Error::InvalidArgument(format!(
+                "notify_write({n}) but output listed only {} unwritten bytes",
+                self.out_offered
+            )));
+        }
+        self.out_offered -= n;
         match self.tls.as_mut() {
             Some(tls) => tls.consume_cipher(n),
-            None => self.output.consume(n.min(self.output.pending())),
+            None => self.output.consume(n),
         }
         self.maybe_close_after_disconnect();
+        Ok(())
+    }
+
+    /// Writes pending output with `write`, then reports it:
+    /// [`output`](Self::output) and [`notify_write`](Self::notify_write) in one
+    /// call that cannot mismatch them.
+    ///
+    /// `write` gets the slices for one vectored write and returns how many
+    /// bytes the socket took. Returns that count; `Ok(0)` without calling
+    /// `write` when nothing can be listed. Errors, each changing nothing:
+    /// `write`'s own error; `WriteZero` if `write` took none of a non-empty
+    /// write; `InvalidInput` wrapping [`Error::InvalidArgument`] if `write`
+    /// claims more bytes than it was given; the sticky error if the connection
+    /// is over.
+    ///
+    /// ```no_run
+    /// # fn drive(sock: &mut std::net::TcpStream, conn: &mut nbd_proto::Connection) -> std::io::Result<()> {
+    /// use std::io::Write;
+    /// while conn.wants_write() {
+    ///     match conn.write_to(|iov| sock.write_vectored(iov)) {
+    ///         Ok(0) => break, // nothing could be listed (a TLS session holds it)
+    ///         Ok(_) => {}
+    ///         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn write_to<F>(&mut self, write: F) -> io::Result<usize>
+    where
+        F: FnOnce(&[IoSlice<'_>]) -> io::Result<usize>,
+    {
+        self.check_alive()?;
+        let result = {
+            let mut iov = [IoSlice::new(&[]); WRITE_TO_SLICES];
+            let n = self.output(&mut iov);
+            if n == 0 {
+                return Ok(0);
+            }
+            let listed: usize = iov[..n].iter().map(|s| s.len()).sum();
+            write(&iov[..n]).map(|k| (k, listed))
+        };
+        let (written, listed) = result?;
+        if written == 0 {
+            // A socket that takes nothing of a non-empty write will not take more.
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if written > listed {
+            return Err(Error::InvalidArgument(format!(
+                "the writer claims {written} bytes written of {listed} given"
+            ))
+            .into());
+        }
+        self.notify_write(written)?;
+        Ok(written)
     }
 
     /// Copies out and marks as written everything pending: for tests and simple
-    /// adapters that do not need the zero-copy path.
+    /// adapters that do not need the zero-copy path. The bytes are gone from
+    /// the connection once returned.
+    #[must_use = "the returned bytes are marked as written: send them"]
     pub fn take_output(&mut self) -> Vec<u8> {
         let mut all = Vec::new();
         loop {
@@ -508,7 +731,10 @@ impl Connection {
                 all.extend_from_slice(s);
             }
             let taken = all.len() - before;
-            self.notify_write(taken);
+            // Exactly what `output` listed: this cannot be refused.
+            if self.notify_write(taken).is_err() {
+                break;
+            }
         }
         all
     }
@@ -517,8 +743,15 @@ impl Connection {
         let Some(tls) = self.tls.as_mut() else { return };
         let mut failure = None;
         while !self.output.is_empty() {
+            let offered = self.output.first().len();
             match tls.session.write_plaintext(self.output.first()) {
                 Ok(0) => break,
+                Ok(k) if k > offered => {
+                    failure = Some(Error::Tls(format!(
+                        "TLS session claims {k} plaintext bytes taken of {offered}"
+                    )));
+                    break;
+                }
                 Ok(k) => self.output.consume(k),
                 Err(e) => {
                     failure = Some(e);
@@ -562,6 +795,7 @@ impl Connection {
     // ------------------------------------------------------------ events
 
     /// The next event, oldest first. O(1); `None` when nothing happened since.
+    #[must_use = "an event polled and dropped is lost"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -659,6 +893,8 @@ impl Connection {
         self.rx = Rx::Nothing;
         self.stage.clear();
         self.output.clear();
+        self.recv_offer = None;
+        self.out_offered = 0;
     }
 
     fn fail_all(&mut self, reason: &str) {
@@ -695,7 +931,9 @@ impl Connection {
                 }
             }
             State::Ready => {
-                if self.disconnecting {
+                // Asked to end: the close itself is what the caller wanted;
+                // commands still unanswered fail with NotConn, each once.
+                if self.disconnecting || self.disc_queued {
                     self.close_clean();
                 } else {
                     self.kill(Error::NotConnected("server closed the connection".into()));
@@ -704,16 +942,24 @@ impl Connection {
         }
     }
 
+    /// Ends the connection once its last message is written: `NBD_CMD_DISC`
+    /// (nothing can be in flight then), or the `NBD_OPT_ABORT` sent after an
+    /// `NBD_REP_ERR_SHUTDOWN` refusal. The latter does not wait for the
+    /// server's acknowledgement: a server going away need not send one, and
+    /// the refusal is known already.
     pub(crate) fn maybe_close_after_disconnect(&mut self) {
-        if self.disconnecting
-            && matches!(self.state, State::Ready)
-            && self.output.is_empty()
-            && self.commands.len() == 0
+        let flushed = self.output.is_empty()
             && self
                 .tls
                 .as_ref()
-                .is_none_or(|t| t.pending_cipher().is_empty())
-        {
+                .is_none_or(|t| t.pending_cipher().is_empty());
+        if !flushed {
+            return;
+        }
+        let disc_done =
+            self.disc_queued && matches!(self.state, State::Ready) && self.commands.len() == 0;
+        let abort_done = self.shutdown_error.is_some() && matches!(self.state, State::Handshake);
+        if disc_done || abort_done {
             self.close_clean();
         }
     }
@@ -742,13 +988,7 @@ impl Connection {
                 "the export name can only change before transmission".into(),
             ));
         }
-        if name.len() > crate::wire::consts::MAX_STRING_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "export name of {} bytes exceeds {}",
-                name.len(),
-                crate::wire::consts::MAX_STRING_LEN
-            )));
-        }
+        crate::config::check_export_name(name)?;
         if self.config.export_name != name {
             // Contexts belong to an export: a new export needs a new selection.
             self.meta.clear();
@@ -873,14 +1113,10 @@ impl Connection {
         self.meta.iter().any(|(_, n)| n == name)
     }
 
-    /// Adds a context to request (libnbd's `add_meta_context`).
+    /// Adds a context to request (libnbd's `add_meta_context`). A name the
+    /// protocol cannot carry (see [`Config::validate`]) is refused with EINVAL.
     pub fn add_meta_context(&mut self, name: &str) -> Result<()> {
-        if name.len() > crate::wire::consts::MAX_STRING_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "meta context name of {} bytes is too long",
-                name.len()
-            )));
-        }
+        crate::config::check_meta_context(name)?;
         self.config.meta_contexts.push(name.to_string());
         Ok(())
     }

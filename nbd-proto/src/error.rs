@@ -223,5 +223,25 @@ impl From<crate::wire::DecodeError> for Error {
     }
 }
 
+/// An [`Error`] as an `std::io::Error` of the matching kind, carrying the
+/// error itself (recover it with `get_ref` and `downcast_ref`). Used by
+/// [`Connection::read_from`](crate::Connection::read_from) and
+/// [`Connection::write_to`](crate::Connection::write_to).
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        use std::io::ErrorKind;
+        let kind = match e.errno() {
+            Errno::Inval => ErrorKind::InvalidInput,
+            Errno::NotConn => ErrorKind::NotConnected,
+            Errno::Proto => ErrorKind::InvalidData,
+            Errno::NotSup => ErrorKind::Unsupported,
+            Errno::Perm => ErrorKind::PermissionDenied,
+            Errno::Shutdown => ErrorKind::ConnectionAborted,
+            _ => ErrorKind::Other,
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
 /// Result alias of the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -16,29 +16,30 @@
 //! A minimal driving loop, with `sock` any `Read + Write`:
 //!
 //! ```no_run
-//! # use std::io::{IoSlice, Read, Write};
+//! # use std::io::{Read, Write};
 //! # fn drive(sock: &mut (impl Read + Write)) -> Result<(), Box<dyn std::error::Error>> {
 //! use nbd_proto::{Config, Connection, Event};
 //! let mut conn = Connection::new(Config::default());
 //! while !conn.is_ready() {
 //!     if conn.direction().is_write() {
-//!         let mut iov = [IoSlice::new(&[]); 16];
-//!         let n = conn.output(&mut iov);
-//!         let written = sock.write_vectored(&iov[..n])?;
-//!         conn.notify_write(written);
-//!     } else {
-//!         let n = sock.read(conn.recv_buf())?;
-//!         conn.notify_read(n)?;
+//!         conn.write_to(|iov| sock.write_vectored(iov))?;
+//!     } else if conn.read_from(|buf| sock.read(buf))? == 0 {
+//!         // End of stream: the connection reports why below.
 //!     }
 //!     while let Some(event) = conn.poll_event() {
-//!         if let Event::Closed { error: Some(e) } = event {
-//!             return Err(e.into());
+//!         if let Event::Closed { error } = event {
+//!             return Err(error.map_or("closed".into(), Into::into));
 //!         }
 //!     }
 //! }
 //! println!("export size {}", conn.size()?);
 //! # Ok(()) }
 //! ```
+//!
+//! The byte calls can also be made separately (`recv_buf` then `notify_read`,
+//! `output` then `notify_write`) for adapters that need the regions
+//! themselves; a report that does not match what was offered is an
+//! [`Error::InvalidArgument`] (EINVAL) that changes nothing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -66,5 +67,5 @@ pub use flags::{CmdFlags, HandshakeFlags, Strict, TransmissionFlags};
 pub use info::{BlockSizes, ExportInfo, HandshakeStyle};
 pub use slab::Cookie;
 pub use tls::TlsSession;
-pub use transmit::{MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
+pub use transmit::{MAX_ERROR_PAYLOAD, MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
 pub use wire::Extent;

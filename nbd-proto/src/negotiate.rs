@@ -55,6 +55,30 @@ pub(crate) struct InfoStep {
     auto: bool,
 }
 
+/// The largest payload a legal reply of type `reply` to `pending` can carry,
+/// or `None` when no legal reply to that option has that type. Strings are at
+/// most `MAX_STRING_LEN` bytes, as the protocol requires; `NBD_REP_INFO` is
+/// bounded by what the client buffers whole.
+fn option_reply_limit(pending: PendingOpt, reply: u32) -> Option<usize> {
+    if reply & REP_FLAG_ERROR != 0 {
+        // An optional message.
+        return Some(MAX_STRING_LEN);
+    }
+    match (pending, reply) {
+        (_, REP_ACK) => Some(0),
+        // Name length, name, description.
+        (PendingOpt::List, REP_SERVER) => Some(4 + 2 * MAX_STRING_LEN),
+        // Context id, name.
+        (PendingOpt::ListMeta | PendingOpt::SetMeta { .. }, REP_META_CONTEXT) => {
+            Some(4 + MAX_STRING_LEN)
+        }
+        // Unknown info types may be any length and must be ignored: the
+        // bound is what is ever buffered whole.
+        (PendingOpt::Info { .. }, REP_INFO) => Some(MAX_BUFFERED_PAYLOAD),
+        _ => None,
+    }
+}
+
 /// Most replies one option may bring (exports listed, contexts): a bound on
 /// what a hostile server can make the client hold.
 pub(crate) const MAX_OPTION_REPLIES: usize = 65_536;
@@ -123,7 +147,14 @@ impl Connection {
         let Some(bytes) = self.take::<{ OldstyleRest::LEN }>() else {
             return false;
         };
-        let rest = OldstyleRest::decode(&bytes).expect("exact length");
+        let rest = match OldstyleRest::decode(&bytes) {
+            Ok(rest) => rest,
+            // Unreachable: `take` gave exactly the length the decoder needs.
+            Err(e) => {
+                self.kill(e.into());
+                return true;
+            }
+        };
         self.style = Some(HandshakeStyle::Oldstyle);
         self.info.size = Some(rest.size);
         // The low 16 bits are the transmission flags; the high ones are unused.
@@ -182,13 +213,14 @@ impl Connection {
     fn after_auto_options(&mut self) {
         if self.config.opt_mode {
             self.wait_for_caller();
-        } else {
-            self.start_info(true, true);
+        } else if let Err(e) = self.start_info(true, true) {
+            self.kill(e);
         }
     }
 
     /// INFO or GO, preceded by the meta context selection when one is wanted.
-    fn start_info(&mut self, go: bool, auto: bool) {
+    /// An error means nothing was sent: the selection cannot be encoded.
+    fn start_info(&mut self, go: bool, auto: bool) -> Result<()> {
         if self.config.request_meta_context
             && self.structured
             && !self.config.meta_contexts.is_empty()
@@ -200,17 +232,22 @@ impl Connection {
                 PendingOpt::SetMeta {
                     then: Some(InfoStep { go, auto }),
                 },
-            );
+            )
         } else {
             self.send_info(go, auto);
+            Ok(())
         }
     }
 
-    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) {
+    /// Sends a meta context option, or refuses (sending nothing) when the
+    /// queries do not fit the protocol's limits.
+    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) -> Result<()> {
+        crate::config::check_meta_queries(&self.config.export_name, queries)?;
         let mut data = Vec::new();
         MetaContextRequest::encode(&self.config.export_name, queries, &mut data);
         self.meta_pending.clear();
         self.send_option(option, &data, pending);
+        Ok(())
     }
 
     fn wait_for_caller(&mut self) {
@@ -284,8 +321,7 @@ impl Connection {
     /// (`NBD_OPT_INFO`). On success the export queries answer.
     pub fn opt_info(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.start_info(false, false);
-        Ok(())
+        self.start_info(false, false)
     }
 
     /// Opt mode: selects the current export and enters transmission (`NBD_OPT_GO`).
@@ -293,8 +329,7 @@ impl Connection {
     /// error, and the connection stays negotiating.
     pub fn opt_go(&mut self) -> Result<()> {
         self.check_negotiating()?;
-        self.start_info(true, false);
-        Ok(())
+        self.start_info(true, false)
     }
 
     /// Opt mode: asks for extended headers (`NBD_OPT_EXTENDED_HEADERS`).
@@ -320,8 +355,7 @@ impl Connection {
     /// Opt mode: lists the contexts matching `queries` (all, if empty).
     pub fn opt_list_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
         self.check_meta_allowed(queries)?;
-        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta);
-        Ok(())
+        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta)
     }
 
     /// Opt mode: selects the configured contexts for the current export with
@@ -339,8 +373,7 @@ impl Connection {
             OPT_SET_META_CONTEXT,
             queries,
             PendingOpt::SetMeta { then: None },
-        );
-        Ok(())
+        )
     }
 
     fn check_meta_allowed(&self, queries: &[String]) -> Result<()> {
@@ -350,13 +383,8 @@ impl Connection {
                 "meta contexts need structured replies to be negotiated first".into(),
             ));
         }
-        if let Some(q) = queries.iter().find(|q| q.len() > MAX_STRING_LEN) {
-            return Err(Error::InvalidArgument(format!(
-                "meta context query of {} bytes exceeds {MAX_STRING_LEN}",
-                q.len()
-            )));
-        }
-        Ok(())
+        // The same limits as Config::validate and add_meta_context.
+        crate::config::check_meta_queries(&self.config.export_name, queries)
     }
 
     /// Opt mode: asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
@@ -406,10 +434,26 @@ impl Connection {
             )));
             return true;
         }
-        if header.length as usize > MAX_BUFFERED_PAYLOAD {
+        if pending.is_abort() {
+            // Whatever the server says, the abort is done; its payload is not
+            // waited for.
+            self.close_clean();
+            return true;
+        }
+        // The length rule of the handshake: judged before any payload byte is
+        // read, so a server cannot make the client wait for bytes no legal
+        // reply has.
+        let name = option_name(header.option);
+        let reply = reply_type_name(header.reply_type);
+        let Some(limit) = option_reply_limit(pending, header.reply_type) else {
             self.kill(Error::Protocol(format!(
-                "{} reply of {} bytes exceeds the limit of {MAX_BUFFERED_PAYLOAD}",
-                option_name(header.option),
+                "unexpected {reply} reply to {name}"
+            )));
+            return true;
+        };
+        if header.length as usize > limit {
+            self.kill(Error::Protocol(format!(
+                "{reply} reply to {name} of {} bytes exceeds the {limit} bytes a legal one can have",
                 header.length
             )));
             return true;
@@ -419,11 +463,19 @@ impl Connection {
     }
 
     pub(crate) fn rx_opt_reply_data(&mut self, header: OptionReplyHeader) -> bool {
+        // The limit checked with the header keeps this within the stage.
         let Some(data) = self.take_vec(header.length as usize) else {
             return false;
         };
         self.rx = Rx::OptReplyHeader;
-        let pending = self.pending_opt.expect("checked with the header");
+        let Some(pending) = self.pending_opt else {
+            // Unreachable: the header was accepted only with an option pending,
+            // and nothing clears it between header and payload.
+            self.kill(Error::Protocol(
+                "option reply with no option pending".into(),
+            ));
+            return true;
+        };
         if let Err(e) = self.on_opt_reply(pending, header.reply_type, &data) {
             self.kill(e);
         }
@@ -432,11 +484,6 @@ impl Connection {
 
     /// Handles one option reply; an error return kills the connection.
     fn on_opt_reply(&mut self, pending: PendingOpt, reply: u32, data: &[u8]) -> Result<()> {
-        if pending.is_abort() {
-            // Whatever the server says, the abort is done.
-            self.close_clean();
-            return Ok(());
-        }
         if reply & REP_FLAG_ERROR != 0 {
             let message = ServerText(decode_string("option error message", data)?);
             let error = Error::OptionRefused {
@@ -541,7 +588,8 @@ impl Connection {
 
     fn on_opt_error(&mut self, pending: PendingOpt, error: Error) -> Result<()> {
         let Error::OptionRefused { reply, .. } = error else {
-            unreachable!("built above")
+            // Only ever called with the refusal built by `on_opt_reply`.
+            return Err(error);
         };
         self.pending_opt = None;
         if reply == REP_ERR_SHUTDOWN {
@@ -635,7 +683,14 @@ impl Connection {
         let Some(bytes) = self.take::<{ ExportNameReply::LEN }>() else {
             return false;
         };
-        let reply = ExportNameReply::decode(&bytes).expect("exact length");
+        let reply = match ExportNameReply::decode(&bytes) {
+            Ok(reply) => reply,
+            // Unreachable: `take` gave exactly the length the decoder needs.
+            Err(e) => {
+                self.kill(e.into());
+                return true;
+            }
+        };
         self.info.size = Some(reply.size);
         self.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
         self.pending_opt = None;

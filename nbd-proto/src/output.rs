@@ -36,10 +36,6 @@ impl Output {
         self.pending == 0
     }
 
-    pub(crate) fn pending(&self) -> usize {
-        self.pending
-    }
-
     /// Appends small bytes (a header) built by `encode`.
     pub(crate) fn push_with(&mut self, encode: impl FnOnce(&mut BytesMut)) {
         if self.tail.capacity() - self.tail.len() < 256 {
@@ -93,9 +89,9 @@ impl Output {
         }
     }
 
-    /// Marks `n` bytes as sent. `n` must not exceed [`Output::pending`].
+    /// Marks `n` bytes as sent. Callers pass at most what `slices` or `first`
+    /// listed (the connection checks it); more is clamped, never a panic.
     pub(crate) fn consume(&mut self, mut n: usize) {
-        debug_assert!(n <= self.pending);
         n = n.min(self.pending);
         self.pending -= n;
         while n > 0 {

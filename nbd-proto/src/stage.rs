@@ -36,9 +36,10 @@ impl Stage {
         &self.buf[self.start..self.end]
     }
 
+    /// Drops `n` parsed bytes. Callers take at most `len()` (every caller
+    /// bounds `n` by it); more is clamped, never a panic.
     pub(crate) fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
+        self.start += n.min(self.len());
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -55,9 +56,11 @@ impl Stage {
         &mut self.buf[self.end..]
     }
 
+    /// Marks `n` bytes read into `space()` as data. Callers pass at most what
+    /// `space()` offered (`notify_read` checks it against the offer, the TLS
+    /// path against what it gave the session); more is clamped, never a panic.
     pub(crate) fn commit(&mut self, n: usize) {
-        self.end += n;
-        debug_assert!(self.end <= self.buf.len());
+        self.end += n.min(self.buf.len() - self.end);
     }
 
     pub(crate) fn clear(&mut self) {

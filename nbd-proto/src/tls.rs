@@ -82,6 +82,9 @@ mod tests {
         /// Fail `read_tls` once this many ciphertext bytes were taken.
         fail_after: Option<usize>,
         taken: usize,
+        /// A buggy session: claims this many bytes more than it really moved
+        /// (in `read_tls`, `read_plaintext` and `write_plaintext`).
+        overclaim: usize,
     }
 
     impl XorSession {
@@ -93,6 +96,7 @@ mod tests {
                 cipher_out: Vec::new(),
                 fail_after: None,
                 taken: 0,
+                overclaim: 0,
             }
         }
     }
@@ -106,20 +110,20 @@ mod tests {
             self.plain_in
                 .extend(ciphertext[..n].iter().map(|b| b ^ self.key));
             self.taken += n;
-            Ok(n)
+            Ok(n + self.overclaim)
         }
         fn read_plaintext(&mut self, out: &mut [u8]) -> Result<usize, Error> {
             let n = out.len().min(self.plain_in.len());
             for (o, b) in out.iter_mut().zip(self.plain_in.drain(..n)) {
                 *o = b;
             }
-            Ok(n)
+            Ok(if n > 0 { n + self.overclaim } else { 0 })
         }
         fn write_plaintext(&mut self, plaintext: &[u8]) -> Result<usize, Error> {
             let n = plaintext.len().min(self.max_take);
             self.cipher_out
                 .extend(plaintext[..n].iter().map(|b| b ^ self.key));
-            Ok(n)
+            Ok(n + self.overclaim)
         }
         fn write_tls(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
             out.append(&mut self.cipher_out);
@@ -317,7 +321,7 @@ mod tests {
             assert_eq!(n, 1, "ciphertext is one contiguous slice");
             let take = iov[0].len().min(3);
             wire.extend_from_slice(&iov[0][..take]);
-            conn.notify_write(take);
+            conn.notify_write(take).unwrap();
         }
         assert!(!conn.wants_write());
         let plain = xor(&wire);
@@ -337,11 +341,11 @@ mod tests {
         session.fail_after = Some(script.len());
         conn.install_tls(Box::new(session));
         conn.handle_input(&xor(&script)).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         assert!(conn.is_ready());
         while conn.poll_event().is_some() {}
         let cookie = conn.flush(CmdFlags::empty()).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         // The session fails inside this call, so the call reports the sticky error.
         assert!(matches!(conn.handle_input(&[0; 16]), Err(Error::Tls(_))));
         let events: Vec<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
@@ -370,5 +374,66 @@ mod tests {
             "{err}"
         );
         assert!(conn.is_dead());
+    }
+
+    #[test]
+    fn byte_call_misuse_in_tls_mode_is_einval_and_changes_nothing() {
+        let mut conn = Connection::new(Config::default());
+        conn.install_tls(Box::new(XorSession::new(usize::MAX)));
+        let script = xor(&handshake_script());
+        // A report with no offer.
+        assert_eq!(conn.notify_read(1).unwrap_err().errno(), Errno::Inval);
+        // More than the ciphertext buffer offered.
+        let offered = conn.recv_buf().len();
+        let e = conn.notify_read(offered + 1).unwrap_err();
+        assert_eq!(e.errno(), Errno::Inval);
+        // Nothing changed: the handshake goes through.
+        pump_in(&mut conn, &script, 4096);
+        assert!(conn.is_ready(), "{:?}", conn.error());
+        // Output: more than the ciphertext listed.
+        let _ = conn.take_output();
+        let _cookie = conn.flush(CmdFlags::empty()).unwrap();
+        let listed = {
+            let mut iov = [std::io::IoSlice::new(&[]); 4];
+            let n = conn.output(&mut iov);
+            iov[..n].iter().map(|s| s.len()).sum::<usize>()
+        };
+        assert!(listed > 0);
+        let e = conn.notify_write(listed + 1).unwrap_err();
+        assert_eq!(e.errno(), Errno::Inval);
+        let sent = xor(&conn.take_output());
+        assert_eq!(sent.len(), listed, "the whole request is still there");
+        assert!(conn.is_ready());
+    }
+
+    #[test]
+    fn a_session_claiming_more_bytes_than_it_was_given_is_a_tls_error_not_a_panic() {
+        for stage in 0..2 {
+            let mut conn = Connection::new(Config::default());
+            let mut session = XorSession::new(usize::MAX);
+            session.overclaim = 1;
+            conn.install_tls(Box::new(session));
+            let result = if stage == 0 {
+                // Input: read_tls / read_plaintext overclaim.
+                conn.handle_input(&xor(&handshake_script()))
+            } else {
+                // Output: write_plaintext overclaims on the client flags.
+                let mut greeting = Vec::new();
+                GreetingStart::Newstyle.encode(&mut greeting);
+                greeting.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
+                let _ = conn.handle_input(&xor(&greeting));
+                let _ = conn.take_output();
+                match conn.error() {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(()),
+                }
+            };
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::Tls(ref m) if m.contains("claims")),
+                "{err}"
+            );
+            assert!(conn.is_dead());
+        }
     }
 }

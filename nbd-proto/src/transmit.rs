@@ -3,6 +3,38 @@
 //! Every reply is checked against its request before a byte lands in the
 //! caller's buffer. A violation that loses framing kills the connection; one
 //! confined to a reply fails that command and the others go on.
+//!
+//! # The length rule
+//!
+//! A chunk header's length field is the only thing that says where the next
+//! reply starts, so it is judged before any byte of its payload is read,
+//! buffered or skipped, in one place (`payload_limit`). The limit is the
+//! largest payload that a chunk of that type could carry in a legal reply to
+//! the command it names:
+//!
+//! | chunk type                            | limit                                     |
+//! |---------------------------------------|-------------------------------------------|
+//! | `NONE`                                | 0                                         |
+//! | `OFFSET_DATA`, to a read              | 8 + the read's length                     |
+//! | `OFFSET_HOLE`, to a read              | 12                                        |
+//! | `BLOCK_STATUS(_EXT)`, to block status | header + one descriptor per byte asked about, plus one; at most `MAX_STATUS_PAYLOAD` |
+//! | any error type, to any command        | `MAX_ERROR_PAYLOAD` (all a 16-bit message length allows) |
+//! | any other (unknown, or not legal for the command) | the largest limit of the types legal for the command |
+//!
+//! (A block status descriptor covers at least one byte, and only the last may
+//! reach past the request or start at its end, so a request of `n` bytes has at
+//! most `n + 1` of them.)
+//!
+//! A length above the limit means no legal reply to that request could have
+//! sent it: the server's framing cannot be trusted, and skipping the payload
+//! could mean waiting forever for bytes that never come. The connection is
+//! killed at once, right after the header: the error is sticky, every pending
+//! command fails exactly once, and `Event::Closed` carries the error.
+//!
+//! A length within the limit keeps framing: the payload is consumed, and
+//! whatever else is wrong with the chunk (too short, wrong type for the
+//! command, outside the request, malformed) fails only its command. Skipping
+//! such a payload costs no more than a legal reply to that request would.
 
 use bytes::{Bytes, BytesMut};
 
@@ -128,9 +160,18 @@ impl Connection {
         Ok(self.submit(CMD_WRITE_ZEROES, flags, offset, count, None, None, false))
     }
 
-    /// Asks the server to end the connection (`NBD_CMD_DISC`, libnbd's
-    /// `aio_disconnect`). No new command can start; the server finishes the
-    /// commands in flight, then the connection closes with [`Event::Closed`].
+    /// Asks the server to end the connection gracefully (`NBD_CMD_DISC`,
+    /// libnbd's `aio_disconnect`).
+    ///
+    /// New commands are refused at once (with [`Error::Shutdown`]). The
+    /// commands in flight are not cut short: `NBD_CMD_DISC` is queued only once
+    /// every one of them has completed (a server may fail or drop commands that
+    /// are still running when it sees the request), so no write is lost to the
+    /// shutdown. Once the request is written the connection closes with
+    /// [`Event::Closed`] without error. If the server hangs up first, the
+    /// connection still closes cleanly and any command left unanswered fails
+    /// with `ENOTCONN`, each exactly once. A server's `ESHUTDOWN` starts the
+    /// same sequence by itself. Calling it again is harmless.
     pub fn disconnect(&mut self) -> Result<()> {
         self.check_alive()?;
         if !matches!(self.state, State::Ready) {
@@ -138,14 +179,22 @@ impl Connection {
                 "disconnect needs the transmission phase; use opt_abort while negotiating".into(),
             ));
         }
-        if !self.disconnecting {
-            self.queue_disconnect();
-        }
+        self.disconnecting = true;
+        self.maybe_queue_disconnect();
         Ok(())
     }
 
-    fn queue_disconnect(&mut self) {
-        self.disconnecting = true;
+    /// Queues `NBD_CMD_DISC` once a disconnect is wanted (asked by the caller,
+    /// or after the server's `ESHUTDOWN`) and nothing is in flight.
+    fn maybe_queue_disconnect(&mut self) {
+        let wanted = self.disconnecting || self.soft_shutdown;
+        if !wanted || self.disc_queued || self.commands.len() != 0 {
+            return;
+        }
+        if !matches!(self.state, State::Ready) {
+            return;
+        }
+        self.disc_queued = true;
         let header = RequestHeader {
             flags: 0,
             command: CMD_DISC,
@@ -417,7 +466,8 @@ impl Connection {
         if self.stage.len() < 4 {
             return false;
         }
-        let magic = u32::from_be_bytes(self.stage.data()[..4].try_into().expect("4 bytes"));
+        let data = self.stage.data();
+        let magic = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
         if self.extended {
             // With extended headers every reply is an extended chunk.
             if magic != EXTENDED_REPLY_MAGIC {
@@ -429,8 +479,12 @@ impl Connection {
             let Some(bytes) = self.take::<EXTENDED_REPLY_LEN>() else {
                 return false;
             };
-            let header = ChunkHeader::decode_extended(&bytes).expect("magic and length checked");
-            self.on_chunk_header(header);
+            // The magic and length are checked, so decoding cannot fail; if it
+            // did, framing would be lost.
+            match ChunkHeader::decode_extended(&bytes) {
+                Ok(header) => self.on_chunk_header(header),
+                Err(e) => self.kill(e.into()),
+            }
             return true;
         }
         match magic {
@@ -438,16 +492,19 @@ impl Connection {
                 let Some(bytes) = self.take::<SIMPLE_REPLY_LEN>() else {
                     return false;
                 };
-                let reply = SimpleReply::decode(&bytes).expect("magic and length checked");
-                self.on_simple_reply(reply);
+                match SimpleReply::decode(&bytes) {
+                    Ok(reply) => self.on_simple_reply(reply),
+                    Err(e) => self.kill(e.into()),
+                }
             }
             STRUCTURED_REPLY_MAGIC if self.structured => {
                 let Some(bytes) = self.take::<STRUCTURED_REPLY_LEN>() else {
                     return false;
                 };
-                let header =
-                    ChunkHeader::decode_structured(&bytes).expect("magic and length checked");
-                self.on_chunk_header(header);
+                match ChunkHeader::decode_structured(&bytes) {
+                    Ok(header) => self.on_chunk_header(header),
+                    Err(e) => self.kill(e.into()),
+                }
             }
             STRUCTURED_REPLY_MAGIC => self.kill(Error::Protocol(
                 "structured reply chunk, but structured replies were not negotiated".into(),
@@ -516,6 +573,16 @@ impl Connection {
         let is_read = cmd.command == CMD_READ;
         let command = cmd.command;
         let request_offset = cmd.offset;
+        let limit = payload_limit(cmd, header.chunk_type);
+        if header.length > limit {
+            let name = command_name(command);
+            let chunk = chunk_type_name(header.chunk_type);
+            return self.kill(Error::Protocol(format!(
+                "{chunk} chunk of {} bytes in a reply to {name} that allows at most {limit}: \
+                 framing cannot be trusted",
+                header.length
+            )));
+        }
         let skip = |conn: &mut Connection, error: Error| {
             if let Some(cmd) = conn.commands.get_mut(cookie) {
                 cmd.fail(error);
@@ -549,28 +616,11 @@ impl Connection {
                     };
                     return skip(self, Error::Protocol(why.into()));
                 }
-                if header.length > MAX_STATUS_PAYLOAD {
-                    return skip(
-                        self,
-                        Error::Protocol(format!(
-                            "block status chunk of {} bytes exceeds the limit of {MAX_STATUS_PAYLOAD}",
-                            header.length
-                        )),
-                    );
-                }
                 self.status_buf.clear();
                 self.rx = Rx::StatusPayload(header);
             }
             REPLY_TYPE_NONE => {
-                if header.length != 0 {
-                    return skip(
-                        self,
-                        Error::Protocol(format!(
-                            "NONE chunk with a {}-byte payload",
-                            header.length
-                        )),
-                    );
-                }
+                // The length rule left only an empty payload.
                 if !done {
                     // NONE is only valid as the last chunk: end the command here.
                     cmd.fail(Error::Protocol("NONE chunk without the DONE flag".into()));
@@ -601,16 +651,19 @@ impl Connection {
                     Error::Protocol(format!("OFFSET_HOLE chunk in a reply to {name}")),
                 )
             }
+            // Longer holes were refused by the length rule; this one is short.
             REPLY_TYPE_OFFSET_HOLE if header.length != HoleChunk::LEN as u64 => skip(
                 self,
                 Error::Protocol(format!("OFFSET_HOLE chunk of length {}", header.length)),
             ),
             t if t & REPLY_TYPE_FLAG_ERROR != 0 || t == REPLY_TYPE_OFFSET_HOLE => {
                 if header.length > MAX_BUFFERED_PAYLOAD as u64 {
+                    // Legal in form (the message length field allows it) but far
+                    // beyond any message worth showing: skipped, not buffered.
                     return skip(
                         self,
                         Error::Protocol(format!(
-                            "error chunk of {} bytes exceeds the limit",
+                            "error chunk of {} bytes exceeds the buffered limit of {MAX_BUFFERED_PAYLOAD}",
                             header.length
                         )),
                     );
@@ -758,23 +811,33 @@ impl Connection {
             return true;
         };
         if header.chunk_type == REPLY_TYPE_OFFSET_HOLE {
-            let hole = HoleChunk::decode(&data).expect("length checked");
-            let length = u64::from(hole.length);
-            let checked = cmd
-                .coverage
-                .as_mut()
-                .map(|c| c.add(hole.offset, length))
-                .unwrap_or(Ok(()));
+            // The length was checked to be exactly a hole's, so this decodes.
+            let checked = HoleChunk::decode(&data)
+                .map_err(|e| e.to_string())
+                .and_then(|hole| {
+                    let length = u64::from(hole.length);
+                    cmd.coverage
+                        .as_mut()
+                        .map(|c| c.add(hole.offset, length))
+                        .unwrap_or(Ok(()))
+                        .map(|()| (hole.offset, length))
+                });
             match checked {
-                Ok(()) => {
-                    let pos = (hole.offset - cmd.offset) as usize;
-                    if let Some(buf) = cmd.buf.as_mut() {
-                        buf[pos..pos + length as usize].fill(0);
+                Ok((offset, length)) => {
+                    // Inside the request (coverage checked it), and the buffer
+                    // is exactly the request.
+                    let pos = (offset - cmd.offset) as usize;
+                    if let Some(region) = cmd
+                        .buf
+                        .as_mut()
+                        .and_then(|b| b.get_mut(pos..pos + length as usize))
+                    {
+                        region.fill(0);
                     }
                     if cmd.chunk_events {
                         let chunk = ReadChunk::Hole {
                             cookie,
-                            offset: hole.offset,
+                            offset,
                             length,
                         };
                         self.events.push_back(Event::ReadChunk(chunk));
@@ -863,15 +926,64 @@ impl Connection {
             result,
             buffer: cmd.buf,
         }));
-        if self.soft_shutdown && !self.disconnecting && self.commands.len() == 0 {
-            self.queue_disconnect();
-        }
+        self.maybe_queue_disconnect();
         self.maybe_close_after_disconnect();
     }
 }
 
 /// Largest block status payload accepted: 512 Ki extended or 1 Mi compact extents.
 pub const MAX_STATUS_PAYLOAD: u64 = 8 * 1024 * 1024;
+
+/// Largest error chunk payload any server can send: error value, 16-bit message
+/// length, the longest message that length allows, and an offset.
+pub const MAX_ERROR_PAYLOAD: u64 = 4 + 2 + u16::MAX as u64 + 8;
+
+/// The length rule of this module (see its documentation): the largest payload a
+/// chunk of `chunk_type` could carry in a legal reply to `cmd`.
+fn payload_limit(cmd: &Command, chunk_type: u16) -> u64 {
+    let is_read = cmd.command == CMD_READ;
+    let is_status = cmd.command == CMD_BLOCK_STATUS;
+    // Saturating: a trim's length may be near u64::MAX (extended headers).
+    let data_limit = cmd.length.saturating_add(8);
+    match chunk_type {
+        REPLY_TYPE_NONE => 0,
+        REPLY_TYPE_OFFSET_DATA if is_read => data_limit,
+        REPLY_TYPE_OFFSET_HOLE if is_read => HoleChunk::LEN as u64,
+        REPLY_TYPE_BLOCK_STATUS if is_status => status_limit(false, cmd.length),
+        REPLY_TYPE_BLOCK_STATUS_EXT if is_status => status_limit(true, cmd.length),
+        t if t & REPLY_TYPE_FLAG_ERROR != 0 => MAX_ERROR_PAYLOAD,
+        // Unknown, or not legal for this command: judged by the command's
+        // largest legal chunk, so skipping it costs no more than a legal reply.
+        _ if is_read => data_limit.max(MAX_ERROR_PAYLOAD),
+        _ if is_status => status_limit(true, cmd.length).max(MAX_ERROR_PAYLOAD),
+        _ => MAX_ERROR_PAYLOAD,
+    }
+}
+
+/// The largest legal block status payload for a request of `count` bytes: a
+/// descriptor per byte, plus one (the last may start at the end), capped.
+fn status_limit(extended: bool, count: u64) -> u64 {
+    let (head, each) = if extended { (8, 16) } else { (4, 8) };
+    count
+        .saturating_add(1)
+        .saturating_mul(each)
+        .saturating_add(head)
+        .min(MAX_STATUS_PAYLOAD)
+}
+
+/// Name of a chunk type, for messages.
+fn chunk_type_name(chunk_type: u16) -> String {
+    match chunk_type {
+        REPLY_TYPE_NONE => "NONE".into(),
+        REPLY_TYPE_OFFSET_DATA => "OFFSET_DATA".into(),
+        REPLY_TYPE_OFFSET_HOLE => "OFFSET_HOLE".into(),
+        REPLY_TYPE_BLOCK_STATUS => "BLOCK_STATUS".into(),
+        REPLY_TYPE_BLOCK_STATUS_EXT => "BLOCK_STATUS_EXT".into(),
+        REPLY_TYPE_ERROR => "ERROR".into(),
+        REPLY_TYPE_ERROR_OFFSET => "ERROR_OFFSET".into(),
+        other => format!("type {other}"),
+    }
+}
 
 /// Checks one block status chunk against its command; returns it with the
 /// context's name, or says what is wrong.

@@ -39,8 +39,10 @@ pub const DEFAULT_VSOCK_CID: u32 = 2;
 /// The host used when an `nbd` or `nbds` URI has an empty host, as libnbd does.
 pub const DEFAULT_HOST: &str = "localhost";
 
-/// The longest export name, in bytes, that the NBD protocol allows.
-pub const MAX_EXPORT_NAME_LEN: usize = 4096;
+/// The longest export name, in bytes, that the NBD protocol allows (the same
+/// limit [`Config::validate`](crate::Config::validate) and
+/// [`Connection::set_export_name`](crate::Connection::set_export_name) apply).
+pub const MAX_EXPORT_NAME_LEN: usize = crate::wire::consts::MAX_STRING_LEN;
 
 /// A parsed NBD URI.
 ///

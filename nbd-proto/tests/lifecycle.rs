@@ -172,7 +172,7 @@ fn exactly_once_through_a_disconnect() {
     let mut conn = ready(Export::default());
     let issued = issue_mix(&mut conn);
     conn.disconnect().unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     let mut s = Script::new();
     for c in &issued[..5] {
         s.simple(*c, EIO, &[]);
@@ -191,7 +191,7 @@ fn server_eshutdown_starts_a_soft_disconnect() {
     let a = conn.flush(CmdFlags::empty()).unwrap();
     let b = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
     let c = conn.trim(512, 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &Script::new().simple(a, ESHUTDOWN, &[]).take());
     let done = one_completion(&mut conn);
     assert_eq!(done.cookie, a);
@@ -241,7 +241,7 @@ fn server_eshutdown_starts_a_soft_disconnect() {
 fn eshutdown_error_chunk_on_the_last_command_disconnects_at_once() {
     let mut conn = ready(Export::default());
     let a = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -261,9 +261,12 @@ fn eshutdown_error_chunk_on_the_last_command_disconnects_at_once() {
 }
 
 #[test]
-fn disconnect_lets_pending_commands_finish_then_closes_without_error() {
+fn disconnect_waits_for_commands_in_flight_before_sending_disc() {
     let mut conn = ready(Export::default());
     let a = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
+    let w = conn
+        .pwrite(Bytes::from(pattern(512, 3)), 512, CmdFlags::empty())
+        .unwrap();
     let b = conn.flush(CmdFlags::empty()).unwrap();
     conn.disconnect().unwrap();
     // No new command once disconnecting; a second disconnect is harmless.
@@ -272,9 +275,10 @@ fn disconnect_lets_pending_commands_finish_then_closes_without_error() {
         Errno::Shutdown
     );
     conn.disconnect().unwrap();
+    // The commands go out; NBD_CMD_DISC does not, while they are in flight.
     let reqs = sent_requests(&mut conn);
     let commands: Vec<_> = reqs.iter().map(|r| r.header.command).collect();
-    assert_eq!(commands, vec![CMD_READ, CMD_FLUSH, CMD_DISC]);
+    assert_eq!(commands, vec![CMD_READ, CMD_WRITE, CMD_FLUSH]);
     assert!(!conn.is_closed());
     assert_eq!(conn.direction(), Direction::Read);
 
@@ -283,12 +287,33 @@ fn disconnect_lets_pending_commands_finish_then_closes_without_error() {
     let done = one_completion(&mut conn);
     assert!(done.result.is_ok());
     assert_eq!(&done.buffer.unwrap()[..], &data[..]);
+    assert!(
+        conn.take_output().is_empty(),
+        "the write is still in flight"
+    );
+    feed(&mut conn, &Script::new().none(w).take());
+    assert!(one_completion(&mut conn).result.is_ok());
+    assert!(
+        conn.take_output().is_empty(),
+        "the flush is still in flight"
+    );
+
+    // The last reply: DISC is queued, and Closed waits until it is written.
     feed(&mut conn, &Script::new().simple(b, 0, &[]).take());
     let events = drain(&mut conn);
     assert!(
-        matches!(events.as_slice(), [Event::Completed(c), Event::Closed { error: None }] if c.cookie == b && c.result.is_ok()),
+        matches!(events.as_slice(), [Event::Completed(c)] if c.cookie == b && c.result.is_ok()),
         "{events:?}"
     );
+    assert!(!conn.is_closed());
+    assert_eq!(conn.direction(), Direction::Both);
+    let reqs = sent_requests(&mut conn);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].header.command, CMD_DISC);
+    assert!(matches!(
+        drain(&mut conn).as_slice(),
+        [Event::Closed { error: None }]
+    ));
     assert!(conn.is_closed());
     assert!(!conn.is_dead());
     assert_eq!(conn.error(), None);
@@ -303,6 +328,23 @@ fn disconnect_lets_pending_commands_finish_then_closes_without_error() {
     conn.notify_read(0).unwrap();
     assert!(drain(&mut conn).is_empty());
     assert!(conn.is_closed());
+}
+
+#[test]
+fn disconnect_waits_for_failed_commands_too() {
+    // A command the server fails still counts as done: DISC follows it.
+    let mut conn = ready(Export::default());
+    let a = conn.flush(CmdFlags::empty()).unwrap();
+    conn.disconnect().unwrap();
+    assert_eq!(sent_request(&mut conn).header.command, CMD_FLUSH);
+    feed(&mut conn, &Script::new().simple(a, EIO, &[]).take());
+    let done = one_completion(&mut conn);
+    assert_eq!(errno_of(&done.result), Errno::Io);
+    assert_eq!(sent_request(&mut conn).header.command, CMD_DISC);
+    assert!(matches!(
+        drain(&mut conn).as_slice(),
+        [Event::Closed { error: None }]
+    ));
 }
 
 #[test]
@@ -327,7 +369,7 @@ fn disconnect_then_server_eof_closes_without_error() {
     let mut conn = ready(Export::default());
     let a = conn.flush(CmdFlags::empty()).unwrap();
     conn.disconnect().unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     conn.handle_input(&[]).unwrap();
     let events = drain(&mut conn);
     assert_eq!(events.len(), 2, "{events:?}");
@@ -359,7 +401,7 @@ fn disconnect_is_refused_before_transmission() {
             .ack(OPT_STRUCTURED_REPLY)
             .take(),
     );
-    conn.take_output();
+    let _ = conn.take_output();
     assert!(conn.is_negotiating());
     assert!(matches!(conn.disconnect(), Err(Error::InvalidState(_))));
     assert!(conn.take_output().is_empty());

@@ -432,7 +432,7 @@ fn read_at_the_top_of_the_offset_space_without_strict_checks_completes() {
         .pread(buffer(100, 0xff), u64::MAX - 100, CmdFlags::empty())
         .unwrap();
     let trim = conn.trim(0, u64::MAX, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()

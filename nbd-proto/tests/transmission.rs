@@ -99,7 +99,7 @@ fn write_payload_goes_out_as_the_callers_memory() {
     }
     // A partial write keeps the rest in place: the unsent part of the payload is
     // still the caller's memory.
-    conn.notify_write(REQUEST_LEN + 10);
+    conn.notify_write(REQUEST_LEN + 10).unwrap();
     {
         let mut iov = [IoSlice::new(&[]); 8];
         let n = conn.output(&mut iov);
@@ -193,7 +193,7 @@ fn disconnect_sends_nbd_cmd_disc() {
         }
     );
     assert!(!conn.is_closed(), "closed only once DISC is written");
-    conn.notify_write(out.len());
+    conn.notify_write(out.len()).unwrap();
     assert!(matches!(
         drain(&mut conn).as_slice(),
         [Event::Closed { error: None }]
@@ -220,7 +220,7 @@ fn simple_error_replies_map_to_errno() {
         let write = conn
             .pwrite(Bytes::from_static(&[1; 512]), 0, CmdFlags::empty())
             .unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         // An error reply to a read carries no data.
         feed(
             &mut conn,
@@ -250,7 +250,7 @@ fn structured_data_and_holes_fill_the_buffer_in_any_order() {
     let cookie = conn
         .pread(buffer(4096, 0xff), 4096, CmdFlags::empty())
         .unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     let a = pattern(1024, 1);
     let c = pattern(1024, 2);
     let mut s = Script::new();
@@ -274,7 +274,7 @@ fn structured_read_may_end_with_done_on_a_data_or_hole_chunk() {
     let r2 = conn
         .pread(buffer(100, 0xff), 200, CmdFlags::empty())
         .unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -297,7 +297,7 @@ fn pread_structured_reports_each_chunk_in_order_before_the_completion() {
     let cookie = conn
         .pread_structured(buffer(3000, 0xff), 1000, CmdFlags::empty())
         .unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -353,7 +353,7 @@ fn pread_structured_reports_each_chunk_in_order_before_the_completion() {
     let cookie = conn
         .pread_structured(buffer(10, 0), 0, CmdFlags::empty())
         .unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &Script::new().simple(cookie, 0, &[7; 10]).take());
     let events = drain(&mut conn);
     assert!(matches!(
@@ -373,7 +373,7 @@ fn pread_structured_reports_each_chunk_in_order_before_the_completion() {
 fn plain_pread_reports_no_chunk_events() {
     let mut conn = ready(Export::default());
     let cookie = conn.pread(buffer(100, 0), 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -395,7 +395,7 @@ fn error_chunks_fail_the_command_with_the_server_errno_and_message() {
         .pwrite(Bytes::from_static(&[0; 512]), 0, CmdFlags::empty())
         .unwrap();
     let trim = conn.trim(512, 512, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -461,7 +461,7 @@ fn error_chunks_fail_the_command_with_the_server_errno_and_message() {
 fn the_first_error_of_a_reply_wins() {
     let mut conn = ready(Export::default());
     let read = conn.pread(buffer(1024, 0), 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(
         &mut conn,
         &Script::new()
@@ -484,7 +484,7 @@ fn the_first_error_of_a_reply_wins() {
 fn unknown_error_chunk_types_are_errors_with_their_errno() {
     let mut conn = ready(Export::default());
     let flush = conn.flush(CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     // An error type this client does not know, with extra bytes after the message.
     let mut payload = Vec::new();
     payload.extend_from_slice(&ENOMEM.to_be_bytes());
@@ -587,7 +587,7 @@ fn many_commands_in_flight_answered_in_reverse_and_random_order() {
 fn cookies_are_not_reused_for_a_stale_reply() {
     let mut conn = ready(Export::simple());
     let first = conn.flush(CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &Script::new().simple(first, 0, &[]).take());
     one_completion(&mut conn);
     let second = conn.flush(CmdFlags::empty()).unwrap();
@@ -623,7 +623,7 @@ fn recv_buf_points_into_the_callers_read_buffer_during_a_large_payload() {
         let buf = buffer(LEN, 0);
         let base = buf.as_ptr() as usize;
         let cookie = conn.pread(buf, 0, CmdFlags::empty()).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         let (bytes, header_len) = large_read_transcript(cookie, LEN, structured);
         // The header and 10 data bytes through the connection's own buffer.
         conn.handle_input(&bytes[..header_len + 10]).unwrap();
@@ -650,7 +650,7 @@ fn recv_buf_points_into_the_callers_read_buffer_during_a_large_payload() {
         // Copying path: same result.
         let mut conn = ready(export);
         let cookie = conn.pread(buffer(LEN, 0), 0, CmdFlags::empty()).unwrap();
-        conn.take_output();
+        let _ = conn.take_output();
         let (bytes, _) = large_read_transcript(cookie, LEN, structured);
         feed(&mut conn, &bytes);
         let copied = one_completion(&mut conn);
@@ -666,7 +666,7 @@ fn recv_buf_targets_the_chunk_offset_inside_the_buffer() {
     let buf = buffer(8192, 0xff);
     let base = buf.as_ptr() as usize;
     let cookie = conn.pread(buf, 4096, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     let mut s = Script::new();
     let bytes = s.data(cookie, 4096 + 5000, &pattern(3192, 1), false).take();
     conn.handle_input(&bytes[..28]).unwrap();
@@ -702,7 +702,7 @@ fn several_small_replies_in_one_input_are_all_parsed() {
                 .unwrap(),
         );
     }
-    conn.take_output();
+    let _ = conn.take_output();
     let mut s = Script::new();
     for (i, c) in cookies.iter().enumerate() {
         s.data(*c, i as u64 * 100, &pattern(100, i as u8), true);
@@ -739,7 +739,7 @@ fn zero_length_commands_complete_when_zero_size_checks_are_off() {
     // Structured: a NONE chunk covers an empty read.
     let mut conn = ready_strict(Export::default(), Strict::all() - Strict::ZERO_SIZE);
     let read = conn.pread(buffer(0, 0), 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     feed(&mut conn, &Script::new().none(read).take());
     assert!(one_completion(&mut conn).result.is_ok());
 }
@@ -771,7 +771,7 @@ fn read_ahead_shrinks_after_a_large_payload_without_stalling_buffered_chunks() {
         .unwrap();
     let flush = conn.flush(CmdFlags::empty()).unwrap();
     let small = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
-    conn.take_output();
+    let _ = conn.take_output();
     pump_in(
         &mut conn,
         &Script::new()

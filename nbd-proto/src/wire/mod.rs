@@ -4,6 +4,14 @@
 //! decoders; tests, fuzzers and fake servers use the other halves. Every decoder
 //! takes exactly the bytes of its message and checks lengths before reading, so
 //! none of them can panic on any input.
+//!
+//! Encoders never panic on their values either. A field longer than its length
+//! field can describe (a name over 4 GiB, an error message over 64 KiB, more
+//! than 65535 info requests) is cut to the longest the field can say, so the
+//! message stays well framed; callers that must not lose bytes check first, as
+//! [`Connection`](crate::Connection) does for everything it sends. The encoders
+//! write to a growable [`BufMut`] (`Vec<u8>`, `BytesMut`); a fixed slice that
+//! runs out of room panics as `BufMut` itself does.
 
 pub mod consts;
 
@@ -52,14 +60,32 @@ fn exact<'a, const N: usize>(
     })
 }
 
+// The readers below index directly: every decoder checks its buffer's length
+// before reading a field, so the indices are in range.
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+}
+
+/// The first `max` items of `items`: what a length field of that range can say.
+fn cut<T>(items: &[T], max: u64) -> &[T] {
+    let n = usize::try_from(max).unwrap_or(usize::MAX).min(items.len());
+    &items[..n]
+}
+
+/// `len` as a 32-bit length field (`cut` has made it fit).
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// `len` as a 16-bit length field (`cut` has made it fit).
+fn len16(len: usize) -> u16 {
+    u16::try_from(len).unwrap_or(u16::MAX)
 }
 
 /// Turns server string bytes into a `String`, replacing invalid UTF-8.
@@ -197,11 +223,12 @@ impl OptionRequest {
     /// Size of the encoded header.
     pub const LEN: usize = 16;
 
-    /// Encodes the header followed by `data`.
+    /// Encodes the header followed by `data` (cut to 4 GiB - 1).
     pub fn encode_with(option: u32, data: &[u8], out: &mut impl BufMut) {
+        let data = cut(data, u32::MAX.into());
         out.put_u64(IHAVEOPT);
         out.put_u32(option);
-        out.put_u32(u32::try_from(data.len()).expect("option data fits in u32"));
+        out.put_u32(len32(data.len()));
         out.put_slice(data);
     }
 
@@ -234,9 +261,11 @@ pub struct InfoRequest {
 impl InfoRequest {
     /// Encodes the option data.
     pub fn encode(name: &str, requests: &[u16], out: &mut impl BufMut) {
-        out.put_u32(u32::try_from(name.len()).expect("name fits in u32"));
-        out.put_slice(name.as_bytes());
-        out.put_u16(u16::try_from(requests.len()).expect("few requests"));
+        let name = cut(name.as_bytes(), u32::MAX.into());
+        let requests = cut(requests, u16::MAX.into());
+        out.put_u32(len32(name.len()));
+        out.put_slice(name);
+        out.put_u16(len16(requests.len()));
         for r in requests {
             out.put_u16(*r);
         }
@@ -281,12 +310,15 @@ pub struct MetaContextRequest {
 impl MetaContextRequest {
     /// Encodes the option data.
     pub fn encode(name: &str, queries: &[String], out: &mut impl BufMut) {
-        out.put_u32(u32::try_from(name.len()).expect("name fits in u32"));
-        out.put_slice(name.as_bytes());
-        out.put_u32(u32::try_from(queries.len()).expect("query count fits in u32"));
+        let name = cut(name.as_bytes(), u32::MAX.into());
+        let queries = cut(queries, u32::MAX.into());
+        out.put_u32(len32(name.len()));
+        out.put_slice(name);
+        out.put_u32(len32(queries.len()));
         for q in queries {
-            out.put_u32(u32::try_from(q.len()).expect("query fits in u32"));
-            out.put_slice(q.as_bytes());
+            let q = cut(q.as_bytes(), u32::MAX.into());
+            out.put_u32(len32(q.len()));
+            out.put_slice(q);
         }
     }
 
@@ -455,11 +487,12 @@ impl BlockStatusChunk {
 
     /// Encodes the payload (server side); compact form truncates to 32 bits.
     pub fn encode(&self, extended: bool, out: &mut impl BufMut) {
+        let extents = cut(&self.extents, u32::MAX.into());
         out.put_u32(self.context_id);
         if extended {
-            out.put_u32(u32::try_from(self.extents.len()).expect("count fits in u32"));
+            out.put_u32(len32(extents.len()));
         }
-        for e in &self.extents {
+        for e in extents {
             if extended {
                 out.put_u64(e.length);
                 out.put_u64(e.flags);
@@ -513,7 +546,8 @@ impl OptionReplyHeader {
 
     /// Encodes a whole reply: header with the length of `data`, then `data`.
     pub fn encode_with(option: u32, reply_type: u32, data: &[u8], out: &mut impl BufMut) {
-        let length = u32::try_from(data.len()).expect("reply data fits in u32");
+        let data = cut(data, u32::MAX.into());
+        let length = len32(data.len());
         Self {
             option,
             reply_type,
@@ -560,8 +594,9 @@ impl ServerEntry {
 
     /// Encodes the reply data (server side).
     pub fn encode(&self, out: &mut impl BufMut) {
-        out.put_u32(u32::try_from(self.name.len()).expect("name fits in u32"));
-        out.put_slice(self.name.as_bytes());
+        let name = cut(self.name.as_bytes(), u32::MAX.into());
+        out.put_u32(len32(name.len()));
+        out.put_slice(name);
         out.put_slice(self.description.as_bytes());
     }
 }
@@ -958,9 +993,10 @@ impl ErrorChunk {
 
     /// Encodes the payload (server side); `offset` is written if present.
     pub fn encode(&self, out: &mut impl BufMut) {
+        let message = cut(self.message.as_bytes(), u16::MAX.into());
         out.put_u32(self.error);
-        out.put_u16(u16::try_from(self.message.len()).expect("message fits in u16"));
-        out.put_slice(self.message.as_bytes());
+        out.put_u16(len16(message.len()));
+        out.put_slice(message);
         if let Some(offset) = self.offset {
             out.put_u64(offset);
         }

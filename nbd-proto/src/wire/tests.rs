@@ -501,3 +501,26 @@ fn meta_and_status_constants_match_the_specification() {
     assert_eq!(CMD_FLAG_PAYLOAD_LEN, 1 << 5);
     assert_eq!(FLAG_BLOCK_STATUS_PAYLOAD, 1 << 12);
 }
+
+#[test]
+fn fields_longer_than_their_length_field_are_cut_never_a_panic() {
+    let long = ErrorChunk {
+        error: EIO,
+        message: "m".repeat(70_000),
+        offset: Some(9),
+    };
+    let mut out = Vec::new();
+    long.encode(&mut out);
+    let back = ErrorChunk::decode(REPLY_TYPE_ERROR_OFFSET, &out);
+    // Well framed: 6 + 65535 + 8 bytes, the message cut to what 16 bits say
+    // (and then refused by the decoder for exceeding the string limit).
+    assert_eq!(out.len(), 6 + usize::from(u16::MAX) + 8);
+    assert!(back.is_err());
+    let mut requests = Vec::new();
+    InfoRequest::encode("", &vec![INFO_NAME; 70_000], &mut requests);
+    assert_eq!(requests.len(), 4 + 2 + 2 * usize::from(u16::MAX));
+    assert_eq!(
+        InfoRequest::decode(&requests).unwrap().requests.len(),
+        usize::from(u16::MAX)
+    );
+}
