@@ -66,10 +66,6 @@ pub struct Client {
     /// When bytes last moved (or the client was last idle): the start of the
     /// stall that [`Client::set_timeout`] bounds.
     last_progress: Instant,
-    /// The caller asked to disconnect while commands were in flight:
-    /// `NBD_CMD_DISC` goes out once they have all completed, because a
-    /// server that sees it earlier may cut them short.
-    disconnect_held: bool,
 }
 
 impl Client {
@@ -136,7 +132,6 @@ impl Client {
             closed: false,
             timeout: None,
             last_progress: Instant::now(),
-            disconnect_held: false,
         };
         client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
         Ok(client)
@@ -248,14 +243,13 @@ impl Client {
     }
 
     /// Whether waiting on the socket would be pointless: nothing in flight,
-    /// nothing to send, no handshake step or held disconnect under way, or the
+    /// nothing to send, no handshake step under way, or the
     /// connection is over. While this holds the stall clock keeps restarting,
     /// so a client idle for an hour is not "stalled" when it next issues a
     /// command.
     fn nothing_to_wait_for(&self) -> bool {
         let settled = self.conn.in_flight() == 0
             && !self.conn.wants_write()
-            && !self.disconnect_held
             && (self.conn.is_ready() || self.conn.is_negotiating());
         settled || self.conn.direction() == Direction::None
     }
@@ -285,33 +279,16 @@ impl Client {
         }
     }
 
-    /// Writes and reads what can move now; sends a held `NBD_CMD_DISC` once
-    /// nothing is in flight. Restarts the stall clock when anything moved.
+    /// Writes and reads what can move now. Restarts the stall clock when
+    /// anything moved.
     fn try_io(&mut self) -> Result<bool> {
         let wrote = self.write_some()?;
         let read = self.read_some()?;
-        let released = self.release_disconnect()?;
-        let moved = wrote || read || released;
+        let moved = wrote || read;
         if moved || self.nothing_to_wait_for() {
             self.last_progress = Instant::now();
         }
         Ok(moved)
-    }
-
-    /// Sends the `NBD_CMD_DISC` that [`Client::disconnect`] held back, once
-    /// every command in flight has completed.
-    fn release_disconnect(&mut self) -> Result<bool> {
-        if !self.disconnect_held || self.conn.in_flight() > 0 {
-            return Ok(false);
-        }
-        self.disconnect_held = false;
-        if !self.conn.is_ready() {
-            // The connection ended meanwhile; its end says how.
-            return Ok(false);
-        }
-        self.conn.disconnect()?;
-        self.write_some()?;
-        Ok(true)
     }
 
     /// Writes what is pending until done or the socket would block.
@@ -412,9 +389,7 @@ impl Client {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
             }
             let wrote = self.write_some()?;
-            let read = self.read_some()?;
-            let released = self.release_disconnect()?;
-            if read || released {
+            if self.read_some()? {
                 self.last_progress = Instant::now();
                 continue;
             }
@@ -439,7 +414,7 @@ impl Client {
 
     /// Starts a read into `buf` (its length is the read's length); returns at once.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
@@ -450,57 +425,51 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.pread_structured(buf, offset, flags)?)
     }
 
     /// Starts a write of `data`; returns at once. The payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Starts a flush.
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.flush(flags)?)
     }
 
     /// Starts a trim of `count` bytes at `offset`.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Starts a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
     /// Starts a block status query over every negotiated meta context; the
     /// extents are taken with [`Client::take_block_status`].
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
+        self.restart_stall_clock_if_idle()?;
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
-    /// Before a command is issued: refuses it once the caller asked to
-    /// disconnect (also while `NBD_CMD_DISC` is held back for the commands in
-    /// flight), and starts the stall clock afresh if the client was idle.
-    fn check_accepting(&mut self) -> Result<()> {
-        if self.disconnect_held {
-            return Err(nbd_proto::Error::Shutdown(
-                "the connection is disconnecting; no new commands".into(),
-            )
-            .into());
-        }
+    /// Before a command is issued: starts the stall clock afresh if the
+    /// client was idle. (Once the caller asked to disconnect, the core itself
+    /// refuses new commands with ESHUTDOWN.)
+    fn restart_stall_clock_if_idle(&mut self) -> Result<()> {
         if self.nothing_to_wait_for() {
             self.last_progress = Instant::now();
         }
@@ -683,16 +652,12 @@ impl Client {
 
     /// Asks the server to end the connection without waiting (libnbd's
     /// `aio_disconnect`). New commands are refused from now on. If commands
-    /// are in flight, `NBD_CMD_DISC` is held back until they have all
+    /// are in flight, the core holds `NBD_CMD_DISC` back until they have all
     /// completed (a server that sees it earlier may cut them short); driving
     /// the client ([`Client::poll`]) sends it then. The connection is closed
     /// once [`Client::connection`] says `is_closed`.
     pub fn disconnect(&mut self) -> Result<()> {
-        if self.conn.is_ready() && self.conn.in_flight() > 0 {
-            self.disconnect_held = true;
-        } else {
-            self.conn.disconnect()?;
-        }
+        self.conn.disconnect()?;
         self.try_io().map(drop)
     }
 

@@ -79,10 +79,6 @@ pub struct Client {
     completions: VecDeque<Completion>,
     events: VecDeque<Event>,
     closed: bool,
-    /// The caller asked to disconnect while commands were in flight:
-    /// `NBD_CMD_DISC` goes out once they have all completed, because a
-    /// server that sees it earlier may cut them short.
-    disconnect_held: bool,
 }
 
 impl Client {
@@ -161,7 +157,6 @@ impl Client {
             completions: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
-            disconnect_held: false,
         })
     }
 
@@ -218,9 +213,9 @@ impl Client {
         loop {
             let wrote = self.write_some()?;
             let read = self.read_all()?;
-            let released = self.release_disconnect()?;
-            // Reads may have queued output (handshake replies); go round until idle.
-            if !wrote && !read && !released {
+            // Reads may have queued output (handshake replies, a disconnect
+            // the core held back for the last reply); go round until idle.
+            if !wrote && !read {
                 return Ok(());
             }
         }
@@ -234,22 +229,6 @@ impl Client {
             Some(e) => Err(e.clone().into()),
             None => Ok(()),
         }
-    }
-
-    /// Sends the `NBD_CMD_DISC` that [`disconnect`](Self::disconnect) held
-    /// back, once every command in flight has completed.
-    fn release_disconnect(&mut self) -> Result<bool> {
-        if !self.disconnect_held || self.conn.in_flight() > 0 {
-            return Ok(false);
-        }
-        self.disconnect_held = false;
-        if !self.conn.is_ready() {
-            // The connection ended meanwhile; its end says how.
-            return Ok(false);
-        }
-        self.conn.disconnect()?;
-        self.write_some()?;
-        Ok(true)
     }
 
     /// Writes what is pending without reading; call after issuing commands.
@@ -389,7 +368,6 @@ impl Client {
 
     /// Queues a read into `buf`; call [`send`](Self::send) to send.
     pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
@@ -400,31 +378,26 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.pread_structured(buf, offset, flags)?)
     }
 
     /// Queues a write; the payload is sent without copying.
     pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
     pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.flush(flags)?)
     }
 
     /// Queues a trim.
     pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Queues a cache (prefetch).
     pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
@@ -432,42 +405,24 @@ impl Client {
     /// context's extents arrive as an `Event::BlockStatus` from
     /// [`next_event`](Self::next_event) before the completion.
     pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
     /// Queues a write of zeroes.
     pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_accepting()?;
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
     /// Asks the server to end the connection (libnbd's `aio_disconnect`).
-    /// New commands are refused from now on. If commands are in flight,
-    /// `NBD_CMD_DISC` is held back until they have all completed (a server
-    /// that sees it earlier may cut them short) and goes out from
-    /// [`handle_event`](Self::handle_event) then; otherwise it is sent now.
-    /// Keep handling events until [`is_closed`](Self::is_closed).
+    /// New commands are refused from now on (ESHUTDOWN). If commands are in
+    /// flight, the core holds `NBD_CMD_DISC` back until they have all
+    /// completed (a server that sees it earlier may cut them short) and it
+    /// goes out from [`handle_event`](Self::handle_event) then; otherwise it
+    /// is sent now. Keep handling events until [`is_closed`](Self::is_closed).
     pub fn disconnect(&mut self) -> Result<()> {
-        if self.conn.is_ready() && self.conn.in_flight() > 0 {
-            self.disconnect_held = true;
-        } else {
-            self.conn.disconnect()?;
-        }
+        self.conn.disconnect()?;
         // Commands queued but not yet sent must go out either way.
         self.send()
-    }
-
-    /// New commands are refused once the caller asked to disconnect, also
-    /// while `NBD_CMD_DISC` is held back for the commands in flight.
-    fn check_accepting(&self) -> Result<()> {
-        if self.disconnect_held {
-            return Err(nbd_proto::Error::Shutdown(
-                "the connection is disconnecting; no new commands".into(),
-            )
-            .into());
-        }
-        Ok(())
     }
 
     /// Commands issued and not yet completed.
