@@ -945,13 +945,13 @@ fn server_crash_fails_commands_without_hanging() {
     // Send them, then kill the server while they wait in its delay filter.
     while client.poll(Some(Duration::from_millis(10))).unwrap() {}
     server.kill();
-    let started = std::time::Instant::now();
+    // Each wait must end with the connection's death, not with the 20 s
+    // stall timeout (which `wait_for` would return as an error).
     for cookie in cookies {
         let done = client.wait_for(cookie).unwrap();
         let err = done.result.expect_err("the server died");
         assert_eq!(err.errno(), Errno::NotConn, "{err}");
     }
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(client.in_flight(), 0);
     let err = client
         .pread(BytesMut::zeroed(512), 0, CmdFlags::empty())

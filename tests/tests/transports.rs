@@ -42,7 +42,7 @@ fn drive(conn: &mut Connection, socket: &mut Socket, mut done: impl FnMut(&Conne
             let k = socket
                 .write_vectored(&iov[..n])
                 .expect("write to the server");
-            conn.notify_write(k);
+            conn.notify_write(k).expect("the socket took what was offered");
         } else if conn.direction().is_read() {
             let buf = conn.recv_buf();
             let n = socket.read(buf).expect("read from the server");
