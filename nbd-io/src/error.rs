@@ -56,6 +56,19 @@ pub enum Error {
     /// The NBD layer failed: a caller error, a server error, a protocol violation.
     #[error("{0}")]
     Nbd(#[from] nbd_proto::Error),
+    /// No progress from the server within the time given.
+    #[error("timed out")]
+    TimedOut,
+    /// Commands whose completions the caller never took failed, or were still
+    /// in flight when the connection ended: returned by a graceful shutdown,
+    /// close or flush, which must not report such work as done.
+    #[error("{count} command(s) failed; the first: {first}")]
+    CommandsFailed {
+        /// How many failed (or were abandoned in flight).
+        count: usize,
+        /// Why the first of them failed.
+        first: nbd_proto::Error,
+    },
 }
 
 impl Error {
@@ -64,12 +77,14 @@ impl Error {
     /// [`Error::os_error`]).
     pub fn errno(&self) -> Option<Errno> {
         match self {
-            Error::Nbd(e) => Some(e.errno()),
+            Error::Nbd(e) | Error::CommandsFailed { first: e, .. } => Some(e.errno()),
             Error::Uri(_) | Error::UriRefused(_) => Some(Errno::Inval),
             Error::Unsupported(_) => Some(Errno::NotSup),
-            Error::Connect { .. } | Error::Resolve { .. } | Error::Spawn { .. } | Error::Io(_) => {
-                None
-            }
+            Error::Connect { .. }
+            | Error::Resolve { .. }
+            | Error::Spawn { .. }
+            | Error::Io(_)
+            | Error::TimedOut => None,
         }
     }
 
@@ -81,6 +96,29 @@ impl Error {
             | Error::Spawn { source, .. } => Some(source),
             Error::Io(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    /// For callers that speak `std::io` (`Read`/`Write` over an export): the
+    /// kind follows the errno, and the error itself rides along.
+    fn from(e: Error) -> Self {
+        use io::ErrorKind;
+        match e {
+            Error::Io(io) => io,
+            Error::TimedOut => io::Error::new(ErrorKind::TimedOut, e),
+            other => {
+                let kind = match other.errno() {
+                    Some(Errno::Inval) => ErrorKind::InvalidInput,
+                    Some(Errno::Perm) => ErrorKind::PermissionDenied,
+                    Some(Errno::NotSup) => ErrorKind::Unsupported,
+                    Some(Errno::NotConn) => ErrorKind::NotConnected,
+                    Some(Errno::NoEnt) => ErrorKind::NotFound,
+                    _ => other.os_error().map_or(ErrorKind::Other, io::Error::kind),
+                };
+                io::Error::new(kind, other)
+            }
         }
     }
 }

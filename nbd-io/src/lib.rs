@@ -18,6 +18,7 @@
 //!   `set_uri_allow_transports`, `set_uri_allow_tls`,
 //!   `set_uri_allow_local_file`), with every query parameter of the URI
 //!   specification recognised and any other diagnosed;
+//! - [`pump`]: the byte pump between a socket and an `nbd_proto::Connection`;
 //! - [`Error`]: one error type.
 //!
 //! ```no_run
@@ -31,6 +32,7 @@
 mod connect;
 mod error;
 mod policy;
+pub mod pump;
 mod server;
 mod socket;
 mod target;

@@ -6,7 +6,6 @@
 //! Each test negotiates over the connected socket with the `nbd-proto` core,
 //! reads a block and checks its bytes, and disconnects.
 
-use std::io::{IoSlice, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -14,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use nbd_io::{connect, Error, Socket, Target, UriPolicy};
+use nbd_io::{connect, pump, Error, Socket, Target, UriPolicy};
 use nbd_proto::{CmdFlags, Config, Connection, Event};
 use nbd_tests::{require_tool, NbdkitBuilder};
 
@@ -22,7 +21,8 @@ use nbd_tests::{require_tool, NbdkitBuilder};
 const LIMIT: Duration = Duration::from_secs(30);
 const PATTERN_SIZE: u64 = 1 << 20;
 
-/// Drives `conn` over the blocking `socket` until `done` holds.
+/// Drives `conn` over the blocking `socket` with the shared byte pump until
+/// `done` holds.
 fn drive(conn: &mut Connection, socket: &mut Socket, mut done: impl FnMut(&Connection) -> bool) {
     rustix::net::sockopt::set_socket_timeout(
         socket.as_fd(),
@@ -36,18 +36,11 @@ fn drive(conn: &mut Connection, socket: &mut Socket, mut done: impl FnMut(&Conne
         if let Some(e) = conn.error() {
             panic!("connection to {} died: {e}", socket.peer());
         }
-        if conn.wants_write() {
-            let mut iov = [IoSlice::new(&[]); 16];
-            let n = conn.output(&mut iov);
-            let k = socket
-                .write_vectored(&iov[..n])
-                .expect("write to the server");
-            conn.notify_write(k).expect("the socket took what was offered");
-        } else if conn.direction().is_read() {
-            let buf = conn.recv_buf();
-            let n = socket.read(buf).expect("read from the server");
-            conn.notify_read(n).expect("the connection takes input");
-        } else {
+        let written = pump::write_pending(conn, socket).expect("write to the server");
+        // One blocking read at a time: the socket has no more to give until
+        // the server answers what was just written.
+        let read = pump::read_available(conn, socket, Some(1)).expect("read from the server");
+        if !written.moved && !read && conn.direction() == nbd_proto::Direction::None {
             break;
         }
     }
