@@ -21,6 +21,22 @@
 //! - [`pump`]: the byte pump between a socket and an `nbd_proto::Connection`;
 //! - [`Error`]: one error type.
 //!
+//! # One vocabulary in every adapter
+//!
+//! The adapters name their calls by one rule, libnbd's:
+//!
+//! - a plain command call (`pread`, `pwrite`, `flush`, `trim`, `zero`,
+//!   `cache`, `block_status`, `opt_go`, `opt_list`, `shutdown`, ...) waits
+//!   for its result and returns it; an adapter that cannot wait (mio) has none;
+//! - an `aio_` call (`aio_pread`, ..., `aio_opt_go`, `aio_disconnect`) queues
+//!   the request and returns at once, with a `Cookie` for a command; its
+//!   result is taken later (`next_completion`, `take_completion`, or events);
+//! - arguments come in libnbd's order, the same in every adapter: the buffer,
+//!   data or count, then the offset, then the `CmdFlags` (`flush` and
+//!   `aio_flush` take flags too);
+//! - export queries (`size`, `can_trim`, `is_read_only`, ...) are those of
+//!   `nbd_proto::Connection`, reached through each client's `connection()`.
+//!
 //! ```no_run
 //! use nbd_io::{connect, UriPolicy};
 //! let endpoint = UriPolicy::default().resolve("nbd+unix:///disk?socket=/run/nbd.sock")?;
