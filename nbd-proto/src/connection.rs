@@ -209,6 +209,27 @@ pub struct Connection {
     pub(crate) read_ahead: usize,
 }
 
+impl std::fmt::Debug for Connection {
+    /// What a log line or a failed assertion wants to know: the phase, the
+    /// export, what was negotiated and how much is in flight.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("phase", &self.phase())
+            .field("error", &self.error())
+            .field("protocol", &self.protocol())
+            .field("export_name", &self.config.export_name)
+            .field("size", &self.info.size)
+            .field("structured_replies", &self.structured)
+            .field("extended_headers", &self.extended)
+            .field("meta_contexts", &self.meta)
+            .field("tls", &self.tls.is_some())
+            .field("in_flight", &self.commands.len())
+            .field("wants_write", &self.wants_write())
+            .field("disconnecting", &self.disconnecting)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Read-ahead into the stage while read payloads are large. Bytes read ahead
 /// are copied to the caller's buffer; with large payloads it is cheaper to read
 /// little past a header and let the payload land in place. Small payloads keep
@@ -856,8 +877,7 @@ impl Connection {
         if matches!(self.state, State::Dead(_) | State::Closed) {
             return;
         }
-        let reason = format!("connection failed: {error}");
-        self.fail_all(&reason);
+        self.fail_all(&Error::ConnectionLost(Box::new(error.clone())));
         // A caller's option fails with the connection; automatic steps have no
         // caller waiting, so only `Closed` reports them.
         if let Some(pending) = self.pending_opt.take().filter(|p| !p.is_auto()) {
@@ -882,7 +902,9 @@ impl Connection {
         if matches!(self.state, State::Dead(_) | State::Closed) {
             return;
         }
-        self.fail_all("connection closed before the reply arrived");
+        self.fail_all(&Error::NotConnected(
+            "connection closed before the reply arrived".into(),
+        ));
         self.pending_opt = None;
         self.state = State::Closed;
         self.shut_parser();
@@ -897,12 +919,13 @@ impl Connection {
         self.out_offered = 0;
     }
 
-    fn fail_all(&mut self, reason: &str) {
+    /// Completes every command in flight with `error`, each exactly once.
+    fn fail_all(&mut self, error: &Error) {
         for cookie in self.commands.cookies() {
             if let Some(cmd) = self.commands.remove(cookie) {
                 self.events.push_back(Event::Completed(Completion {
                     cookie,
-                    result: Err(Error::NotConnected(reason.to_string())),
+                    result: Err(error.clone()),
                     buffer: cmd.buf,
                 }));
             }

@@ -171,6 +171,20 @@ pub enum Error {
     /// The connection is closed or dead; the command could not complete.
     #[error("not connected: {0}")]
     NotConnected(String),
+    /// The command could not complete because the connection died; the error
+    /// that killed it (a protocol violation, the server hanging up, a TLS
+    /// failure) is kept as it is, for callers that match on it.
+    ///
+    /// ```
+    /// use nbd_proto::{Errno, Error};
+    /// let cause = Error::Protocol("bad reply magic".into());
+    /// let lost = Error::ConnectionLost(Box::new(cause.clone()));
+    /// assert_eq!(lost.errno(), Errno::NotConn);
+    /// assert_eq!(lost.to_string(), "connection lost: protocol error: bad reply magic");
+    /// assert!(matches!(lost, Error::ConnectionLost(c) if *c == cause));
+    /// ```
+    #[error("{}", lost_text(.0))]
+    ConnectionLost(Box<Error>),
     /// The connection is shutting down (the server sent `ESHUTDOWN`, or a disconnect
     /// was requested); no new command can start.
     #[error("shutting down: {0}")]
@@ -210,10 +224,19 @@ impl Error {
                 _ => Errno::Inval,
             },
             Error::Protocol(_) => Errno::Proto,
-            Error::NotConnected(_) => Errno::NotConn,
+            Error::NotConnected(_) | Error::ConnectionLost(_) => Errno::NotConn,
             Error::Shutdown(_) => Errno::Shutdown,
             Error::Tls(_) => Errno::Proto,
         }
+    }
+}
+
+/// How a command lost to a dead connection reads: the cause once, without
+/// "not connected" said twice when the cause already says it.
+fn lost_text(cause: &Error) -> String {
+    match cause {
+        Error::NotConnected(_) | Error::ConnectionLost(_) => cause.to_string(),
+        other => format!("connection lost: {other}"),
     }
 }
 

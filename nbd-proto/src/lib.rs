@@ -45,6 +45,7 @@
 
 mod config;
 mod connection;
+pub mod context;
 mod coverage;
 mod error;
 mod event;

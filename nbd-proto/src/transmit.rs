@@ -387,9 +387,12 @@ impl Connection {
                 }
             }
             if command == CMD_BLOCK_STATUS && self.meta.is_empty() {
-                return Err(Error::NotSupported(
-                    "block status needs a negotiated meta context".into(),
-                ));
+                return Err(Error::NotSupported(format!(
+                    "block status needs a negotiated meta context: request one before \
+                     connecting, such as {:?} (nbd_proto::context::BASE_ALLOCATION), in \
+                     Config::meta_contexts or with add_meta_context",
+                    crate::context::BASE_ALLOCATION
+                )));
             }
         }
 

@@ -406,3 +406,40 @@ fn disconnect_is_refused_before_transmission() {
     assert!(matches!(conn.disconnect(), Err(Error::InvalidState(_))));
     assert!(conn.take_output().is_empty());
 }
+
+#[test]
+fn commands_lost_to_a_dead_connection_keep_its_typed_cause() {
+    let mut conn = ready(Export::default());
+    let read = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
+    let _ = conn.take_output();
+    // A reply magic no server may send: framing is lost, the connection dies.
+    let _ = conn.handle_input(&[0xde, 0xad, 0xbe, 0xef]);
+    let events = drain(&mut conn);
+    let cause = conn.error().cloned().expect("the connection is dead");
+    assert!(matches!(cause, Error::Protocol(_)), "{cause:?}");
+    let done = completions(events)
+        .into_iter()
+        .find(|c| c.cookie == read)
+        .expect("the read completed");
+    let err = done.result.unwrap_err();
+    assert_eq!(err.errno(), Errno::NotConn);
+    assert!(
+        matches!(&err, Error::ConnectionLost(c) if **c == cause),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), format!("connection lost: {cause}"));
+}
+
+#[test]
+fn a_server_hanging_up_is_said_once() {
+    let mut conn = ready(Export::default());
+    let read = conn.pread(buffer(512, 0), 0, CmdFlags::empty()).unwrap();
+    let _ = conn.take_output();
+    conn.notify_read(0).unwrap();
+    let done = completions(drain(&mut conn))
+        .into_iter()
+        .find(|c| c.cookie == read)
+        .expect("the read completed");
+    let text = done.result.unwrap_err().to_string();
+    assert_eq!(text, "not connected: server closed the connection");
+}
