@@ -297,7 +297,10 @@ impl Connection {
         match self.state {
             State::Negotiating => Ok(()),
             State::Ready => Err(Error::InvalidState(
-                "negotiation is over: the connection is in transmission".into(),
+                "negotiation is over: the connection is in transmission; options such as \
+                 opt_list need opt mode (Config::opt_mode, libnbd's set_opt_mode) and must \
+                 come before opt_go"
+                    .into(),
             )),
             _ if self.pending_opt.is_some() => {
                 Err(Error::InvalidState("another option is in flight".into()))

@@ -499,3 +499,15 @@ fn connection_death_fails_the_pending_option_once() {
     ));
     assert_dead(&conn, &events, Errno::NotConn);
 }
+
+#[test]
+fn listing_exports_outside_opt_mode_says_how() {
+    let mut conn = ready(Export::default());
+    let err = conn.opt_list().unwrap_err();
+    assert_eq!(err.errno(), Errno::Inval);
+    let text = err.to_string();
+    assert!(
+        text.contains("opt mode") && text.contains("opt_mode"),
+        "the error should say how to list exports: {text}"
+    );
+}
