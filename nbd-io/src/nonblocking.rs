@@ -23,8 +23,15 @@ use crate::error::{Error, Result};
 use crate::socket::Socket;
 use crate::target::Target;
 
-/// A connect under way that never blocks the caller (see the [module
-/// documentation](self) for the loop that drives it).
+/// A connect under way that never blocks the caller.
+///
+/// The adapter starts it ([`start`](Self::start) from a [`Target`], or
+/// [`tcp`](Self::tcp) over addresses it resolved), watches
+/// [`socket`](Self::socket) for writability (and errors), and calls
+/// [`advance`](Self::advance) whenever it wakes up for that socket. `advance`
+/// says whether the socket is connected, whether the attempt failed and the
+/// next address is being tried on a new socket, or, as an error naming the
+/// target, that the connect failed for good.
 ///
 /// TCP tries every resolved address in turn: an address that refuses, or is
 /// unreachable, moves on to the next without the caller waiting for it.
@@ -109,38 +116,19 @@ impl Connecting {
             target: name.clone(),
             source,
         };
-        let (family, connect): (
-            AddressFamily,
-            Box<dyn FnOnce(&OwnedFd) -> rustix::io::Result<()>>,
-        ) = match target {
+        let local = match target {
             Target::Tcp { host, port } => {
                 let addrs = resolve(host, *port)?;
                 let name_addr = addrs.len() > 1 || addrs[0].ip().to_string() != *host;
                 return Connecting::over(name, addrs, name_addr);
             }
-            Target::Unix(path) => {
-                let addr =
-                    SocketAddrUnix::new(path.as_path()).map_err(|e| connect_error(e.into()))?;
-                (
-                    AddressFamily::UNIX,
-                    Box::new(move |fd| rustix::net::connect(fd, &addr)),
-                )
-            }
-            Target::UnixAbstract(bytes) => {
-                let addr = SocketAddrUnix::new_abstract_name(bytes)
-                    .map_err(|e| connect_error(e.into()))?;
-                (
-                    AddressFamily::UNIX,
-                    Box::new(move |fd| rustix::net::connect(fd, &addr)),
-                )
-            }
-            Target::Vsock { cid, port } => {
-                let (cid, port) = (*cid, *port);
-                (
-                    AddressFamily::VSOCK,
-                    Box::new(move |fd| connect_vsock(fd, cid, port)),
-                )
-            }
+            Target::Unix(path) => LocalAddr::Unix(
+                SocketAddrUnix::new(path.as_path()).map_err(|e| connect_error(e.into()))?,
+            ),
+            Target::UnixAbstract(bytes) => LocalAddr::Unix(
+                SocketAddrUnix::new_abstract_name(bytes).map_err(|e| connect_error(e.into()))?,
+            ),
+            Target::Vsock { cid, port } => LocalAddr::Vsock(*cid, *port),
             Target::Command { .. } | Target::Activation { .. } => {
                 let socket = crate::connect(target)?;
                 socket.set_nonblocking(true).map_err(connect_error)?;
@@ -154,7 +142,7 @@ impl Connecting {
                 });
             }
         };
-        let fd = new_socket(family).map_err(|e| {
+        let fd = new_socket(local.family()).map_err(|e| {
             if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
                 Error::Unsupported(format!(
                     "{target}: this kernel does not support the address family"
@@ -163,7 +151,7 @@ impl Connecting {
                 connect_error(e)
             }
         })?;
-        let state = begin(&fd, connect).map_err(connect_error)?;
+        let state = begin(&fd, |fd| local.connect(fd)).map_err(connect_error)?;
         Ok(Connecting {
             socket: Some(Socket::from_fd(fd, name.clone())),
             target: name,
@@ -319,6 +307,30 @@ impl Connecting {
             _ => self.target.clone(),
         };
         Error::Connect { target, source }
+    }
+}
+
+/// The address of a target on this machine or its host (no resolution,
+/// one attempt).
+enum LocalAddr {
+    Unix(SocketAddrUnix),
+    /// Context ID and port.
+    Vsock(u32, u32),
+}
+
+impl LocalAddr {
+    fn family(&self) -> AddressFamily {
+        match self {
+            LocalAddr::Unix(_) => AddressFamily::UNIX,
+            LocalAddr::Vsock(..) => AddressFamily::VSOCK,
+        }
+    }
+
+    fn connect(&self, fd: &OwnedFd) -> rustix::io::Result<()> {
+        match self {
+            LocalAddr::Unix(addr) => rustix::net::connect(fd, addr),
+            LocalAddr::Vsock(cid, port) => connect_vsock(fd, *cid, *port),
+        }
     }
 }
 

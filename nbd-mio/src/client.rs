@@ -172,18 +172,22 @@ impl Client {
     }
 
     fn start(link: Link, config: Config, registry: &Registry, token: Token) -> Result<Self> {
-        if let Some(fd) = link.fd() {
-            registry.register(
-                &mut SourceFd(&fd),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-        }
+        let fd = link.fd().ok_or_else(|| {
+            nbd_proto::Error::InvalidArgument(
+                "the connect is over: its socket was already handed out".into(),
+            )
+        })?;
+        let registry = registry.try_clone()?;
+        registry.register(
+            &mut SourceFd(&fd),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         Ok(Client {
             conn: Connection::new(config),
             link,
             token,
-            registry: registry.try_clone()?,
+            registry,
             write_blocked: false,
             completions: VecDeque::new(),
             events: VecDeque::new(),
@@ -223,8 +227,9 @@ impl Client {
         self.drive()
     }
 
-    /// Moves every byte that can move now: writes until done or blocked, reads
-    /// until the socket would block. Safe to call at any time.
+    /// Moves every byte that can move now: finds out whether a connect under
+    /// way has finished, writes until done or blocked, reads until the socket
+    /// is drained. Safe to call at any time.
     ///
     /// Once the connection is dead this returns its error, on the call that
     /// saw it end and on every later one (a socket error is returned as such
@@ -318,13 +323,10 @@ impl Client {
         let result = if self.closed {
             Ok(())
         } else {
-            self.connected().and_then(|connected| {
-                if connected {
-                    self.write_some().map(drop)
-                } else {
-                    Ok(())
-                }
-            })
+            match self.connected() {
+                Ok(true) => self.write_some().map(drop),
+                other => other.map(drop),
+            }
         };
         self.collect_events();
         self.end_result(result)

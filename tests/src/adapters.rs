@@ -622,14 +622,20 @@ impl Adapter for MioAdapter {
     }
 
     fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> CallResult<BytesMut> {
-        let cookie = self.client.aio_pread(buf, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_pread(buf, offset, flags)
+            .map_err(Into::into);
         Ok(self
             .complete(cookie)?
             .expect("a read completion hands its buffer back"))
     }
 
     fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.aio_pwrite(data, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_pwrite(data, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
@@ -639,17 +645,26 @@ impl Adapter for MioAdapter {
     }
 
     fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.aio_trim(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_trim(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.aio_zero(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_zero(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.aio_cache(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_cache(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
@@ -674,7 +689,9 @@ impl Adapter for MioAdapter {
     fn issue(&mut self, cmd: Cmd) -> CallResult<Cookie> {
         let c = &mut self.client;
         Ok(match cmd {
-            Cmd::Read { offset, len, flags } => c.aio_pread(BytesMut::zeroed(len), offset, flags)?,
+            Cmd::Read { offset, len, flags } => {
+                c.aio_pread(BytesMut::zeroed(len), offset, flags)?
+            }
             Cmd::Write {
                 offset,
                 data,
