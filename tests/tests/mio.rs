@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::{Events, Poll, Token};
-use nbd_io::{Connecting, Target};
+use nbd_io::{Connecting, Target, Transports, UriPolicy};
 use nbd_mio::{Client, MultiCompletion, MultiConn, MultiCookie};
 use nbd_proto::{CmdFlags, Completion, Config, Cookie, Errno, Event};
 use nbd_tests::testkit::{pattern_at, XorShift};
@@ -662,7 +662,7 @@ fn four_servers_interleaved_in_one_poll() {
 /// `nbd_io::Connecting::tcp`); a Unix socket by path as a `Target`, and a
 /// socket the caller connected itself (`connect_socket`), work too.
 #[test]
-fn connect_tcp_falls_back_to_the_next_address_and_unix_by_path() {
+fn connect_falls_back_to_the_next_tcp_address_and_other_ways_in() {
     let server = NbdkitBuilder::pattern(MIB).tcp().start();
     let unix = NbdkitBuilder::pattern(2 * MIB).start();
     let (_reserved, port) = refusing_port();
@@ -802,15 +802,23 @@ fn refused_connects_report_errors_instead_of_hanging() {
     let dir = tempfile::tempdir().unwrap();
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let missing = dir.path().join("missing.sock");
+    // Each URI, and what its errors must name.
     let uris = [
-        format!("nbd://127.0.0.1:{port}"),
-        format!("nbd+unix:///?socket={}", stale.display()),
-        format!(
-            "nbd+unix:///?socket={}",
-            dir.path().join("missing.sock").display()
+        (
+            format!("nbd://127.0.0.1:{port}"),
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            format!("nbd+unix:///?socket={}", stale.display()),
+            stale.display().to_string(),
+        ),
+        (
+            format!("nbd+unix:///?socket={}", missing.display()),
+            missing.display().to_string(),
         ),
     ];
-    for uri in &uris {
+    for (uri, names) in &uris {
         // Each wait below is bounded by LIMIT, which turns a hang into a failure.
         let mut l = Loop::new();
         let token = l.next_token();
@@ -819,7 +827,7 @@ fn refused_connects_report_errors_instead_of_hanging() {
                 // Refused synchronously: fine, it is an error, not a hang;
                 // it names the socket.
                 assert!(matches!(e, nbd_mio::Error::Connect { .. }), "{uri}: {e:?}");
-                assert!(e.to_string().contains(".sock"), "{uri}: {e}");
+                assert!(e.to_string().contains(names.as_str()), "{uri}: {e}");
             }
             Ok(client) => {
                 let c = l.push(client);
@@ -831,7 +839,7 @@ fn refused_connects_report_errors_instead_of_hanging() {
                     l.errors[c].iter().any(
                         |e| matches!(e, nbd_mio::Error::Connect { source, target }
                         if source.kind() == std::io::ErrorKind::ConnectionRefused
-                            && target.contains(&port.to_string()))
+                            && target.contains(names.as_str()))
                     ),
                     "{uri}: {:?}",
                     l.errors[c]
@@ -848,6 +856,73 @@ fn refused_connects_report_errors_instead_of_hanging() {
                     .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
                     .is_err());
             }
+        }
+    }
+}
+
+/// URIs go through `nbd_io::UriPolicy`: a TLS URI is refused as
+/// unsupported (this adapter has no TLS yet), an unknown query parameter is
+/// diagnosed, a caller's policy is honoured (`connect_endpoint`), and a vsock
+/// URI is tried rather than refused: where the kernel has no vsock, or
+/// nobody listens, it is an error naming the target, never a hang.
+#[test]
+fn uris_follow_the_policy_and_vsock_is_tried() {
+    let mut l = Loop::new();
+    let token = l.next_token();
+    let registry = l.poll.registry();
+    let tls = Client::connect_uri(
+        "nbds+unix:///?socket=/nonexistent.sock",
+        Config::default(),
+        registry,
+        token,
+    )
+    .err()
+    .expect("TLS is not supported yet");
+    assert!(matches!(tls, nbd_mio::Error::Unsupported(_)), "{tls:?}");
+    let typo = Client::connect_uri(
+        "nbd://localhost/?sokcet=/x",
+        Config::default(),
+        registry,
+        token,
+    )
+    .err()
+    .expect("an unknown parameter is an error");
+    assert!(typo.to_string().contains("sokcet"), "{typo}");
+    assert_eq!(typo.errno(), Some(Errno::Inval));
+
+    let unix_only = UriPolicy {
+        transports: Transports::UNIX,
+        ..UriPolicy::default()
+    };
+    let refused = unix_only
+        .resolve("nbd://127.0.0.1:10809/")
+        .expect_err("TCP is not allowed by this policy");
+    assert!(
+        matches!(refused, nbd_mio::Error::UriRefused(_)),
+        "{refused:?}"
+    );
+    let server = NbdkitBuilder::pattern(MIB).start();
+    let endpoint = unix_only.resolve(&server.uri()).unwrap();
+    let c = Client::connect_endpoint(&endpoint, Config::default(), registry, token).unwrap();
+    let c = l.push(c);
+    l.ready();
+    assert_eq!(l.clients[c].connection().size().unwrap(), MIB);
+    l.clients[c].aio_disconnect().unwrap();
+    l.run_until("the close", |l| l.clients[c].is_closed());
+
+    let token = l.next_token();
+    let uri = "nbd+vsock://1:2147483632/";
+    let names_vsock = |e: &nbd_mio::Error| match e {
+        nbd_mio::Error::Unsupported(m) => m.contains("vsock"),
+        nbd_mio::Error::Connect { target, .. } => target.contains("vsock"),
+        _ => false,
+    };
+    match Client::connect_uri(uri, Config::default(), l.poll.registry(), token) {
+        Err(e) => assert!(names_vsock(&e), "{e:?}"),
+        Ok(client) => {
+            let v = l.push(client);
+            l.run_until("the vsock refusal", |l| l.clients[v].is_closed());
+            assert!(l.errors[v].iter().any(names_vsock), "{:?}", l.errors[v]);
         }
     }
 }
