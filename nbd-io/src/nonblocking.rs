@@ -214,21 +214,16 @@ impl Connecting {
     /// watching it, and later calls return the same error.
     pub fn advance(&mut self) -> Result<Progress> {
         match self.state {
-            State::Spent => {
-                return Err(nbd_proto::Error::InvalidArgument(
-                    "the connect is over: its socket was handed out".into(),
-                )
-                .into())
-            }
+            State::Spent => return Err(spent()),
             State::Failed(os, kind) => {
                 let source = os.map_or_else(|| kind.into(), io::Error::from_raw_os_error);
                 return Err(self.connect_error(source));
             }
-            State::Connected => return Ok(self.hand_out()),
+            State::Connected => return self.hand_out(),
             State::InProgress => {}
         }
         let Some(socket) = &self.socket else {
-            return Err(self.connect_error(io::ErrorKind::NotConnected.into()));
+            return Err(spent());
         };
         let outcome = match socket.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
@@ -240,18 +235,18 @@ impl Connecting {
             },
         };
         match outcome {
-            Ok(true) => Ok(self.hand_out()),
+            Ok(true) => self.hand_out(),
             Ok(false) => Ok(Progress::Waiting),
             Err(e) => self.attempt_failed(e),
         }
     }
 
-    fn hand_out(&mut self) -> Progress {
+    fn hand_out(&mut self) -> Result<Progress> {
         self.state = State::Spent;
-        match self.socket.take() {
-            Some(socket) => Progress::Connected(socket),
-            None => Progress::Waiting,
-        }
+        self.socket
+            .take()
+            .map(Progress::Connected)
+            .ok_or_else(spent)
     }
 
     /// The attempt under way failed: on to the next address, if any.
@@ -260,18 +255,15 @@ impl Connecting {
             return Err(self.failed(e));
         }
         let cause = self.connect_error(e);
-        let abandoned = self.socket.take();
+        let Some(abandoned) = self.socket.take() else {
+            return Err(spent());
+        };
         match self.next_address() {
-            Ok(()) => match abandoned {
-                Some(abandoned) => Ok(Progress::Retrying { abandoned, cause }),
-                None => Ok(Progress::Waiting),
-            },
+            Ok(()) => Ok(Progress::Retrying { abandoned, cause }),
             Err(e) => {
-                // Every further address failed at once: keep the socket
-                // the caller watches, so it can stop watching it.
-                if self.socket.is_none() {
-                    self.socket = abandoned;
-                }
+                // Every further address failed at once: keep the socket the
+                // caller watches, so that it can stop watching it.
+                self.socket = Some(abandoned);
                 Err(self.failed(e))
             }
         }
@@ -332,6 +324,12 @@ impl LocalAddr {
             LocalAddr::Vsock(cid, port) => connect_vsock(fd, *cid, *port),
         }
     }
+}
+
+/// The error of a connector whose socket was handed out already.
+fn spent() -> Error {
+    nbd_proto::Error::InvalidArgument("the connect is over: its socket was handed out".into())
+        .into()
 }
 
 /// Resolves a host name; this blocks (see [`Connecting::start`]).
