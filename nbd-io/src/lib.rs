@@ -9,7 +9,8 @@
 //!   program on a socket pair (libnbd's `connect_command`), or a server started
 //!   by systemd-style socket activation (libnbd's
 //!   `connect_systemd_socket_activation`);
-//! - [`connect`]: reach a target, with errors that name it;
+//! - [`connect`]: reach a target, with errors that name it; [`Connecting`]:
+//!   the same without blocking, for event-loop adapters;
 //! - [`Socket`]: the connected stream, whatever reached it, including a
 //!   socket the caller already holds ([`Socket::from_fd`], libnbd's
 //!   `connect_socket`); it owns any server process it started and stops it
@@ -47,6 +48,7 @@
 
 mod connect;
 mod error;
+mod nonblocking;
 mod policy;
 pub mod pump;
 mod server;
@@ -55,6 +57,7 @@ mod target;
 
 pub use connect::connect;
 pub use error::{Error, Result};
+pub use nonblocking::{Connecting, Progress};
 pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
 pub use socket::Socket;
 pub use target::Target;

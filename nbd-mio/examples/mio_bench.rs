@@ -104,7 +104,7 @@ fn main() -> Res<()> {
                 (at, n)
             };
             if writing {
-                group.pwrite(
+                group.aio_pwrite(
                     payloads[outstanding % inflight].slice(..n),
                     offset,
                     CmdFlags::empty(),
@@ -112,7 +112,7 @@ fn main() -> Res<()> {
             } else {
                 let mut buf = free.pop().expect("one buffer per request in flight");
                 buf.truncate(n);
-                group.pread(buf, offset, CmdFlags::empty())?;
+                group.aio_pread(buf, offset, CmdFlags::empty())?;
             }
             outstanding += 1;
         }
@@ -142,7 +142,7 @@ fn main() -> Res<()> {
         );
     }
     // A graceful end: the connections close once the server has them.
-    group.disconnect()?;
+    group.aio_disconnect()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !group.is_closed() {
         let left = deadline.saturating_duration_since(Instant::now());

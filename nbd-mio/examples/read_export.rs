@@ -55,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         while next < size && client.in_flight() < in_flight {
             let n = (size - next).min(req);
-            client.pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
+            client.aio_pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
             next += n;
         }
         client.send()?;
@@ -76,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "read {size} bytes in {} requests, checksum {total:016x}",
         sums.len()
     );
-    client.disconnect()?;
+    client.aio_disconnect()?;
     while !client.is_closed() {
         poll.poll(&mut events, Some(Duration::from_secs(10)))?;
         if events.is_empty() {

@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let size = nbd.connection().size()?;
             while next < size && nbd.in_flight() < 8 {
                 let n = (size - next).min(256 * 1024);
-                nbd.pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
+                nbd.aio_pread(BytesMut::zeroed(n as usize), next, CmdFlags::empty())?;
                 next += n;
             }
             nbd.send()?;

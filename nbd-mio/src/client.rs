@@ -1,25 +1,25 @@
 //! [`Client`]: one NBD connection driven by the caller's mio `Poll`.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::{Bytes, BytesMut};
+use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nbd_proto::uri::{NbdUri, Transport};
+use nbd_io::{pump, Connecting, Endpoint, Error, Progress, Result, Socket, Target, UriPolicy};
 use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
-
-use crate::error::{Error, Result};
-use crate::stream::Stream;
 
 /// An NBD connection registered with a caller's mio [`Registry`].
 ///
 /// The socket is registered once, for readable and writable readiness, under the
-/// caller's token. On every event for that token call
-/// [`handle_event`](Self::handle_event): it reads until the socket would block
-/// (so no edge-triggered wakeup is lost) and writes what it can. Commands only
-/// queue bytes; call [`send`](Self::send) after issuing a batch to send them.
+/// caller's token (through [`SourceFd`]; the socket is an [`nbd_io::Socket`]).
+/// On every event for that token call [`handle_event`](Self::handle_event):
+/// it reads until the socket is drained (so no edge-triggered wakeup is
+/// lost) and writes what it can, with [`nbd_io::pump`]. Every command call is
+/// an `aio_` call, as in libnbd: it only queues the request and returns its
+/// [`Cookie`]; call [`send`](Self::send) after issuing a batch to send them.
+/// This adapter never waits, so it has no plain (waiting) command calls.
 /// A write that would block waits for the next writable event, so an idle
 /// or stalled connection costs nothing until the server moves.
 ///
@@ -28,7 +28,7 @@ use crate::stream::Stream;
 /// protocol violation), [`handle_event`](Self::handle_event) and
 /// [`drive`](Self::drive) return its error, on the call that saw it and on every
 /// later call, and its commands complete with errors. A clean end (after
-/// [`disconnect`](Self::disconnect) or `opt_abort`) is `Ok`, with
+/// [`aio_disconnect`](Self::aio_disconnect) or `aio_opt_abort`) is `Ok`, with
 /// [`is_closed`](Self::is_closed) true and an `Event::Closed` without error.
 /// The socket is deregistered when the connection ends, so no further events
 /// come: a loop must stop waiting once `is_closed` is true.
@@ -49,7 +49,7 @@ use crate::stream::Stream;
 ///         client.handle_event(e)?;
 ///     }
 /// }
-/// let cookie = client.pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())?;
+/// let cookie = client.aio_pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())?;
 /// client.send()?;
 /// loop {
 ///     poll.poll(&mut events, None)?;
@@ -66,94 +66,129 @@ use crate::stream::Stream;
 /// ```
 pub struct Client {
     conn: Connection,
-    stream: Stream,
+    link: Link,
     token: Token,
-    /// Registered with this registry (cloned handle), to re-register on reconnect.
+    /// Registered with this registry (cloned handle), to register the
+    /// socket of each new connect attempt and to deregister at the end.
     registry: Registry,
     /// The last write would have blocked: wait for a writable event.
     write_blocked: bool,
-    /// No byte has arrived yet: a failure may be a refused connect.
-    connecting: bool,
-    /// Further addresses to try if the current TCP connect fails.
-    spare_addrs: VecDeque<SocketAddr>,
     completions: VecDeque<Completion>,
     events: VecDeque<Event>,
     closed: bool,
 }
 
+/// The socket under the connection: still connecting, or connected.
+enum Link {
+    Connecting(Connecting),
+    Open(Socket),
+}
+
+impl Link {
+    /// The descriptor registered with the caller's registry.
+    fn fd(&self) -> Option<RawFd> {
+        match self {
+            Link::Connecting(c) => c.socket().map(AsRawFd::as_raw_fd),
+            Link::Open(s) => Some(s.as_raw_fd()),
+        }
+    }
+}
+
 impl Client {
-    /// Starts a non-blocking TCP connect to `addr` (every resolved address is
-    /// tried in turn; name resolution itself blocks) and registers the socket.
-    pub fn connect_tcp(
-        addr: impl ToSocketAddrs,
+    /// Starts connecting to `target` without blocking and registers the
+    /// socket; the handshake follows on readiness events.
+    ///
+    /// TCP tries every address the host resolves to in turn, without
+    /// blocking; resolving the name does block (see
+    /// [`Connecting::start`]). A [`Target::Command`](nbd_io::Target::Command)
+    /// or [`Target::Activation`](nbd_io::Target::Activation) starts its local
+    /// server here. A failure known at once is returned here; a later one
+    /// (a refused TCP connect on the last address) from
+    /// [`handle_event`](Self::handle_event).
+    pub fn connect(
+        target: &Target,
         config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        let mut addrs: VecDeque<SocketAddr> = addr.to_socket_addrs()?.collect();
-        let first = addrs.pop_front().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "host name resolved to no address")
-        })?;
-        let stream = Stream::connect_tcp(first)?;
-        Self::start(stream, addrs, config, registry, token)
+        Self::connect_with(Connecting::start(target)?, config, registry, token)
     }
 
-    /// Starts a non-blocking Unix socket connect and registers the socket.
-    pub fn connect_unix(
-        path: impl AsRef<Path>,
+    /// Registers a connect the caller started (for example with
+    /// [`Connecting::tcp`] over addresses it resolved itself).
+    pub fn connect_with(
+        connecting: Connecting,
         config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::start(
-            Stream::connect_unix(path)?,
-            VecDeque::new(),
-            config,
-            registry,
-            token,
-        )
+        Self::start(Link::Connecting(connecting), config, registry, token)
     }
 
-    /// Connects to an NBD URI; its export name replaces `config.export_name`.
+    /// Runs NBD over a socket that is already connected (libnbd's
+    /// `connect_socket`): a [`Socket`] from [`nbd_io::connect`] or
+    /// [`Socket::from_fd`]. It is switched to non-blocking mode.
+    pub fn connect_socket(
+        socket: Socket,
+        config: Config,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<Self> {
+        socket.set_nonblocking(true)?;
+        Self::start(Link::Open(socket), config, registry, token)
+    }
+
+    /// Connects to an NBD URI accepted by the default [`UriPolicy`]; its
+    /// export name replaces `config.export_name`. See
+    /// [`connect_endpoint`](Self::connect_endpoint) for another policy.
     pub fn connect_uri(
         uri: &str,
+        config: Config,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<Self> {
+        let endpoint = UriPolicy::default().resolve(uri)?;
+        Self::connect_endpoint(&endpoint, config, registry, token)
+    }
+
+    /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
+    /// caller's): its target, with its export name replacing
+    /// `config.export_name`. A URI asking for TLS is refused
+    /// ([`Error::Unsupported`]): this adapter has no TLS yet.
+    pub fn connect_endpoint(
+        endpoint: &Endpoint,
         mut config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        let uri: NbdUri = uri.parse()?;
-        if uri.tls {
+        if endpoint.tls.is_some() {
             return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported yet",
-                uri.scheme()
+                "{}: TLS is not supported by the mio adapter yet",
+                endpoint.target
             )));
         }
-        config.export_name = uri.export_name.clone();
-        match &uri.transport {
-            Transport::Tcp { host, port } => {
-                Self::connect_tcp((host.as_str(), *port), config, registry, token)
-            }
-            Transport::Unix { socket } => Self::connect_unix(socket, config, registry, token),
-            Transport::Vsock { .. } => Err(Error::Unsupported("vsock is not supported".into())),
-        }
+        config.export_name = endpoint.export_name.clone();
+        Self::connect(&endpoint.target, config, registry, token)
     }
 
-    fn start(
-        mut stream: Stream,
-        spare_addrs: VecDeque<SocketAddr>,
-        config: Config,
-        registry: &Registry,
-        token: Token,
-    ) -> Result<Self> {
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+    fn start(link: Link, config: Config, registry: &Registry, token: Token) -> Result<Self> {
+        let fd = link.fd().ok_or_else(|| {
+            nbd_proto::Error::InvalidArgument(
+                "the connect is over: its socket was already handed out".into(),
+            )
+        })?;
+        let registry = registry.try_clone()?;
+        registry.register(
+            &mut SourceFd(&fd),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         Ok(Client {
             conn: Connection::new(config),
-            stream,
+            link,
             token,
-            registry: registry.try_clone()?,
+            registry,
             write_blocked: false,
-            connecting: true,
-            spare_addrs,
             completions: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
@@ -192,8 +227,9 @@ impl Client {
         self.drive()
     }
 
-    /// Moves every byte that can move now: writes until done or blocked, reads
-    /// until the socket would block. Safe to call at any time.
+    /// Moves every byte that can move now: finds out whether a connect under
+    /// way has finished, writes until done or blocked, reads until the socket
+    /// is drained. Safe to call at any time.
     ///
     /// Once the connection is dead this returns its error, on the call that
     /// saw it end and on every later one (a socket error is returned as such
@@ -210,13 +246,63 @@ impl Client {
     }
 
     fn drive_inner(&mut self) -> Result<()> {
+        if !self.connected()? {
+            return Ok(());
+        }
         loop {
             let wrote = self.write_some()?;
-            let read = self.read_all()?;
+            let Link::Open(socket) = &mut self.link else {
+                return Ok(());
+            };
+            // Edge-triggered: read until drained, or the edge is lost.
+            let read = pump::read_available(&mut self.conn, socket, None)?;
             // Reads may have queued output (handshake replies, a disconnect
             // the core held back for the last reply); go round until idle.
             if !wrote && !read {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Whether the socket is connected, finding out first if a connect is
+    /// under way. A connect that fails for good ends the connection, so its
+    /// error reaches the loop once and the connection's error after that.
+    fn connected(&mut self) -> Result<bool> {
+        let result = self.advance_connect();
+        if result.is_err() {
+            let _ = self.conn.notify_read(0);
+        }
+        result
+    }
+
+    fn advance_connect(&mut self) -> Result<bool> {
+        loop {
+            let Link::Connecting(connecting) = &mut self.link else {
+                return Ok(true);
+            };
+            match connecting.advance()? {
+                Progress::Waiting => return Ok(false),
+                Progress::Retrying { abandoned, .. } => {
+                    // The next address, on a socket of its own: watch it
+                    // instead, and see at once whether it connected already.
+                    let _ = self
+                        .registry
+                        .deregister(&mut SourceFd(&abandoned.as_raw_fd()));
+                    drop(abandoned);
+                    if let Some(fd) = self.link.fd() {
+                        self.registry.register(
+                            &mut SourceFd(&fd),
+                            self.token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        )?;
+                    }
+                    self.write_blocked = false;
+                }
+                Progress::Connected(socket) => {
+                    // The same descriptor: its registration carries on.
+                    self.link = Link::Open(socket);
+                    return Ok(true);
+                }
             }
         }
     }
@@ -237,105 +323,38 @@ impl Client {
         let result = if self.closed {
             Ok(())
         } else {
-            self.write_some().map(drop)
+            match self.connected() {
+                Ok(true) => self.write_some().map(drop),
+                other => other.map(drop),
+            }
         };
         self.collect_events();
         self.end_result(result)
     }
 
+    /// Writes until done or the socket would block; whether anything moved.
     fn write_some(&mut self) -> Result<bool> {
-        let mut progressed = false;
-        while !self.write_blocked && self.conn.wants_write() {
-            let mut iov = [IoSlice::new(&[]); 64];
-            let n = self.conn.output(&mut iov);
-            if n == 0 {
-                break;
-            }
-            match self.stream.write_vectored(&iov[..n]) {
-                Ok(0) => {
-                    return self
-                        .socket_failed(io::ErrorKind::WriteZero.into())
-                        .map(|()| true)
-                }
-                Ok(k) => {
-                    self.conn.notify_write(k)?;
-                    progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected && self.connecting => {
-                    // The connect is still in progress; a writable event will follow.
-                    self.write_blocked = true;
-                }
-                Err(e) => return self.connect_or_fail(e).map(|()| true),
-            }
+        let Link::Open(socket) = &mut self.link else {
+            return Ok(false);
+        };
+        if self.write_blocked {
+            return Ok(false);
         }
-        Ok(progressed)
+        let written = pump::write_pending(&mut self.conn, socket)?;
+        self.write_blocked = written.blocked;
+        Ok(written.moved)
     }
 
-    fn read_all(&mut self) -> Result<bool> {
-        let mut progressed = false;
-        loop {
-            let buf = self.conn.recv_buf();
-            if buf.is_empty() {
-                return Ok(progressed);
-            }
-            match self.stream.read(buf) {
-                Ok(0) => {
-                    if self.connecting {
-                        if let Some(e) = self.stream.take_error()? {
-                            return self.connect_or_fail(e).map(|()| true);
-                        }
-                    }
-                    self.conn.notify_read(0)?;
-                    return Ok(true);
-                }
-                Ok(n) => {
-                    if self.connecting {
-                        self.connecting = false;
-                        self.stream.set_nodelay()?;
-                    }
-                    self.conn.notify_read(n)?;
-                    progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progressed),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected && self.connecting => {
-                    return Ok(progressed)
-                }
-                Err(e) => return self.connect_or_fail(e).map(|()| true),
-            }
+    /// Stops watching the socket and shuts it down.
+    fn release_socket(&mut self) -> io::Result<()> {
+        let deregistered = match self.link.fd() {
+            Some(fd) => self.registry.deregister(&mut SourceFd(&fd)),
+            None => Ok(()),
+        };
+        if let Link::Open(socket) = &self.link {
+            let _ = socket.shutdown();
         }
-    }
-
-    /// A connect that failed moves on to the next address; anything else ends the connection.
-    fn connect_or_fail(&mut self, e: io::Error) -> Result<()> {
-        if self.connecting {
-            if let Some(next) = self.spare_addrs.pop_front() {
-                let _ = self.registry.deregister(&mut self.stream);
-                self.stream = Stream::connect_tcp(next)?;
-                self.registry.register(
-                    &mut self.stream,
-                    self.token,
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                self.write_blocked = false;
-                return Ok(());
-            }
-        }
-        self.socket_failed(e)
-    }
-
-    /// A socket error ends the connection: the core sees end of stream, so every
-    /// pending command fails exactly once. An expected end (the server hanging up
-    /// after an abort or disconnect) is a clean close, not an error.
-    fn socket_failed(&mut self, e: io::Error) -> Result<()> {
-        let _ = self.conn.notify_read(0);
-        if self.conn.is_closed() {
-            Ok(())
-        } else {
-            Err(Error::Io(e))
-        }
+        deregistered
     }
 
     fn collect_events(&mut self) {
@@ -344,8 +363,7 @@ impl Client {
                 Event::Completed(c) => self.completions.push_back(c),
                 Event::Closed { .. } => {
                     self.closed = true;
-                    let _ = self.registry.deregister(&mut self.stream);
-                    let _ = self.stream.shutdown();
+                    let _ = self.release_socket();
                     self.events.push_back(event);
                 }
                 other => self.events.push_back(other),
@@ -367,12 +385,12 @@ impl Client {
     // ------------------------------------------------------------ commands
 
     /// Queues a read into `buf`; call [`send`](Self::send) to send.
-    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
     /// Queues a read that also reports each chunk as an `Event::ReadChunk`.
-    pub fn pread_structured(
+    pub fn aio_pread_structured(
         &mut self,
         buf: BytesMut,
         offset: u64,
@@ -382,34 +400,34 @@ impl Client {
     }
 
     /// Queues a write; the payload is sent without copying.
-    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
-    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.flush(flags)?)
     }
 
     /// Queues a trim.
-    pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Queues a cache (prefetch).
-    pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
     /// Queues a block status query over every negotiated meta context; each
     /// context's extents arrive as an `Event::BlockStatus` from
     /// [`next_event`](Self::next_event) before the completion.
-    pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
     /// Queues a write of zeroes.
-    pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
@@ -419,7 +437,7 @@ impl Client {
     /// completed (a server that sees it earlier may cut them short) and it
     /// goes out from [`handle_event`](Self::handle_event) then; otherwise it
     /// is sent now. Keep handling events until [`is_closed`](Self::is_closed).
-    pub fn disconnect(&mut self) -> Result<()> {
+    pub fn aio_disconnect(&mut self) -> Result<()> {
         self.conn.disconnect()?;
         // Commands queued but not yet sent must go out either way.
         self.send()
@@ -433,25 +451,25 @@ impl Client {
     // ------------------------------------------------------------ opt mode
 
     /// Opt mode: asks for the export list; results arrive as events.
-    pub fn opt_list(&mut self) -> Result<()> {
+    pub fn aio_opt_list(&mut self) -> Result<()> {
         self.conn.opt_list()?;
         self.send()
     }
 
     /// Opt mode: asks about the current export.
-    pub fn opt_info(&mut self) -> Result<()> {
+    pub fn aio_opt_info(&mut self) -> Result<()> {
         self.conn.opt_info()?;
         self.send()
     }
 
     /// Opt mode: selects the export and enters transmission.
-    pub fn opt_go(&mut self) -> Result<()> {
+    pub fn aio_opt_go(&mut self) -> Result<()> {
         self.conn.opt_go()?;
         self.send()
     }
 
     /// Opt mode: ends negotiation.
-    pub fn opt_abort(&mut self) -> Result<()> {
+    pub fn aio_opt_abort(&mut self) -> Result<()> {
         self.conn.opt_abort()?;
         self.send()
     }
@@ -464,15 +482,14 @@ impl Client {
     /// abandoned (their outcome is unknown), and completions not taken that
     /// failed are not done: either makes it [`Error::CommandsFailed`], with
     /// how many and the first cause. To end gracefully, call
-    /// [`disconnect`](Self::disconnect) and handle events until
+    /// [`aio_disconnect`](Self::aio_disconnect) and handle events until
     /// [`is_closed`](Self::is_closed) first.
     pub fn close(mut self) -> Result<()> {
         let deregistered = if self.closed {
             Ok(())
         } else {
-            self.registry.deregister(&mut self.stream)
+            self.release_socket()
         };
-        let _ = self.stream.shutdown();
         let abandoned = self.conn.in_flight();
         let mut failures = self
             .completions

@@ -1,10 +1,14 @@
 //! mio adapter for the `nbd-proto` NBD client: NBD connections inside an event
 //! loop the caller owns.
 //!
-//! A [`Client`] owns a mio TCP or Unix stream, registered with the caller's
-//! `Registry` under the caller's `Token`. The caller polls; on each event for
+//! A [`Client`] owns an [`nbd_io::Socket`] (TCP, Unix, vsock, a server
+//! subprocess, or a socket the caller hands over), registered with the
+//! caller's `Registry` under the caller's `Token`; it connects without
+//! blocking ([`nbd_io::Connecting`]). The caller polls; on each event for
 //! that token it calls [`Client::handle_event`], which moves every byte that can
-//! move; finished commands come back as values from [`Client::next_completion`]
+//! move ([`nbd_io::pump`]). Commands are queued by `aio_` calls (libnbd's
+//! names: `aio_pread`, `aio_pwrite`, `aio_flush`, ..., `aio_disconnect`,
+//! `aio_opt_go`); finished commands come back as values from [`Client::next_completion`]
 //! with the caller's buffer. Many connections share one `Poll`, and
 //! [`MultiConn`] spreads commands over several connections to a multi-conn export.
 //!
@@ -14,12 +18,9 @@
 #![warn(missing_docs)]
 
 mod client;
-mod error;
 mod multi;
-mod stream;
 
 pub use client::Client;
-pub use error::{Error, Result};
 pub use multi::{MultiCompletion, MultiConn, MultiCookie};
+pub use nbd_io::{self, Error, Result};
 pub use nbd_proto;
-pub use stream::Stream;

@@ -11,8 +11,9 @@ use bytes::{Bytes, BytesMut};
 use mio::{Registry, Token};
 use nbd_proto::{CmdFlags, Config, Cookie};
 
+use nbd_io::{Error, Result, Target, UriPolicy};
+
 use crate::client::Client;
-use crate::error::{Error, Result};
 
 /// Names one command issued through a [`MultiConn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,13 +61,53 @@ pub struct MultiConn {
 }
 
 impl MultiConn {
-    /// Opens `count` connections to `uri`, registered under tokens `base..base + count`.
+    /// Opens `count` connections to `uri` (accepted by the default
+    /// [`UriPolicy`]; its export name replaces `config.export_name`),
+    /// registered under tokens `base..base + count`. TLS URIs are refused, as
+    /// by [`Client::connect_uri`].
     pub fn connect_uri(
         uri: &str,
         count: usize,
         config: Config,
         registry: &Registry,
         base: Token,
+    ) -> Result<Self> {
+        let endpoint = UriPolicy::default().resolve(uri)?;
+        Self::open(count, base, |token| {
+            Client::connect_endpoint(&endpoint, config.clone(), registry, token)
+        })
+    }
+
+    /// Opens `count` connections to `target`, registered under tokens
+    /// `base..base + count`, each connecting without blocking as
+    /// [`Client::connect`] does.
+    ///
+    /// A target that starts a server program of its own (command, socket
+    /// activation) would start one server per connection, which multi-conn
+    /// cannot make consistent: with more than one connection it is refused.
+    pub fn connect(
+        target: &Target,
+        count: usize,
+        config: Config,
+        registry: &Registry,
+        base: Token,
+    ) -> Result<Self> {
+        if count > 1 && target.starts_server() {
+            return Err(nbd_proto::Error::InvalidArgument(format!(
+                "{target}: each connection would start a server of its own; \
+                 a multi-conn group needs one server"
+            ))
+            .into());
+        }
+        Self::open(count, base, |token| {
+            Client::connect(target, config.clone(), registry, token)
+        })
+    }
+
+    fn open(
+        count: usize,
+        base: Token,
+        connect: impl FnMut(Token) -> Result<Client>,
     ) -> Result<Self> {
         if count == 0 {
             return Err(nbd_proto::Error::InvalidArgument(
@@ -75,7 +116,8 @@ impl MultiConn {
             .into());
         }
         let clients = (0..count)
-            .map(|i| Client::connect_uri(uri, config.clone(), registry, Token(base.0 + i)))
+            .map(|i| Token(base.0 + i))
+            .map(connect)
             .collect::<Result<Vec<_>>>()?;
         Ok(MultiConn {
             clients,
@@ -188,7 +230,7 @@ impl MultiConn {
             let mut sent = false;
             for _ in 0..self.clients.len() {
                 let i = self.pick();
-                match self.clients[i].flush(f.flags) {
+                match self.clients[i].aio_flush(f.flags) {
                     Ok(cookie) => {
                         self.ids.insert((i, cookie), f.id);
                         // A send failure fails the flush through the connection's completions.
@@ -237,25 +279,30 @@ impl MultiConn {
     }
 
     /// Queues a read on the next connection.
-    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+    pub fn aio_pread(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<MultiCookie> {
         self.check_accepting()?;
         let i = self.pick();
-        let cookie = self.clients[i].pread(buf, offset, flags)?;
+        let cookie = self.clients[i].aio_pread(buf, offset, flags)?;
         Ok(self.issue(i, cookie))
     }
 
     /// Queues a write on the next connection.
-    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+    pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
         self.check_accepting()?;
         let i = self.pick();
-        let cookie = self.clients[i].pwrite(data, offset, flags)?;
+        let cookie = self.clients[i].aio_pwrite(data, offset, flags)?;
         let id = self.issue(i, cookie);
         self.writes_in_flight.insert(id);
         Ok(id)
     }
 
     /// Queues a flush covering every write issued before it on any connection.
-    pub fn flush(&mut self, flags: CmdFlags) -> Result<MultiCookie> {
+    pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<MultiCookie> {
         self.check_accepting()?;
         let id = MultiCookie(self.next_id);
         self.next_id += 1;
@@ -287,7 +334,7 @@ impl MultiConn {
     /// connection sends `NBD_CMD_DISC` once nothing of it is in flight. Keep
     /// handling events until [`is_closed`](Self::is_closed); take the
     /// completions to see whether everything succeeded.
-    pub fn disconnect(&mut self) -> Result<()> {
+    pub fn aio_disconnect(&mut self) -> Result<()> {
         self.disconnecting = true;
         self.release_disconnects();
         self.send()
@@ -304,7 +351,7 @@ impl MultiConn {
             if c.connection().is_ready() {
                 // A failure here is the connection's end, which handle_event
                 // reports and which fails its commands.
-                let _ = c.disconnect();
+                let _ = c.aio_disconnect();
             }
         }
     }

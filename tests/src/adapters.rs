@@ -622,34 +622,49 @@ impl Adapter for MioAdapter {
     }
 
     fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> CallResult<BytesMut> {
-        let cookie = self.client.pread(buf, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_pread(buf, offset, flags)
+            .map_err(Into::into);
         Ok(self
             .complete(cookie)?
             .expect("a read completion hands its buffer back"))
     }
 
     fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.pwrite(data, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_pwrite(data, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn flush(&mut self, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.flush(flags).map_err(Into::into);
+        let cookie = self.client.aio_flush(flags).map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.trim(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_trim(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.zero(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_zero(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
     fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {
-        let cookie = self.client.cache(count, offset, flags).map_err(Into::into);
+        let cookie = self
+            .client
+            .aio_cache(count, offset, flags)
+            .map_err(Into::into);
         self.complete(cookie).map(drop)
     }
 
@@ -659,7 +674,7 @@ impl Adapter for MioAdapter {
         offset: u64,
         flags: CmdFlags,
     ) -> CallResult<Vec<BlockStatus>> {
-        let cookie = self.client.block_status(count, offset, flags)?;
+        let cookie = self.client.aio_block_status(count, offset, flags)?;
         self.client.send()?;
         let done = self.wait_for(cookie);
         self.absorb();
@@ -674,16 +689,18 @@ impl Adapter for MioAdapter {
     fn issue(&mut self, cmd: Cmd) -> CallResult<Cookie> {
         let c = &mut self.client;
         Ok(match cmd {
-            Cmd::Read { offset, len, flags } => c.pread(BytesMut::zeroed(len), offset, flags)?,
+            Cmd::Read { offset, len, flags } => {
+                c.aio_pread(BytesMut::zeroed(len), offset, flags)?
+            }
             Cmd::Write {
                 offset,
                 data,
                 flags,
-            } => c.pwrite(data, offset, flags)?,
-            Cmd::Flush { flags } => c.flush(flags)?,
-            Cmd::Trim { offset, len, flags } => c.trim(len, offset, flags)?,
-            Cmd::Zero { offset, len, flags } => c.zero(len, offset, flags)?,
-            Cmd::Cache { offset, len, flags } => c.cache(len, offset, flags)?,
+            } => c.aio_pwrite(data, offset, flags)?,
+            Cmd::Flush { flags } => c.aio_flush(flags)?,
+            Cmd::Trim { offset, len, flags } => c.aio_trim(len, offset, flags)?,
+            Cmd::Zero { offset, len, flags } => c.aio_zero(len, offset, flags)?,
+            Cmd::Cache { offset, len, flags } => c.aio_cache(len, offset, flags)?,
         })
     }
 
@@ -717,7 +734,7 @@ impl Adapter for MioAdapter {
     }
 
     fn disconnect(mut self) -> CallResult<()> {
-        self.client.disconnect()?;
+        self.client.aio_disconnect()?;
         let errors = self.run_until("the server to close after NBD_CMD_DISC", |a| {
             a.client.is_closed()
         });

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::{Events, Poll, Token};
+use nbd_io::{Connecting, Target, Transports, UriPolicy};
 use nbd_mio::{Client, MultiCompletion, MultiConn, MultiCookie};
 use nbd_proto::{CmdFlags, Completion, Config, Cookie, Errno, Event};
 use nbd_tests::testkit::{pattern_at, XorShift};
@@ -247,7 +248,7 @@ fn partial_writes_resume_on_writable_events() {
         let offset = MIB + (i * PIECE) as u64;
         cookies.push(
             l.clients[c]
-                .pwrite(piece.clone(), offset, CmdFlags::empty())
+                .aio_pwrite(piece.clone(), offset, CmdFlags::empty())
                 .unwrap(),
         );
     }
@@ -281,7 +282,7 @@ fn partial_writes_resume_on_writable_events() {
     let reads: Vec<Cookie> = (0..PIECES)
         .map(|i| {
             l.clients[c]
-                .pread(
+                .aio_pread(
                     BytesMut::zeroed(PIECE),
                     MIB + (i * PIECE) as u64,
                     CmdFlags::empty(),
@@ -301,14 +302,14 @@ fn partial_writes_resume_on_writable_events() {
     }
     // The bytes around the written range were not touched.
     let edge = l.clients[c]
-        .pread(BytesMut::zeroed(8), MIB - 4, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(8), MIB - 4, CmdFlags::empty())
         .unwrap();
     l.send(c);
     let done = l.take(c, 1);
     assert_eq!(done[0].cookie, edge);
     assert_eq!(&done[0].buffer.as_ref().unwrap()[..4], &[0; 4]);
     assert_eq!(&done[0].buffer.as_ref().unwrap()[4..], &data[0][..4]);
-    l.clients[c].disconnect().unwrap();
+    l.clients[c].aio_disconnect().unwrap();
     l.run_until("the clean close", |l| l.clients[c].is_closed());
     assert!(l.clients[c].connection().error().is_none());
 }
@@ -335,7 +336,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     // The survivor: data written first, then reads that wait in its delay
     // filter while the other server dies.
     l.clients[b]
-        .pwrite(
+        .aio_pwrite(
             Bytes::from(vec![0x5A; 64 * KIB as usize]),
             0,
             CmdFlags::empty(),
@@ -346,7 +347,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     let b_reads: Vec<Cookie> = (0..4)
         .map(|i| {
             l.clients[b]
-                .pread(
+                .aio_pread(
                     BytesMut::zeroed(16 * KIB as usize),
                     i * 16 * KIB,
                     CmdFlags::empty(),
@@ -361,7 +362,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     let a_reads: Vec<Cookie> = (0..READS)
         .map(|i| {
             l.clients[a]
-                .pread(BytesMut::zeroed(LEN as usize), i * LEN, CmdFlags::empty())
+                .aio_pread(BytesMut::zeroed(LEN as usize), i * LEN, CmdFlags::empty())
                 .unwrap()
         })
         .collect();
@@ -404,7 +405,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     );
     // A later command on the dead connection fails at once.
     let err = l.clients[a]
-        .pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
         .expect_err("the connection is dead");
     assert_eq!(err.errno(), Some(Errno::NotConn), "{err}");
 
@@ -423,12 +424,12 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     let mut rng = XorShift::new(8);
     let more = Bytes::from(rng.bytes(100_000));
     l.clients[b]
-        .pwrite(more.clone(), MIB + 3, CmdFlags::FUA)
+        .aio_pwrite(more.clone(), MIB + 3, CmdFlags::FUA)
         .unwrap();
     l.send(b);
     l.take(b, 1).pop().unwrap().result.unwrap();
     let cookie = l.clients[b]
-        .pread(BytesMut::zeroed(100_000), MIB + 3, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(100_000), MIB + 3, CmdFlags::empty())
         .unwrap();
     l.send(b);
     let got = l.take(b, 1).pop().unwrap();
@@ -441,7 +442,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
         l.event_count[a], events_a,
         "events for the closed connection"
     );
-    l.clients[b].disconnect().unwrap();
+    l.clients[b].aio_disconnect().unwrap();
     l.run_until("the clean close", |l| l.clients[b].is_closed());
 }
 
@@ -465,7 +466,7 @@ fn server_killed_while_writes_are_stuck_fails_each_once() {
     let cookies: HashSet<Cookie> = (0..8)
         .map(|i| {
             l.clients[c]
-                .pwrite(data.clone(), (i * PIECE) as u64, CmdFlags::empty())
+                .aio_pwrite(data.clone(), (i * PIECE) as u64, CmdFlags::empty())
                 .unwrap()
         })
         .collect();
@@ -529,7 +530,7 @@ fn stalled_server_costs_almost_no_cpu() {
     let cpu_before = thread_cpu_time();
     let started = Instant::now();
     let cookie = l.clients[c]
-        .pread(BytesMut::zeroed(4096), 8192, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(4096), 8192, CmdFlags::empty())
         .unwrap();
     l.send(c);
     let done = l.take(c, 1);
@@ -551,7 +552,7 @@ fn stalled_server_costs_almost_no_cpu() {
         "waiting {wall:?} for a stalled server used {cpu:?} of CPU (busy loop?)"
     );
     assert!(wakeups <= 10, "{wakeups} wakeups while waiting {wall:?}");
-    l.clients[c].disconnect().unwrap();
+    l.clients[c].aio_disconnect().unwrap();
 }
 
 // ------------------------------------------------------------------ many connections
@@ -596,7 +597,7 @@ fn four_servers_interleaved_in_one_poll() {
                 model[offset as usize..][..len].copy_from_slice(&data);
                 cookies.push(
                     l.clients[i]
-                        .pwrite(Bytes::from(data), offset, CmdFlags::empty())
+                        .aio_pwrite(Bytes::from(data), offset, CmdFlags::empty())
                         .unwrap(),
                 );
             }
@@ -624,7 +625,7 @@ fn four_servers_interleaved_in_one_poll() {
         let reads: Vec<Cookie> = (0..4)
             .map(|i| {
                 l.clients[i]
-                    .pread(BytesMut::zeroed(4 * MIB as usize), 0, CmdFlags::empty())
+                    .aio_pread(BytesMut::zeroed(4 * MIB as usize), 0, CmdFlags::empty())
                     .unwrap()
             })
             .collect();
@@ -648,7 +649,7 @@ fn four_servers_interleaved_in_one_poll() {
         assert!(e.is_empty(), "client {i}: {e:?}");
     }
     for i in 0..4 {
-        l.clients[i].disconnect().unwrap();
+        l.clients[i].aio_disconnect().unwrap();
     }
     l.run_until("every clean close", |l| {
         l.clients.iter().all(Client::is_closed)
@@ -656,10 +657,12 @@ fn four_servers_interleaved_in_one_poll() {
     assert!(l.clients.iter().all(|c| c.connection().error().is_none()));
 }
 
-/// `connect_tcp` tries every address in turn without blocking: the first
-/// refuses, the second is an nbdkit; `connect_unix` by path works too.
+/// A TCP connect tries every address in turn without blocking: the first
+/// refuses, the second is an nbdkit (addresses the caller resolved, through
+/// `nbd_io::Connecting::tcp`); a Unix socket by path as a `Target`, and a
+/// socket the caller connected itself (`connect_socket`), work too.
 #[test]
-fn connect_tcp_falls_back_to_the_next_address_and_unix_by_path() {
+fn connect_falls_back_to_the_next_tcp_address_and_other_ways_in() {
     let server = NbdkitBuilder::pattern(MIB).tcp().start();
     let unix = NbdkitBuilder::pattern(2 * MIB).start();
     let (_reserved, port) = refusing_port();
@@ -667,23 +670,23 @@ fn connect_tcp_falls_back_to_the_next_address_and_unix_by_path() {
     let good = server.tcp_addr().unwrap();
     let mut l = Loop::new();
     let t = l.next_token();
-    let c = Client::connect_tcp(
-        &[refused, good][..],
-        Config::default(),
-        l.poll.registry(),
-        t,
-    )
-    .unwrap();
+    let connecting = Connecting::tcp([refused, good], "the test nbdkit").unwrap();
+    let c = Client::connect_with(connecting, Config::default(), l.poll.registry(), t).unwrap();
     let a = l.push(c);
     let t = l.next_token();
-    let c = Client::connect_unix(
-        unix.socket_path().unwrap(),
+    let path = unix.socket_path().unwrap().to_path_buf();
+    let c = Client::connect(
+        &Target::Unix(path.clone()),
         Config::default(),
         l.poll.registry(),
         t,
     )
     .unwrap();
     let b = l.push(c);
+    let t = l.next_token();
+    let socket = nbd_io::connect(&Target::Unix(path)).unwrap();
+    let c = Client::connect_socket(socket, Config::default(), l.poll.registry(), t).unwrap();
+    let d = l.push(c);
     l.ready();
     assert!(
         l.errors[a].is_empty(),
@@ -692,19 +695,102 @@ fn connect_tcp_falls_back_to_the_next_address_and_unix_by_path() {
     );
     assert_eq!(l.clients[a].connection().size().unwrap(), MIB);
     assert_eq!(l.clients[b].connection().size().unwrap(), 2 * MIB);
+    assert_eq!(l.clients[d].connection().size().unwrap(), 2 * MIB);
     let ra = l.clients[a]
-        .pread(BytesMut::zeroed(1000), 777, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(1000), 777, CmdFlags::empty())
         .unwrap();
     let rb = l.clients[b]
-        .pread(BytesMut::zeroed(1000), MIB + 777, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(1000), MIB + 777, CmdFlags::empty())
+        .unwrap();
+    let rd = l.clients[d]
+        .aio_pread(BytesMut::zeroed(1000), 3, CmdFlags::empty())
         .unwrap();
     l.send(a);
     l.send(b);
+    l.send(d);
     let da = l.take(a, 1).pop().unwrap();
     let db = l.take(b, 1).pop().unwrap();
-    assert_eq!((da.cookie, db.cookie), (ra, rb));
+    let dd = l.take(d, 1).pop().unwrap();
+    assert_eq!((da.cookie, db.cookie, dd.cookie), (ra, rb, rd));
     assert_eq!(da.buffer.unwrap()[..], pattern_at(777, 1000)[..]);
     assert_eq!(db.buffer.unwrap()[..], pattern_at(MIB + 777, 1000)[..]);
+    assert_eq!(dd.buffer.unwrap()[..], pattern_at(3, 1000)[..]);
+}
+
+/// `Target::Tcp` by host name and port: resolved, then connected without
+/// blocking, in the same loop as everything else.
+#[test]
+fn connect_a_tcp_target() {
+    let server = NbdkitBuilder::pattern(MIB).tcp().start();
+    let addr = server.tcp_addr().unwrap();
+    let target = Target::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    let mut l = Loop::new();
+    let t = l.next_token();
+    let c = l.push(Client::connect(&target, Config::default(), l.poll.registry(), t).unwrap());
+    l.ready();
+    let r = l.clients[c]
+        .aio_pread(BytesMut::zeroed(4096), 8192, CmdFlags::empty())
+        .unwrap();
+    l.send(c);
+    let done = l.take(c, 1).pop().unwrap();
+    assert_eq!(done.cookie, r);
+    assert_eq!(done.buffer.unwrap()[..], pattern_at(8192, 4096)[..]);
+    l.clients[c].aio_disconnect().unwrap();
+    l.run_until("the close", |l| l.clients[c].is_closed());
+    assert!(l.errors[c].is_empty(), "{:?}", l.errors[c]);
+}
+
+/// Server programs the client starts itself: `nbdkit -s` on a socket pair
+/// (`Target::Command`) and nbdkit by socket activation
+/// (`Target::Activation`), both driven by the loop like any socket; each
+/// reads the pattern back, and the graceful close ends cleanly.
+#[test]
+fn connect_to_servers_the_client_starts() {
+    let targets = [
+        Target::command(["nbdkit", "-s", "--exit-with-parent", "pattern", "1M"]),
+        Target::activation(["nbdkit", "--exit-with-parent", "pattern", "1M"]),
+    ];
+    let mut l = Loop::new();
+    let mut clients = Vec::new();
+    for target in &targets {
+        let t = l.next_token();
+        let client = Client::connect(target, Config::default(), l.poll.registry(), t)
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        clients.push(l.push(client));
+    }
+    l.ready();
+    for &c in &clients {
+        assert_eq!(l.clients[c].connection().size().unwrap(), MIB);
+        let r = l.clients[c]
+            .aio_pread(BytesMut::zeroed(5000), MIB - 5000, CmdFlags::empty())
+            .unwrap();
+        l.send(c);
+        let done = l.take(c, 1).pop().unwrap();
+        assert_eq!(done.cookie, r);
+        assert_eq!(done.buffer.unwrap()[..], pattern_at(MIB - 5000, 5000)[..]);
+        l.clients[c].aio_disconnect().unwrap();
+    }
+    l.run_until("both closes", |l| {
+        clients.iter().all(|&c| l.clients[c].is_closed())
+    });
+    for &c in &clients {
+        assert!(l.errors[c].is_empty(), "{:?}", l.errors[c]);
+        assert!(l.clients[c].connection().error().is_none());
+    }
+    // The group refuses to start one server per connection.
+    let err = MultiConn::connect(
+        &targets[0],
+        2,
+        Config::default(),
+        l.poll.registry(),
+        Token(100),
+    )
+    .err()
+    .expect("two servers cannot be one multi-conn export");
+    assert_eq!(err.errno(), Some(Errno::Inval), "{err}");
 }
 
 /// A refused connect is reported, through `handle_event` (or at once by the
@@ -716,22 +802,32 @@ fn refused_connects_report_errors_instead_of_hanging() {
     let dir = tempfile::tempdir().unwrap();
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let missing = dir.path().join("missing.sock");
+    // Each URI, and what its errors must name.
     let uris = [
-        format!("nbd://127.0.0.1:{port}"),
-        format!("nbd+unix:///?socket={}", stale.display()),
-        format!(
-            "nbd+unix:///?socket={}",
-            dir.path().join("missing.sock").display()
+        (
+            format!("nbd://127.0.0.1:{port}"),
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            format!("nbd+unix:///?socket={}", stale.display()),
+            stale.display().to_string(),
+        ),
+        (
+            format!("nbd+unix:///?socket={}", missing.display()),
+            missing.display().to_string(),
         ),
     ];
-    for uri in &uris {
+    for (uri, names) in &uris {
         // Each wait below is bounded by LIMIT, which turns a hang into a failure.
         let mut l = Loop::new();
         let token = l.next_token();
         match Client::connect_uri(uri, Config::default(), l.poll.registry(), token) {
             Err(e) => {
-                // Refused synchronously: fine, it is an error, not a hang.
-                assert!(matches!(e, nbd_mio::Error::Io(_)), "{uri}: {e:?}");
+                // Refused synchronously: fine, it is an error, not a hang;
+                // it names the socket.
+                assert!(matches!(e, nbd_mio::Error::Connect { .. }), "{uri}: {e:?}");
+                assert!(e.to_string().contains(names.as_str()), "{uri}: {e}");
             }
             Ok(client) => {
                 let c = l.push(client);
@@ -740,10 +836,11 @@ fn refused_connects_report_errors_instead_of_hanging() {
                 });
                 assert!(!l.errors[c].is_empty(), "{uri}: no error from handle_event");
                 assert!(
-                    l.errors[c]
-                        .iter()
-                        .any(|e| matches!(e, nbd_mio::Error::Io(io)
-                        if io.kind() == std::io::ErrorKind::ConnectionRefused)),
+                    l.errors[c].iter().any(
+                        |e| matches!(e, nbd_mio::Error::Connect { source, target }
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused
+                            && target.contains(names.as_str()))
+                    ),
                     "{uri}: {:?}",
                     l.errors[c]
                 );
@@ -756,9 +853,76 @@ fn refused_connects_report_errors_instead_of_hanging() {
                 assert!(!l.clients[c].connection().is_ready());
                 // Nothing can be issued on it.
                 assert!(l.clients[c]
-                    .pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+                    .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
                     .is_err());
             }
+        }
+    }
+}
+
+/// URIs go through `nbd_io::UriPolicy`: a TLS URI is refused as
+/// unsupported (this adapter has no TLS yet), an unknown query parameter is
+/// diagnosed, a caller's policy is honoured (`connect_endpoint`), and a vsock
+/// URI is tried rather than refused: where the kernel has no vsock, or
+/// nobody listens, it is an error naming the target, never a hang.
+#[test]
+fn uris_follow_the_policy_and_vsock_is_tried() {
+    let mut l = Loop::new();
+    let token = l.next_token();
+    let registry = l.poll.registry();
+    let tls = Client::connect_uri(
+        "nbds+unix:///?socket=/nonexistent.sock",
+        Config::default(),
+        registry,
+        token,
+    )
+    .err()
+    .expect("TLS is not supported yet");
+    assert!(matches!(tls, nbd_mio::Error::Unsupported(_)), "{tls:?}");
+    let typo = Client::connect_uri(
+        "nbd://localhost/?sokcet=/x",
+        Config::default(),
+        registry,
+        token,
+    )
+    .err()
+    .expect("an unknown parameter is an error");
+    assert!(typo.to_string().contains("sokcet"), "{typo}");
+    assert_eq!(typo.errno(), Some(Errno::Inval));
+
+    let unix_only = UriPolicy {
+        transports: Transports::UNIX,
+        ..UriPolicy::default()
+    };
+    let refused = unix_only
+        .resolve("nbd://127.0.0.1:10809/")
+        .expect_err("TCP is not allowed by this policy");
+    assert!(
+        matches!(refused, nbd_mio::Error::UriRefused(_)),
+        "{refused:?}"
+    );
+    let server = NbdkitBuilder::pattern(MIB).start();
+    let endpoint = unix_only.resolve(&server.uri()).unwrap();
+    let c = Client::connect_endpoint(&endpoint, Config::default(), registry, token).unwrap();
+    let c = l.push(c);
+    l.ready();
+    assert_eq!(l.clients[c].connection().size().unwrap(), MIB);
+    l.clients[c].aio_disconnect().unwrap();
+    l.run_until("the close", |l| l.clients[c].is_closed());
+
+    let token = l.next_token();
+    let uri = "nbd+vsock://1:2147483632/";
+    let names_vsock = |e: &nbd_mio::Error| match e {
+        nbd_mio::Error::Unsupported(m) => m.contains("vsock"),
+        nbd_mio::Error::Connect { target, .. } => target.contains("vsock"),
+        _ => false,
+    };
+    match Client::connect_uri(uri, Config::default(), l.poll.registry(), token) {
+        Err(e) => assert!(names_vsock(&e), "{e:?}"),
+        Ok(client) => {
+            let v = l.push(client);
+            l.run_until("the vsock refusal", |l| l.clients[v].is_closed());
+            assert!(l.errors[v].iter().any(names_vsock), "{:?}", l.errors[v]);
         }
     }
 }
@@ -778,13 +942,13 @@ fn disconnect_lets_commands_in_flight_finish() {
     let cookies: HashSet<Cookie> = (0..6)
         .map(|i| {
             l.clients[c]
-                .pread(BytesMut::zeroed(4096), i * 4096, CmdFlags::empty())
+                .aio_pread(BytesMut::zeroed(4096), i * 4096, CmdFlags::empty())
                 .unwrap()
         })
         .collect();
-    l.clients[c].disconnect().unwrap();
+    l.clients[c].aio_disconnect().unwrap();
     assert!(l.clients[c]
-        .pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
         .is_err());
     l.run_until("the close after disconnect", |l| l.clients[c].is_closed());
     let done = by_cookie(std::mem::take(&mut l.done[c]));
@@ -844,7 +1008,7 @@ fn opt_mode_list_refusal_and_go_through_events() {
             .iter()
             .any(|e| matches!(e, Event::OptionDone { .. }))
     };
-    l.clients[c].opt_list().unwrap();
+    l.clients[c].aio_opt_list().unwrap();
     l.run_until("the export list", option_done);
     let names: Vec<&str> = l.other[c]
         .iter()
@@ -860,7 +1024,7 @@ fn opt_mode_list_refusal_and_go_through_events() {
         .connection_mut()
         .set_export_name("nope")
         .unwrap();
-    l.clients[c].opt_go().unwrap();
+    l.clients[c].aio_opt_go().unwrap();
     l.run_until("the refusal", option_done);
     match &l.other[c][..] {
         [Event::OptionDone { result: Err(e), .. }] => assert_eq!(e.errno(), Errno::NoEnt, "{e}"),
@@ -873,11 +1037,11 @@ fn opt_mode_list_refusal_and_go_through_events() {
         .connection_mut()
         .set_export_name("beta")
         .unwrap();
-    l.clients[c].opt_go().unwrap();
+    l.clients[c].aio_opt_go().unwrap();
     l.run_until("ready", |l| l.clients[c].connection().is_ready());
     assert_eq!(l.clients[c].connection().size().unwrap(), MIB);
     let r = l.clients[c]
-        .pread(BytesMut::zeroed(16), 0, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(16), 0, CmdFlags::empty())
         .unwrap();
     l.send(c);
     let got = l.take(c, 1).pop().unwrap();
@@ -918,7 +1082,7 @@ fn drive_at_any_time_and_read_chunks_as_events() {
     );
 
     let cookie = l.clients[c]
-        .pread_structured(
+        .aio_pread_structured(
             BytesMut::from(&vec![0x11; MIB as usize][..]),
             MIB / 2,
             CmdFlags::empty(),
@@ -966,7 +1130,7 @@ fn drive_at_any_time_and_read_chunks_as_events() {
         covered += length;
     }
     assert_eq!(covered, MIB / 2 + MIB, "{:?}", l.other[c]);
-    l.clients[c].disconnect().unwrap();
+    l.clients[c].aio_disconnect().unwrap();
 }
 
 // ------------------------------------------------------------------ MultiConn
@@ -1036,7 +1200,7 @@ fn multi_conn_flush_waits_for_every_earlier_write() {
         model[offset as usize..][..data.len()].copy_from_slice(&data);
         writes.push(
             group
-                .pwrite(Bytes::from(data), offset, CmdFlags::empty())
+                .aio_pwrite(Bytes::from(data), offset, CmdFlags::empty())
                 .unwrap(),
         );
     }
@@ -1044,7 +1208,7 @@ fn multi_conn_flush_waits_for_every_earlier_write() {
     let per_conn: Vec<usize> = group.clients().iter().map(Client::in_flight).collect();
     assert_eq!(per_conn, [2, 2, 2, 2]);
     let flushed_at = Instant::now();
-    let flush = group.flush(CmdFlags::empty()).unwrap();
+    let flush = group.aio_flush(CmdFlags::empty()).unwrap();
     group.send().unwrap();
     // The flush is held back: nothing but the 8 writes is on any connection.
     let on_wire: usize = group.clients().iter().map(Client::in_flight).sum();
@@ -1082,7 +1246,7 @@ fn multi_conn_flush_waits_for_every_earlier_write() {
         .map(|j| {
             let offset = j * 512 * KIB + 1;
             let read = group
-                .pread(
+                .aio_pread(
                     BytesMut::zeroed(256 * KIB as usize),
                     offset,
                     CmdFlags::empty(),
@@ -1106,13 +1270,13 @@ fn multi_conn_flush_waits_for_every_earlier_write() {
             "read at {offset} through another connection differs"
         );
     }
-    group.disconnect().unwrap();
+    group.aio_disconnect().unwrap();
     // A fresh, separate connection sees the same data.
     let mut l = Loop::new();
     let c = l.connect(&server.uri());
     l.ready();
     l.clients[c]
-        .pread(BytesMut::zeroed(8 * MIB as usize), 0, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(8 * MIB as usize), 0, CmdFlags::empty())
         .unwrap();
     l.send(c);
     let got = l.take(c, 1).pop().unwrap();
@@ -1137,7 +1301,7 @@ fn multi_conn_flush_with_nothing_pending_is_sent_at_once() {
     run_multi(&mut poll, &mut group, &mut done, "handshakes", |g, _| {
         g.is_ready().unwrap()
     });
-    let flush = group.flush(CmdFlags::empty()).unwrap();
+    let flush = group.aio_flush(CmdFlags::empty()).unwrap();
     let on_wire: usize = group.clients().iter().map(Client::in_flight).sum();
     assert_eq!(
         on_wire, 1,
@@ -1148,7 +1312,7 @@ fn multi_conn_flush_with_nothing_pending_is_sent_at_once() {
     });
     assert_eq!(done[0].cookie, flush);
     done.remove(0).result.unwrap();
-    group.disconnect().unwrap();
+    group.aio_disconnect().unwrap();
 }
 
 /// Against a server that does not advertise multi-conn (nbdkit's multi-conn
@@ -1178,7 +1342,7 @@ fn multi_conn_refused_without_multi_conn() {
         Err(nbd_mio::Error::Unsupported(msg)) => assert!(msg.contains("multi-conn"), "{msg}"),
         other => panic!("is_ready of 2 connections without multi-conn: {other:?}"),
     }
-    group.disconnect().unwrap();
+    group.aio_disconnect().unwrap();
 
     let mut single = MultiConn::connect_uri(
         &server.uri(),
@@ -1196,7 +1360,7 @@ fn multi_conn_refused_without_multi_conn() {
         |g, _| g.is_ready().unwrap(),
     );
     let r = single
-        .pread(BytesMut::zeroed(10), 0, CmdFlags::empty())
+        .aio_pread(BytesMut::zeroed(10), 0, CmdFlags::empty())
         .unwrap();
     single.send().unwrap();
     run_multi(&mut poll, &mut single, &mut done, "a read", |_, d| {
@@ -1237,12 +1401,12 @@ fn multi_conn_commands_complete_when_a_connection_fails_in_send() {
     // Not polled since: both connections still look ready.
     assert!(group.clients().iter().all(|c| c.connection().is_ready()));
     let w0 = group
-        .pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
+        .aio_pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
         .unwrap();
     let w1 = group
-        .pwrite(Bytes::from(vec![2; 4096]), 4096, CmdFlags::empty())
+        .aio_pwrite(Bytes::from(vec![2; 4096]), 4096, CmdFlags::empty())
         .unwrap();
-    let flush = group.flush(CmdFlags::empty()).unwrap();
+    let flush = group.aio_flush(CmdFlags::empty()).unwrap();
     // Writing to the dead Unix socket fails (EPIPE): reported here or
     // through the completions, either is fine; losing them is not.
     let _ = group.send();
@@ -1303,12 +1467,12 @@ fn multi_conn_flush_completes_when_the_server_dies() {
         g.is_ready().unwrap()
     });
     let w0 = group
-        .pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
+        .aio_pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
         .unwrap();
     let w1 = group
-        .pwrite(Bytes::from(vec![2; 4096]), 4096, CmdFlags::empty())
+        .aio_pwrite(Bytes::from(vec![2; 4096]), 4096, CmdFlags::empty())
         .unwrap();
-    let flush = group.flush(CmdFlags::empty()).unwrap();
+    let flush = group.aio_flush(CmdFlags::empty()).unwrap();
     group.send().unwrap();
     assert_eq!(group.in_flight(), 3);
     std::thread::sleep(Duration::from_millis(100));
@@ -1350,7 +1514,7 @@ fn close_after_a_clean_disconnect_succeeds() {
     let mut l = Loop::new();
     let c = l.connect(&server.uri());
     l.ready();
-    l.clients[c].disconnect().unwrap();
+    l.clients[c].aio_disconnect().unwrap();
     l.run_until("the clean close", |l| l.clients[c].is_closed());
     let client = l.clients.pop().unwrap();
     client

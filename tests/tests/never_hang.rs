@@ -361,12 +361,12 @@ fn mio_disconnect_waits_for_writes_in_flight() {
             for i in 0..WRITES {
                 let data = Bytes::from(vec![fill(round, i); WRITE_LEN]);
                 let offset = round_offset(round) + i * WRITE_LEN as u64;
-                client.pwrite(data, offset, CmdFlags::empty()).unwrap();
+                client.aio_pwrite(data, offset, CmdFlags::empty()).unwrap();
             }
             client.send().unwrap();
-            client.disconnect().unwrap();
+            client.aio_disconnect().unwrap();
             let refused = client
-                .pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+                .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
                 .expect_err("no new command after disconnect");
             assert_eq!(refused.errno(), Some(Errno::Shutdown), "{refused}");
             let mut done = 0;
@@ -444,7 +444,7 @@ fn mio_close_with_writes_in_flight_is_an_error() {
             }
         }
         client
-            .pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
+            .aio_pwrite(Bytes::from(vec![1; 4096]), 0, CmdFlags::empty())
             .unwrap();
         client.send().unwrap();
         client.close().expect_err("a write was still in flight")
