@@ -59,19 +59,7 @@ pub fn connect(target: &Target) -> Result<Socket> {
 }
 
 fn connect_tcp(target: &Target, host: &str, port: u16) -> Result<Socket> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|source| Error::Resolve {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Error::Resolve {
-            host: host.to_string(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no address"),
-        });
-    }
+    let addrs = resolve(host, port)?;
     let mut last = None;
     for addr in &addrs {
         match TcpStream::connect(addr) {
@@ -92,4 +80,24 @@ fn connect_tcp(target: &Target, host: &str, port: u16) -> Result<Socket> {
         target.to_string()
     };
     Err(Error::Connect { target, source })
+}
+
+/// Every address `host` resolves to (this blocks on the resolver); no
+/// address at all is an error naming the host.
+pub(crate) fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
+    let resolve_error = |source| Error::Resolve {
+        host: host.to_string(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(resolve_error)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(resolve_error(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no address",
+        )));
+    }
+    Ok(addrs)
 }

@@ -13,12 +13,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
+use crate::connect::resolve;
 use crate::error::{Error, Result};
 use crate::socket::Socket;
 use crate::target::Target;
@@ -333,24 +334,6 @@ fn spent() -> Error {
 }
 
 /// Resolves a host name; this blocks (see [`Connecting::start`]).
-fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
-    let resolve_error = |source| Error::Resolve {
-        host: host.to_string(),
-        source,
-    };
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(resolve_error)?
-        .collect();
-    if addrs.is_empty() {
-        return Err(resolve_error(io::Error::new(
-            io::ErrorKind::NotFound,
-            "no address",
-        )));
-    }
-    Ok(addrs)
-}
-
 fn new_socket(family: AddressFamily) -> io::Result<OwnedFd> {
     Ok(rustix::net::socket_with(
         family,
