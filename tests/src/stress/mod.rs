@@ -1,0 +1,160 @@
+//! A model-based stress test of the client (the fsx idea): a seeded random
+//! mix of reads, writes, trims, zeroes, flushes, caches and block status
+//! queries at random offsets and lengths, with 1 to 256 commands in flight
+//! and completions taken in any order, checked against an in-memory model of
+//! the export.
+//!
+//! * [`ops`]: the operations and their seeded generator, which respects the
+//!   server's size, block sizes and advertised commands and flags.
+//! * [`model`]: what the export must hold; every read is compared with it
+//!   byte for byte, and every range block status reports as zero must be
+//!   zero in it.
+//! * [`driver`]: the blocking adapter's aio calls and the mio adapter's poll
+//!   loop, behind one small trait.
+//!
+//! NBD orders nothing between commands in flight, so the runner never has a
+//! command in flight that overlaps one changing data; with that, the model is
+//! exact. Trimmed bytes are unknown (not checked until rewritten) unless the
+//! server promises they read back as zeroes.
+//!
+//! Settings come from the environment ([`Settings::from_env`]):
+//! `NBD_STRESS_OPS` (operations per configuration) and `NBD_STRESS_SEED`
+//! (replay one seed; otherwise each run picks a new seed and prints it). A
+//! failure panics with the seed, the configuration, the operation's index
+//! and the command line that replays it.
+
+pub mod driver;
+pub mod model;
+pub mod ops;
+mod runner;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use driver::{Blocking, Driver, Mio};
+pub use ops::{Kind, Limits};
+
+/// Operations per configuration when `NBD_STRESS_OPS` is not set: enough to
+/// reach every depth and kind, small enough for CI.
+pub const DEFAULT_OPS: u64 = 3000;
+
+/// Ranges of commands in flight (inclusive) that [`Summary::depths`] counts.
+pub const DEPTH_BUCKETS: [(usize, usize); 4] = [(1, 1), (2, 8), (9, 64), (65, 256)];
+
+/// One stress run: which test, which server, how long, which seed.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The test function's name, for the replay command.
+    pub test: String,
+    /// The server, for messages (`"nbdkit memory"`).
+    pub server: String,
+    /// Where to connect.
+    pub uri: String,
+    /// Whether the server promises that trimmed bytes read back as zeroes.
+    pub trim_reads_zero: bool,
+    /// Operations to run (the final read-back sweep comes on top).
+    pub ops: u64,
+    /// The generator's seed.
+    pub seed: u64,
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Operations issued, checked and passed.
+    pub operations: u64,
+    /// Reads of the final sweep over the whole export.
+    pub sweep_reads: u64,
+    /// Operations per kind.
+    pub tally: BTreeMap<Kind, u64>,
+    /// The most commands in flight at once.
+    pub max_depth: usize,
+    /// How many operations found a number of commands in flight (themselves
+    /// included) in each of [`DEPTH_BUCKETS`] once issued.
+    pub depths: [u64; DEPTH_BUCKETS.len()],
+    /// Bytes of the export the model knew at the end (the sweep checked them).
+    pub known_bytes: u64,
+    /// The server's limits the generator kept to.
+    pub limits: Limits,
+    /// Wall time of the run (reported, never asserted on).
+    pub elapsed: Duration,
+}
+
+/// `NBD_STRESS_OPS` and `NBD_STRESS_SEED`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Operations per configuration.
+    pub ops: u64,
+    /// The seed to replay, if one was given.
+    pub seed: Option<u64>,
+}
+
+impl Settings {
+    /// Reads the environment; a malformed value is a test failure, not a
+    /// silent default.
+    pub fn from_env() -> Self {
+        let number = |name: &str| {
+            std::env::var(name).ok().map(|text| {
+                let text = text.trim().replace('_', "");
+                text.parse::<u64>()
+                    .unwrap_or_else(|e| panic!("{name}={text:?} is not a number: {e}"))
+            })
+        };
+        Settings {
+            ops: number("NBD_STRESS_OPS").unwrap_or(DEFAULT_OPS),
+            seed: number("NBD_STRESS_SEED"),
+        }
+    }
+
+    /// The seed to use: the one given, or a fresh one from the clock.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("the clock is after 1970");
+            ops::mix_seed(now.as_nanos() as u64 ^ u64::from(std::process::id()))
+        })
+    }
+}
+
+/// Runs the stress test named `test` against `uri` through adapter `D`,
+/// with the operation count and seed from the environment; prints the seed
+/// first (so a hang killed from outside can still be replayed) and a summary
+/// last. Panics on the first failure.
+pub fn stress<D: Driver>(test: &str, server: &str, uri: &str, trim_reads_zero: bool) -> Summary {
+    let settings = Settings::from_env();
+    let run = Run {
+        test: test.to_owned(),
+        server: server.to_owned(),
+        uri: uri.to_owned(),
+        trim_reads_zero,
+        ops: settings.ops,
+        seed: settings.seed(),
+    };
+    eprintln!(
+        "stress {test}: {} adapter, {server}, {} operations, seed {} \
+         (replay: NBD_STRESS_SEED={} NBD_STRESS_OPS={})",
+        D::NAME,
+        run.ops,
+        run.seed,
+        run.seed,
+        run.ops
+    );
+    let summary = runner::run::<D>(&run);
+    eprintln!(
+        "stress {test}: {} operations passed (+{} sweep reads) in {:.1?}; per kind {:?}; \
+         at most {} in flight, operations by depth {:?}: {:?}; {} of {} bytes known at the end; \
+         limits {:?}",
+        summary.operations,
+        summary.sweep_reads,
+        summary.elapsed,
+        summary.tally,
+        summary.max_depth,
+        DEPTH_BUCKETS,
+        summary.depths,
+        summary.known_bytes,
+        summary.limits.size,
+        summary.limits,
+    );
+    summary
+}

@@ -1,0 +1,349 @@
+//! The stress loop: issue generated operations at the chosen depth, never
+//! two conflicting ones at once, take completions in whatever order they
+//! come, and check each against the model.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nbd_proto::{BlockStatus, CmdFlags, Completion, Cookie, Errno};
+
+use super::driver::{Driver, STALL_LIMIT};
+use super::model::Model;
+use super::ops::{Generator, Kind, Limits, Op, BASE_ALLOCATION};
+use super::{Run, Summary, DEPTH_BUCKETS};
+use crate::testkit::XorShift;
+
+/// Client memory (read buffers and write payloads) allowed in flight at once.
+const MAX_BUFFERED: u64 = 64 << 20;
+
+/// `base:allocation`'s "reads as zeroes" bit.
+const STATE_ZERO: u64 = 2;
+
+/// A command on the wire.
+struct Pending {
+    index: u64,
+    cookie: Cookie,
+    op: Op,
+}
+
+/// One connection under test, the model of its export, and what is in flight.
+struct Stress<'a, D: Driver> {
+    run: &'a Run,
+    client: D,
+    model: Model,
+    pending: Vec<Pending>,
+    buffered: u64,
+    /// Picks which finished command to take first (timing-dependent, so kept
+    /// apart from the generator's stream).
+    order: XorShift,
+    tally: BTreeMap<Kind, u64>,
+    max_depth_seen: usize,
+    /// Operations by how many commands were in flight once each was issued.
+    depths: [u64; DEPTH_BUCKETS.len()],
+    /// The index of the operation issued last, for failures not tied to one.
+    latest: u64,
+}
+
+impl<D: Driver> Stress<'_, D> {
+    /// Panics with everything needed to find and replay the failure.
+    fn fail(&self, index: u64, what: &str) -> ! {
+        let run = self.run;
+        panic!(
+            "stress {test}: {what}\n  at operation {index} of seed {seed} ({adapter} adapter, {server}); \
+             {depth} in flight\n  replay: NBD_STRESS_SEED={seed} NBD_STRESS_OPS={ops} \
+             cargo test -p nbd-tests --test stress {test} -- --exact",
+            test = run.test,
+            seed = run.seed,
+            adapter = D::NAME,
+            server = run.server,
+            depth = self.pending.len(),
+            ops = index.saturating_add(1).min(run.ops),
+        )
+    }
+
+    /// Waits until `op` may be issued: below the depth, within the memory
+    /// budget, and overlapping no command it conflicts with.
+    fn make_room(&mut self, index: u64, op: &Op, depth: usize) {
+        loop {
+            let full = self.pending.len() >= depth
+                || (!self.pending.is_empty() && self.buffered + op.buffer_bytes() > MAX_BUFFERED);
+            let blocked = self.pending.iter().any(|p| p.op.conflicts_with(op));
+            if !full && !blocked {
+                return;
+            }
+            self.complete_some(index);
+        }
+    }
+
+    fn issue(&mut self, index: u64, op: Op) {
+        let cookie = match self.client.issue(&op) {
+            Ok(cookie) => cookie,
+            Err(e) => self.fail(index, &format!("{op:?} refused when issued: {e}")),
+        };
+        if self.pending.iter().any(|p| p.cookie == cookie) {
+            self.fail(index, &format!("cookie {cookie:?} handed out twice"));
+        }
+        self.buffered += op.buffer_bytes();
+        *self.tally.entry(op.kind).or_default() += 1;
+        self.pending.push(Pending { index, cookie, op });
+        self.latest = index;
+        let depth = self.pending.len();
+        self.max_depth_seen = self.max_depth_seen.max(depth);
+        let bucket = DEPTH_BUCKETS
+            .iter()
+            .position(|(_, most)| depth <= *most)
+            .expect("at most 256 in flight");
+        self.depths[bucket] += 1;
+    }
+
+    /// Sends what is queued, then takes one to four completions (fewer if
+    /// fewer have arrived), waiting for the first if none has. Only called
+    /// with commands in flight. Taking only a few keeps the queue deep: the
+    /// rest wait in the adapter.
+    fn complete_some(&mut self, index: u64) {
+        assert!(!self.pending.is_empty(), "nothing in flight to wait for");
+        if let Err(e) = self.client.send() {
+            self.fail(index, &format!("sending failed: {e}"));
+        }
+        let started = Instant::now();
+        let mut drive_errors = Vec::new();
+        let wanted = 1 + self.order.below(4);
+        loop {
+            let mut took = 0;
+            while took < wanted && !self.pending.is_empty() {
+                let preferred = match self.order.below(2) {
+                    0 => {
+                        let at = self.order.below(self.pending.len() as u64) as usize;
+                        Some(self.pending[at].cookie)
+                    }
+                    _ => None,
+                };
+                let Some(done) = self.client.next_completion(preferred) else {
+                    break;
+                };
+                self.finish(done);
+                took += 1;
+            }
+            if took > 0 {
+                return;
+            }
+            let conn = self.client.connection();
+            if conn.is_closed() || conn.is_dead() {
+                let error = conn.error().map(ToString::to_string);
+                self.fail(
+                    index,
+                    &format!(
+                        "the connection ended ({error:?}) with {} commands never completed, \
+                         oldest: operation {} {:?}; drive errors {drive_errors:?}",
+                        self.pending.len(),
+                        self.pending[0].index,
+                        self.pending[0].op
+                    ),
+                );
+            }
+            if started.elapsed() >= STALL_LIMIT {
+                let oldest = &self.pending[0];
+                self.fail(
+                    index,
+                    &format!(
+                        "no completion within {STALL_LIMIT:?}: {} commands in flight, oldest \
+                         operation {} {:?}; the connection counts {} in flight, wants_write {}; \
+                         drive errors {drive_errors:?}",
+                        self.pending.len(),
+                        oldest.index,
+                        oldest.op,
+                        conn.in_flight(),
+                        conn.wants_write(),
+                    ),
+                );
+            }
+            if let Err(e) = self.client.wait(Duration::from_millis(500)) {
+                drive_errors.push(e);
+            }
+        }
+    }
+
+    /// Checks one completion and applies it to the model.
+    fn finish(&mut self, done: Completion) {
+        let Some(at) = self.pending.iter().position(|p| p.cookie == done.cookie) else {
+            self.fail(
+                self.latest,
+                &format!(
+                    "a completion for {:?}, which is not in flight (never issued, or completed twice)",
+                    done.cookie
+                ),
+            );
+        };
+        let Pending { index, op, .. } = self.pending.swap_remove(at);
+        self.buffered -= op.buffer_bytes();
+        match done.result {
+            Ok(()) => {}
+            Err(e) if op.flags.contains(CmdFlags::FAST_ZERO) && e.errno() == Errno::NotSup => {
+                // The server may refuse a fast zero; what it left is unknown.
+                self.model.forget(op.offset, op.len);
+                return;
+            }
+            Err(e) => self.fail(index, &format!("{op:?} failed: {e}")),
+        }
+        match op.kind {
+            Kind::Read => {
+                let Some(buf) = done.buffer else {
+                    self.fail(index, &format!("{op:?} completed without its buffer"));
+                };
+                if buf.len() as u64 != op.len {
+                    self.fail(
+                        index,
+                        &format!("{op:?} handed back a buffer of {} bytes", buf.len()),
+                    );
+                }
+                if let Err(m) = self.model.check_read(op.offset, &buf) {
+                    self.fail(index, &format!("{op:?} read wrong data: {m}"));
+                }
+            }
+            Kind::Write => {
+                let data = op.data.as_ref().expect("a write carries its payload");
+                self.model.write(op.offset, data);
+            }
+            Kind::Zero => self.model.zero(op.offset, op.len),
+            Kind::Trim if self.run.trim_reads_zero => self.model.zero(op.offset, op.len),
+            Kind::Trim => self.model.forget(op.offset, op.len),
+            Kind::BlockStatus => {
+                let reports = self.client.take_block_status(done.cookie);
+                if let Err(e) = self.check_block_status(&op, &reports) {
+                    self.fail(index, &format!("{op:?}: {e}; reports {reports:?}"));
+                }
+            }
+            Kind::Flush | Kind::Cache => {}
+        }
+    }
+
+    /// Every range the server reports as reading zeroes must be zero in the
+    /// model wherever the model knows the bytes.
+    fn check_block_status(&self, op: &Op, reports: &[BlockStatus]) -> Result<(), String> {
+        let mut base = reports.iter().filter(|r| r.context == BASE_ALLOCATION);
+        let (Some(report), None) = (base.next(), base.next()) else {
+            return Err(format!(
+                "expected one {BASE_ALLOCATION} report, got {}",
+                reports
+                    .iter()
+                    .filter(|r| r.context == BASE_ALLOCATION)
+                    .count()
+            ));
+        };
+        if report.extents.is_empty() {
+            return Err("a report without extents".into());
+        }
+        if op.flags.contains(CmdFlags::REQ_ONE) && report.extents.len() != 1 {
+            return Err(format!(
+                "REQ_ONE answered with {} extents",
+                report.extents.len()
+            ));
+        }
+        let end = op.offset + op.len;
+        let mut at = op.offset;
+        for extent in &report.extents {
+            if extent.length == 0 {
+                return Err("an extent of length 0".into());
+            }
+            if at >= end {
+                // Only the last extent may reach past the request, and
+                // nothing beyond the request is checked: it may be changing.
+                return Err(format!("an extent starting at {at}, past the request"));
+            }
+            let length = extent.length.min(end - at);
+            if extent.flags & STATE_ZERO != 0 {
+                if let Err(m) = self.model.check_zero(at, length) {
+                    return Err(format!(
+                        "{at}+{length} reported as reading zeroes (flags {:#x}), but the {m}",
+                        extent.flags
+                    ));
+                }
+            }
+            at += length;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `run` through adapter `D`; panics on the first failure.
+pub fn run<D: Driver>(run: &Run) -> Summary {
+    let started = Instant::now();
+    let config = nbd_proto::Config {
+        meta_contexts: vec![BASE_ALLOCATION.into()],
+        ..nbd_proto::Config::default()
+    };
+    let client = D::connect(&run.uri, config).unwrap_or_else(|e| {
+        panic!(
+            "stress {}: {} cannot connect to {} ({}): {e}",
+            run.test,
+            D::NAME,
+            run.uri,
+            run.server
+        )
+    });
+    let limits = Limits::of(client.connection())
+        .unwrap_or_else(|e| panic!("stress {}: export information: {e}", run.test));
+    let mut stress = Stress {
+        run,
+        client,
+        model: Model::zeroed(limits.size),
+        pending: Vec::new(),
+        buffered: 0,
+        order: XorShift::new(super::ops::mix_seed(run.seed ^ 0x5eed)),
+        tally: BTreeMap::new(),
+        max_depth_seen: 0,
+        depths: [0; DEPTH_BUCKETS.len()],
+        latest: 0,
+    };
+    let mut gen = Generator::new(run.seed, limits.clone());
+    for index in 0..run.ops {
+        let depth = gen.depth();
+        let op = gen.next_op();
+        stress.make_room(index, &op, depth);
+        stress.issue(index, op);
+        // Sometimes let requests pile up before they go out, sometimes not.
+        if stress.pending.len() >= depth || stress.order.below(4) == 0 {
+            if let Err(e) = stress.client.send() {
+                stress.fail(index, &format!("sending failed: {e}"));
+            }
+        }
+    }
+    while !stress.pending.is_empty() {
+        stress.complete_some(run.ops);
+    }
+    // Read the whole export back: every byte the model knows must be there.
+    let sweep = gen.sweep();
+    let swept = sweep.len() as u64;
+    for (i, op) in sweep.into_iter().enumerate() {
+        let index = run.ops + i as u64;
+        stress.make_room(index, &op, 8);
+        stress.issue(index, op);
+    }
+    while !stress.pending.is_empty() {
+        stress.complete_some(run.ops + swept);
+    }
+    let known = stress.model.known_bytes(0, stress.model.size());
+    let Stress {
+        client,
+        tally,
+        max_depth_seen,
+        depths,
+        ..
+    } = stress;
+    if let Err(e) = client.finish() {
+        panic!(
+            "stress {}: clean disconnect after {} operations of seed {} failed: {e}",
+            run.test, run.ops, run.seed
+        );
+    }
+    Summary {
+        operations: run.ops,
+        sweep_reads: swept,
+        tally,
+        max_depth: max_depth_seen,
+        depths,
+        known_bytes: known,
+        limits,
+        elapsed: started.elapsed(),
+    }
+}
