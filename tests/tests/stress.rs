@@ -15,6 +15,11 @@
 //! Long runs: `NBD_STRESS_OPS=1000000 cargo test --release -p nbd-tests
 //! --test stress blocking_nbdkit_memory -- --nocapture`.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie};
+use nbd_tests::stress::ops::Op;
 use nbd_tests::stress::{stress, Blocking, Driver, Kind, Mio, Settings, Summary};
 use nbd_tests::{
     ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, ServerHandle,
@@ -126,4 +131,92 @@ fn mio_qemu_nbd_qcow2() {
 fn mio_nbd_server() {
     let server = nbd_server();
     check::<Mio>("mio_nbd_server", &server, "nbd-server", false);
+}
+
+// ------------------------------------------------------------------ self-test
+
+/// A driver that flips one bit of the 20th read buffer it hands back: the
+/// stress test must notice, and say how to replay.
+struct FlipsABit<D> {
+    inner: D,
+    reads: u64,
+}
+
+impl<D: Driver> Driver for FlipsABit<D> {
+    const NAME: &'static str = D::NAME;
+
+    fn connect(uri: &str, config: Config) -> Result<Self, String> {
+        Ok(FlipsABit {
+            inner: D::connect(uri, config)?,
+            reads: 0,
+        })
+    }
+
+    fn connection(&self) -> &Connection {
+        self.inner.connection()
+    }
+
+    fn issue(&mut self, op: &Op) -> Result<Cookie, String> {
+        self.inner.issue(op)
+    }
+
+    fn send(&mut self) -> Result<(), String> {
+        self.inner.send()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), String> {
+        self.inner.wait(timeout)
+    }
+
+    fn next_completion(&mut self, preferred: Option<Cookie>) -> Option<Completion> {
+        let mut done = self.inner.next_completion(preferred)?;
+        if let Some(buf) = done.buffer.as_mut().filter(|b| !b.is_empty()) {
+            self.reads += 1;
+            if self.reads == 20 {
+                let last = buf.len() - 1;
+                buf[last] ^= 0x10;
+            }
+        }
+        Some(done)
+    }
+
+    fn take_block_status(&mut self, cookie: Cookie) -> Vec<BlockStatus> {
+        self.inner.take_block_status(cookie)
+    }
+
+    fn finish(self) -> Result<(), String> {
+        self.inner.finish()
+    }
+}
+
+/// The checks can fail: a flipped bit in one read fails the run with the
+/// seed, the operation and the replay command in the message.
+#[test]
+fn a_corrupted_read_fails_with_its_seed() {
+    // A server of its own: the failed run drops its client mid-flight.
+    let server = nbdkit_memory();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        stress::<FlipsABit<Blocking>>(
+            "a_corrupted_read_fails_with_its_seed",
+            "nbdkit memory",
+            &server.uri(),
+            true,
+        )
+    }));
+    let payload = outcome.expect_err("a flipped bit went unnoticed");
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_else(|| format!("{payload:?}"));
+    for needle in [
+        "read wrong data",
+        "of seed ",
+        "NBD_STRESS_SEED=",
+        "at operation ",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from the failure: {message}"
+        );
+    }
 }

@@ -57,7 +57,8 @@ impl<D: Driver> Stress<'_, D> {
             adapter = D::NAME,
             server = run.server,
             depth = self.pending.len(),
-            ops = index.saturating_add(1).min(run.ops),
+            // Enough operations to issue everything that was in flight.
+            ops = index.max(self.latest).saturating_add(1).min(run.ops),
         )
     }
 
