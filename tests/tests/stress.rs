@@ -34,6 +34,19 @@ fn nbdkit_memory() -> ServerHandle {
     NbdkitBuilder::memory(SIZE).start()
 }
 
+/// nbdkit's memory plugin behind a policy that demands 4 KiB alignment and
+/// caps payloads at 256 KiB, refusing (not fixing up) anything else: every
+/// request the generator makes must respect the advertised block sizes.
+fn nbdkit_memory_aligned() -> ServerHandle {
+    NbdkitBuilder::memory(16 << 20)
+        .filter("blocksize-policy")
+        .param("blocksize-minimum", "4096")
+        .param("blocksize-preferred", "65536")
+        .param("blocksize-maximum", "262144")
+        .param("blocksize-error-policy", "error")
+        .start()
+}
+
 fn qemu_nbd(format: ImageFormat) -> ServerHandle {
     // Discards reach the image (punched holes, freed clusters) instead of
     // being ignored, the default; trimmed bytes are still never relied on.
@@ -90,6 +103,17 @@ fn blocking_nbdkit_memory() {
 }
 
 #[test]
+fn blocking_nbdkit_memory_aligned() {
+    let server = nbdkit_memory_aligned();
+    check::<Blocking>(
+        "blocking_nbdkit_memory_aligned",
+        &server,
+        "nbdkit memory, 4 KiB blocks",
+        true,
+    );
+}
+
+#[test]
 fn blocking_qemu_nbd_raw() {
     let server = qemu_nbd(ImageFormat::Raw);
     check::<Blocking>("blocking_qemu_nbd_raw", &server, "qemu-nbd raw", false);
@@ -113,6 +137,17 @@ fn blocking_nbd_server() {
 fn mio_nbdkit_memory() {
     let server = nbdkit_memory();
     check::<Mio>("mio_nbdkit_memory", &server, "nbdkit memory", true);
+}
+
+#[test]
+fn mio_nbdkit_memory_aligned() {
+    let server = nbdkit_memory_aligned();
+    check::<Mio>(
+        "mio_nbdkit_memory_aligned",
+        &server,
+        "nbdkit memory, 4 KiB blocks",
+        true,
+    );
 }
 
 #[test]
