@@ -6,8 +6,11 @@
 //! One test per adapter and server, so a failure names both:
 //! `blocking_*` drives `nbd_blocking::Client`'s aio calls with `poll`,
 //! `mio_*` drives `nbd_mio::Client` in a mio `Poll` loop; the servers are
-//! nbdkit's memory plugin, qemu-nbd on a raw and on a qcow2 image, and
-//! nbd-server.
+//! nbdkit's memory plugin (also behind a policy demanding 4 KiB alignment),
+//! qemu-nbd on a raw and on a qcow2 image, and nbd-server. Between them they
+//! cover the three reply framings: simple replies (nbd-server 3.24),
+//! structured replies with compact headers (nbdkit 1.32) and extended headers
+//! (qemu-nbd 10).
 //!
 //! `NBD_STRESS_OPS=N` sets the operations per test (default
 //! `nbd_tests::stress::DEFAULT_OPS`), `NBD_STRESS_SEED=S` replays a seed;

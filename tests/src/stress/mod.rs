@@ -76,6 +76,10 @@ pub struct Summary {
     pub known_bytes: u64,
     /// The server's limits the generator kept to.
     pub limits: Limits,
+    /// Whether replies were structured (else simple).
+    pub structured_replies: bool,
+    /// Whether requests and replies used extended (64-bit) headers.
+    pub extended_headers: bool,
     /// Wall time of the run (reported, never asserted on).
     pub elapsed: Duration,
 }
@@ -144,7 +148,7 @@ pub fn stress<D: Driver>(test: &str, server: &str, uri: &str, trim_reads_zero: b
     eprintln!(
         "stress {test}: {} operations passed (+{} sweep reads) in {:.1?}; per kind {:?}; \
          at most {} in flight, operations by depth {:?}: {:?}; {} of {} bytes known at the end; \
-         limits {:?}",
+         structured replies {}, extended headers {}; limits {:?}",
         summary.operations,
         summary.sweep_reads,
         summary.elapsed,
@@ -154,6 +158,8 @@ pub fn stress<D: Driver>(test: &str, server: &str, uri: &str, trim_reads_zero: b
         summary.depths,
         summary.known_bytes,
         summary.limits.size,
+        summary.structured_replies,
+        summary.extended_headers,
         summary.limits,
     );
     summary

@@ -282,6 +282,8 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
             run.server
         )
     });
+    let structured_replies = client.connection().structured_replies_negotiated();
+    let extended_headers = client.connection().extended_headers_negotiated();
     let limits = Limits::of(client.connection())
         .unwrap_or_else(|e| panic!("stress {}: export information: {e}", run.test));
     let mut stress = Stress {
@@ -345,6 +347,8 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         depths,
         known_bytes: known,
         limits,
+        structured_replies,
+        extended_headers,
         elapsed: started.elapsed(),
     }
 }
