@@ -234,11 +234,12 @@ impl<D: Driver> Stress<'_, D> {
         if report.extents.is_empty() {
             return Err("a report without extents".into());
         }
-        if op.flags.contains(CmdFlags::REQ_ONE) && report.extents.len() != 1 {
-            return Err(format!(
-                "REQ_ONE answered with {} extents",
-                report.extents.len()
-            ));
+        // The protocol: with REQ_ONE, exactly one extent, no longer than
+        // the request; without, only the last extent may reach past it.
+        if op.flags.contains(CmdFlags::REQ_ONE)
+            && (report.extents.len() != 1 || report.extents[0].length > op.len)
+        {
+            return Err("REQ_ONE answered with other than one extent within the request".into());
         }
         let end = op.offset + op.len;
         let mut at = op.offset;
