@@ -21,9 +21,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie};
+use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, Errno};
 use nbd_tests::stress::ops::Op;
-use nbd_tests::stress::{stress, Blocking, Driver, Kind, Mio, Settings, Summary};
+use nbd_tests::stress::{stress, Blocking, Driver, Kind, Mio, Settings, Summary, Target};
 use nbd_tests::{
     ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, ServerHandle,
 };
@@ -50,6 +50,15 @@ fn nbdkit_memory_aligned() -> ServerHandle {
         .start()
 }
 
+/// nbdkit's memory plugin failing one command in fifty with `EIO`.
+fn nbdkit_memory_failing() -> ServerHandle {
+    NbdkitBuilder::memory(SIZE)
+        .filter("error")
+        .param("error", "EIO")
+        .param("error-rate", "2%")
+        .start()
+}
+
 fn qemu_nbd(format: ImageFormat) -> ServerHandle {
     // Discards reach the image (punched holes, freed clusters) instead of
     // being ignored, the default; trimmed bytes are still never relied on.
@@ -70,10 +79,13 @@ fn nbd_server() -> ServerHandle {
 }
 
 /// Runs the stress test and checks that it did what it claims: every
-/// operation passed, and with enough of them, reads and writes were both
-/// exercised with more than one command in flight.
-fn check<D: Driver>(test: &str, server: &ServerHandle, what: &str, trim_reads_zero: bool) {
-    let summary: Summary = stress::<D>(test, what, &server.uri(), trim_reads_zero);
+/// operation passed, and with enough of them, reads and writes (and block
+/// status and injected failures, where the server has them) were exercised
+/// with more than one command in flight.
+fn check<D: Driver>(target: Target) {
+    let test = target.test.clone();
+    let injects = target.injected_error.is_some();
+    let summary: Summary = stress::<D>(target);
     let ops = Settings::from_env().ops;
     assert_eq!(summary.operations, ops, "{test}: operations run");
     assert!(summary.sweep_reads > 0, "{test}: the export was read back");
@@ -93,6 +105,11 @@ fn check<D: Driver>(test: &str, server: &ServerHandle, what: &str, trim_reads_ze
             summary.max_depth > 1,
             "{test}: never more than one in flight"
         );
+        assert_eq!(
+            summary.injected_failures > 0,
+            injects,
+            "{test}: injected failures seen"
+        );
     }
 }
 
@@ -102,36 +119,66 @@ fn check<D: Driver>(test: &str, server: &ServerHandle, what: &str, trim_reads_ze
 fn blocking_nbdkit_memory() {
     let server = nbdkit_memory();
     // The memory plugin frees trimmed pages: they read back as zeroes.
-    check::<Blocking>("blocking_nbdkit_memory", &server, "nbdkit memory", true);
+    check::<Blocking>(
+        Target::new("blocking_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero(),
+    );
 }
 
 #[test]
 fn blocking_nbdkit_memory_aligned() {
     let server = nbdkit_memory_aligned();
     check::<Blocking>(
-        "blocking_nbdkit_memory_aligned",
-        &server,
-        "nbdkit memory, 4 KiB blocks",
-        true,
+        Target::new(
+            "blocking_nbdkit_memory_aligned",
+            "nbdkit memory, 4 KiB blocks",
+            &server.uri(),
+        )
+        .trim_reads_zero(),
+    );
+}
+
+#[test]
+fn blocking_nbdkit_memory_failing() {
+    let server = nbdkit_memory_failing();
+    check::<Blocking>(
+        Target::new(
+            "blocking_nbdkit_memory_failing",
+            "nbdkit memory, 2% EIO",
+            &server.uri(),
+        )
+        .trim_reads_zero()
+        .injected_error(Errno::Io),
     );
 }
 
 #[test]
 fn blocking_qemu_nbd_raw() {
     let server = qemu_nbd(ImageFormat::Raw);
-    check::<Blocking>("blocking_qemu_nbd_raw", &server, "qemu-nbd raw", false);
+    check::<Blocking>(Target::new(
+        "blocking_qemu_nbd_raw",
+        "qemu-nbd raw",
+        &server.uri(),
+    ));
 }
 
 #[test]
 fn blocking_qemu_nbd_qcow2() {
     let server = qemu_nbd(ImageFormat::Qcow2);
-    check::<Blocking>("blocking_qemu_nbd_qcow2", &server, "qemu-nbd qcow2", false);
+    check::<Blocking>(Target::new(
+        "blocking_qemu_nbd_qcow2",
+        "qemu-nbd qcow2",
+        &server.uri(),
+    ));
 }
 
 #[test]
 fn blocking_nbd_server() {
     let server = nbd_server();
-    check::<Blocking>("blocking_nbd_server", &server, "nbd-server", false);
+    check::<Blocking>(Target::new(
+        "blocking_nbd_server",
+        "nbd-server",
+        &server.uri(),
+    ));
 }
 
 // ------------------------------------------------------------------ mio
@@ -139,36 +186,62 @@ fn blocking_nbd_server() {
 #[test]
 fn mio_nbdkit_memory() {
     let server = nbdkit_memory();
-    check::<Mio>("mio_nbdkit_memory", &server, "nbdkit memory", true);
+    check::<Mio>(
+        Target::new("mio_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero(),
+    );
 }
 
 #[test]
 fn mio_nbdkit_memory_aligned() {
     let server = nbdkit_memory_aligned();
     check::<Mio>(
-        "mio_nbdkit_memory_aligned",
-        &server,
-        "nbdkit memory, 4 KiB blocks",
-        true,
+        Target::new(
+            "mio_nbdkit_memory_aligned",
+            "nbdkit memory, 4 KiB blocks",
+            &server.uri(),
+        )
+        .trim_reads_zero(),
+    );
+}
+
+#[test]
+fn mio_nbdkit_memory_failing() {
+    let server = nbdkit_memory_failing();
+    check::<Mio>(
+        Target::new(
+            "mio_nbdkit_memory_failing",
+            "nbdkit memory, 2% EIO",
+            &server.uri(),
+        )
+        .trim_reads_zero()
+        .injected_error(Errno::Io),
     );
 }
 
 #[test]
 fn mio_qemu_nbd_raw() {
     let server = qemu_nbd(ImageFormat::Raw);
-    check::<Mio>("mio_qemu_nbd_raw", &server, "qemu-nbd raw", false);
+    check::<Mio>(Target::new(
+        "mio_qemu_nbd_raw",
+        "qemu-nbd raw",
+        &server.uri(),
+    ));
 }
 
 #[test]
 fn mio_qemu_nbd_qcow2() {
     let server = qemu_nbd(ImageFormat::Qcow2);
-    check::<Mio>("mio_qemu_nbd_qcow2", &server, "qemu-nbd qcow2", false);
+    check::<Mio>(Target::new(
+        "mio_qemu_nbd_qcow2",
+        "qemu-nbd qcow2",
+        &server.uri(),
+    ));
 }
 
 #[test]
 fn mio_nbd_server() {
     let server = nbd_server();
-    check::<Mio>("mio_nbd_server", &server, "nbd-server", false);
+    check::<Mio>(Target::new("mio_nbd_server", "nbd-server", &server.uri()));
 }
 
 // ------------------------------------------------------------------ self-test
@@ -235,10 +308,12 @@ fn a_corrupted_read_fails_with_its_seed() {
     let server = nbdkit_memory();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         stress::<FlipsABit<Blocking>>(
-            "a_corrupted_read_fails_with_its_seed",
-            "nbdkit memory",
-            &server.uri(),
-            true,
+            Target::new(
+                "a_corrupted_read_fails_with_its_seed",
+                "nbdkit memory",
+                &server.uri(),
+            )
+            .trim_reads_zero(),
         )
     }));
     let payload = outcome.expect_err("a flipped bit went unnoticed");

@@ -31,6 +31,8 @@ mod runner;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nbd_proto::Errno;
+
 pub use driver::{Blocking, Driver, Mio};
 pub use ops::{Kind, Limits};
 
@@ -40,6 +42,50 @@ pub const DEFAULT_OPS: u64 = 3000;
 
 /// Ranges of commands in flight (inclusive) that [`Summary::depths`] counts.
 pub const DEPTH_BUCKETS: [(usize, usize); 4] = [(1, 1), (2, 8), (9, 64), (65, 256)];
+
+/// What to stress: the test's name, the server, and what the server
+/// promises or is set up to do.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The test function's name, for the replay command.
+    pub test: String,
+    /// The server, for messages (`"nbdkit memory"`).
+    pub server: String,
+    /// Where to connect.
+    pub uri: String,
+    /// Whether the server promises that trimmed bytes read back as zeroes.
+    pub trim_reads_zero: bool,
+    /// The error the server injects into some commands on purpose (nbdkit's
+    /// error filter), if any: such failures are expected, counted, and leave
+    /// a failed command's range unknown.
+    pub injected_error: Option<Errno>,
+}
+
+impl Target {
+    /// The test `test` against `server` at `uri`, promising nothing about
+    /// trims and injecting no errors.
+    pub fn new(test: &str, server: &str, uri: &str) -> Self {
+        Target {
+            test: test.to_owned(),
+            server: server.to_owned(),
+            uri: uri.to_owned(),
+            trim_reads_zero: false,
+            injected_error: None,
+        }
+    }
+
+    /// The server promises that trimmed bytes read back as zeroes.
+    pub fn trim_reads_zero(mut self) -> Self {
+        self.trim_reads_zero = true;
+        self
+    }
+
+    /// The server fails some commands with `errno` on purpose.
+    pub fn injected_error(mut self, errno: Errno) -> Self {
+        self.injected_error = Some(errno);
+        self
+    }
+}
 
 /// One stress run: which test, which server, how long, which seed.
 #[derive(Debug, Clone)]
@@ -52,6 +98,8 @@ pub struct Run {
     pub uri: String,
     /// Whether the server promises that trimmed bytes read back as zeroes.
     pub trim_reads_zero: bool,
+    /// The error the server injects on purpose, if any.
+    pub injected_error: Option<Errno>,
     /// Operations to run (the final read-back sweep comes on top).
     pub ops: u64,
     /// The generator's seed.
@@ -67,6 +115,8 @@ pub struct Summary {
     pub sweep_reads: u64,
     /// Operations per kind.
     pub tally: BTreeMap<Kind, u64>,
+    /// Operations that failed with the injected error, as expected.
+    pub injected_failures: u64,
     /// The most commands in flight at once.
     pub max_depth: usize,
     /// How many operations found a number of commands in flight (themselves
@@ -125,16 +175,25 @@ impl Settings {
 /// with the operation count and seed from the environment; prints the seed
 /// first (so a hang killed from outside can still be replayed) and a summary
 /// last. Panics on the first failure.
-pub fn stress<D: Driver>(test: &str, server: &str, uri: &str, trim_reads_zero: bool) -> Summary {
+pub fn stress<D: Driver>(target: Target) -> Summary {
     let settings = Settings::from_env();
-    let run = Run {
-        test: test.to_owned(),
-        server: server.to_owned(),
-        uri: uri.to_owned(),
+    let Target {
+        test,
+        server,
+        uri,
         trim_reads_zero,
+        injected_error,
+    } = target;
+    let run = Run {
+        test,
+        server,
+        uri,
+        trim_reads_zero,
+        injected_error,
         ops: settings.ops,
         seed: settings.seed(),
     };
+    let (test, server) = (&run.test, &run.server);
     eprintln!(
         "stress {test}: {} adapter, {server}, {} operations, seed {} \
          (replay: NBD_STRESS_SEED={} NBD_STRESS_OPS={})",
@@ -147,12 +206,14 @@ pub fn stress<D: Driver>(test: &str, server: &str, uri: &str, trim_reads_zero: b
     let summary = runner::run::<D>(&run);
     eprintln!(
         "stress {test}: {} operations passed (+{} sweep reads) in {:.1?}; per kind {:?}; \
+         {} failed with the injected error; \
          at most {} in flight, operations by depth {:?}: {:?}; {} of {} bytes known at the end; \
          structured replies {}, extended headers {}; limits {:?}",
         summary.operations,
         summary.sweep_reads,
         summary.elapsed,
         summary.tally,
+        summary.injected_failures,
         summary.max_depth,
         DEPTH_BUCKETS,
         summary.depths,

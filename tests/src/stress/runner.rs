@@ -37,6 +37,7 @@ struct Stress<'a, D: Driver> {
     /// apart from the generator's stream).
     order: XorShift,
     tally: BTreeMap<Kind, u64>,
+    injected_failures: u64,
     max_depth_seen: usize,
     /// Operations by how many commands were in flight once each was issued.
     depths: [u64; DEPTH_BUCKETS.len()],
@@ -184,6 +185,17 @@ impl<D: Driver> Stress<'_, D> {
                 self.model.forget(op.offset, op.len);
                 return;
             }
+            Err(nbd_proto::Error::Server { errno, .. })
+                if Some(errno) == self.run.injected_error =>
+            {
+                // Failed on purpose. A failed change may have half happened;
+                // a failed read has nothing to check (its buffer is unspecified).
+                self.injected_failures += 1;
+                if op.kind.changes_data() {
+                    self.model.forget(op.offset, op.len);
+                }
+                return;
+            }
             Err(e) => self.fail(index, &format!("{op:?} failed: {e}")),
         }
         match op.kind {
@@ -295,6 +307,7 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         buffered: 0,
         order: XorShift::new(super::ops::mix_seed(run.seed ^ 0x5eed)),
         tally: BTreeMap::new(),
+        injected_failures: 0,
         max_depth_seen: 0,
         depths: [0; DEPTH_BUCKETS.len()],
         latest: 0,
@@ -330,6 +343,7 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
     let Stress {
         client,
         tally,
+        injected_failures,
         max_depth_seen,
         depths,
         ..
@@ -344,6 +358,7 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         operations: run.ops,
         sweep_reads: swept,
         tally,
+        injected_failures,
         max_depth: max_depth_seen,
         depths,
         known_bytes: known,
