@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, Errno};
 use nbd_tests::stress::ops::Op;
-use nbd_tests::stress::{stress, Blocking, Driver, Kind, Mio, Settings, Summary, Target};
+use nbd_tests::stress::{
+    stress, stress_killed, Blocking, Driver, Kind, Mio, Settings, Summary, Target,
+};
 use nbd_tests::{
     ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, ServerHandle,
 };
@@ -242,6 +244,35 @@ fn mio_qemu_nbd_qcow2() {
 fn mio_nbd_server() {
     let server = nbd_server();
     check::<Mio>(Target::new("mio_nbd_server", "nbd-server", &server.uri()));
+}
+
+// ------------------------------------------------------------------ server death
+
+/// Kills the server halfway through a stress run: the commands in flight
+/// fail exactly once, the client refuses new ones, and nothing hangs.
+fn check_killed<D: Driver>(test: &str) {
+    // A server of its own: it dies with reads in flight.
+    let mut server = nbdkit_memory();
+    let target = Target::new(test, "nbdkit memory, killed", &server.uri()).trim_reads_zero();
+    let killed = stress_killed::<D>(target, || server.kill());
+    assert!(
+        killed.refused_at >= killed.killed_at,
+        "{test}: refused before the kill: {killed:?}"
+    );
+    assert!(
+        killed.issued >= killed.killed_at,
+        "{test}: issued too few: {killed:?}"
+    );
+}
+
+#[test]
+fn blocking_nbdkit_memory_killed() {
+    check_killed::<Blocking>("blocking_nbdkit_memory_killed");
+}
+
+#[test]
+fn mio_nbdkit_memory_killed() {
+    check_killed::<Mio>("mio_nbdkit_memory_killed");
 }
 
 // ------------------------------------------------------------------ self-test

@@ -106,6 +106,28 @@ pub struct Run {
     pub seed: u64,
 }
 
+impl Run {
+    /// `target` with the operation count and seed of `settings`.
+    pub fn new(target: Target, settings: Settings) -> Self {
+        let Target {
+            test,
+            server,
+            uri,
+            trim_reads_zero,
+            injected_error,
+        } = target;
+        Run {
+            test,
+            server,
+            uri,
+            trim_reads_zero,
+            injected_error,
+            ops: settings.ops,
+            seed: settings.seed(),
+        }
+    }
+}
+
 /// What a passing run did.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -130,6 +152,27 @@ pub struct Summary {
     pub structured_replies: bool,
     /// Whether requests and replies used extended (64-bit) headers.
     pub extended_headers: bool,
+    /// Wall time of the run (reported, never asserted on).
+    pub elapsed: Duration,
+}
+
+/// What a run whose server was killed halfway did.
+#[derive(Debug, Clone)]
+pub struct Killed {
+    /// Commands issued in all.
+    pub issued: u64,
+    /// The operation before which the server was killed.
+    pub killed_at: u64,
+    /// Commands in flight when it was killed.
+    pub in_flight_at_kill: usize,
+    /// The operation the client refused.
+    pub refused_at: u64,
+    /// Why it refused it.
+    pub refusal: String,
+    /// Commands that failed because the server died (each exactly once).
+    pub lost: u64,
+    /// What the final disconnect returned.
+    pub disconnect: Result<(), String>,
     /// Wall time of the run (reported, never asserted on).
     pub elapsed: Duration,
 }
@@ -171,28 +214,35 @@ impl Settings {
     }
 }
 
+/// Like [`stress`], but `kill` kills the server halfway through the
+/// operations; the run then goes on until the client refuses a command.
+/// Checks that nothing hangs or panics, every command completes exactly
+/// once, and what completed before the death was right.
+pub fn stress_killed<D: Driver>(target: Target, kill: impl FnOnce()) -> Killed {
+    let run = Run::new(target, Settings::from_env());
+    eprintln!(
+        "stress {}: {} adapter, {}, server killed from operation {} of {}, seed {} \
+         (replay: NBD_STRESS_SEED={} NBD_STRESS_OPS={})",
+        run.test,
+        D::NAME,
+        run.server,
+        run.ops / 2,
+        run.ops,
+        run.seed,
+        run.seed,
+        run.ops
+    );
+    let killed = runner::run_killed::<D>(&run, run.ops / 2, kill);
+    eprintln!("stress {}: {killed:?}", run.test);
+    killed
+}
+
 /// Runs the stress test named `test` against `uri` through adapter `D`,
 /// with the operation count and seed from the environment; prints the seed
 /// first (so a hang killed from outside can still be replayed) and a summary
 /// last. Panics on the first failure.
 pub fn stress<D: Driver>(target: Target) -> Summary {
-    let settings = Settings::from_env();
-    let Target {
-        test,
-        server,
-        uri,
-        trim_reads_zero,
-        injected_error,
-    } = target;
-    let run = Run {
-        test,
-        server,
-        uri,
-        trim_reads_zero,
-        injected_error,
-        ops: settings.ops,
-        seed: settings.seed(),
-    };
+    let run = Run::new(target, Settings::from_env());
     let (test, server) = (&run.test, &run.server);
     eprintln!(
         "stress {test}: {} adapter, {server}, {} operations, seed {} \

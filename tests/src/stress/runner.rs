@@ -10,7 +10,7 @@ use nbd_proto::{BlockStatus, CmdFlags, Completion, Cookie, Errno};
 use super::driver::{Driver, STALL_LIMIT};
 use super::model::Model;
 use super::ops::{Generator, Kind, Limits, Op, BASE_ALLOCATION};
-use super::{Run, Summary, DEPTH_BUCKETS};
+use super::{Killed, Run, Summary, DEPTH_BUCKETS};
 use crate::testkit::XorShift;
 
 /// Client memory (read buffers and write payloads) allowed in flight at once.
@@ -43,6 +43,10 @@ struct Stress<'a, D: Driver> {
     depths: [u64; DEPTH_BUCKETS.len()],
     /// The index of the operation issued last, for failures not tied to one.
     latest: u64,
+    /// The server was killed: failures are expected from now on.
+    dying: bool,
+    /// Commands that failed after the server was killed.
+    lost: u64,
 }
 
 impl<D: Driver> Stress<'_, D> {
@@ -78,10 +82,17 @@ impl<D: Driver> Stress<'_, D> {
     }
 
     fn issue(&mut self, index: u64, op: Op) {
-        let cookie = match self.client.issue(&op) {
-            Ok(cookie) => cookie,
-            Err(e) => self.fail(index, &format!("{op:?} refused when issued: {e}")),
-        };
+        if let Err(e) = self.try_issue(index, op) {
+            self.fail(index, &e);
+        }
+    }
+
+    /// Issues `op`, or says why the client refused it.
+    fn try_issue(&mut self, index: u64, op: Op) -> Result<(), String> {
+        let cookie = self
+            .client
+            .issue(&op)
+            .map_err(|e| format!("{op:?} refused when issued: {e}"))?;
         if self.pending.iter().any(|p| p.cookie == cookie) {
             self.fail(index, &format!("cookie {cookie:?} handed out twice"));
         }
@@ -96,6 +107,7 @@ impl<D: Driver> Stress<'_, D> {
             .position(|(_, most)| depth <= *most)
             .expect("at most 256 in flight");
         self.depths[bucket] += 1;
+        Ok(())
     }
 
     /// Sends what is queued, then takes one to four completions (fewer if
@@ -104,9 +116,7 @@ impl<D: Driver> Stress<'_, D> {
     /// rest wait in the adapter.
     fn complete_some(&mut self, index: u64) {
         assert!(!self.pending.is_empty(), "nothing in flight to wait for");
-        if let Err(e) = self.client.send() {
-            self.fail(index, &format!("sending failed: {e}"));
-        }
+        self.send(index);
         let started = Instant::now();
         let mut drive_errors = Vec::new();
         let wanted = 1 + self.order.below(4);
@@ -196,6 +206,14 @@ impl<D: Driver> Stress<'_, D> {
                 }
                 return;
             }
+            Err(_) if self.dying => {
+                // In flight when the server died: failed, exactly once.
+                self.lost += 1;
+                if op.kind.changes_data() {
+                    self.model.forget(op.offset, op.len);
+                }
+                return;
+            }
             Err(e) => self.fail(index, &format!("{op:?} failed: {e}")),
         }
         match op.kind {
@@ -227,6 +245,44 @@ impl<D: Driver> Stress<'_, D> {
                 }
             }
             Kind::Flush | Kind::Cache => {}
+        }
+    }
+
+    /// Puts queued requests on the wire; a failure is one unless the
+    /// server was killed.
+    fn send(&mut self, index: u64) {
+        if let Err(e) = self.client.send() {
+            if !self.dying {
+                self.fail(index, &format!("sending failed: {e}"));
+            }
+        }
+    }
+
+    /// Issues operations `from..to` of `gen`, each once there is room for
+    /// it. Stops early, returning the refusal, if the client refuses one
+    /// after the server was killed.
+    fn issue_range(&mut self, gen: &mut Generator, from: u64, to: u64) -> Option<(u64, String)> {
+        for index in from..to {
+            let depth = gen.depth();
+            let op = gen.next_op();
+            self.make_room(index, &op, depth);
+            match self.try_issue(index, op) {
+                Ok(()) => {}
+                Err(e) if self.dying => return Some((index, e)),
+                Err(e) => self.fail(index, &e),
+            }
+            // Sometimes let requests pile up before they go out, sometimes not.
+            if self.pending.len() >= depth || self.order.below(4) == 0 {
+                self.send(index);
+            }
+        }
+        None
+    }
+
+    /// Waits for every command in flight.
+    fn drain(&mut self, index: u64) {
+        while !self.pending.is_empty() {
+            self.complete_some(index);
         }
     }
 
@@ -279,9 +335,8 @@ impl<D: Driver> Stress<'_, D> {
     }
 }
 
-/// Runs `run` through adapter `D`; panics on the first failure.
-pub fn run<D: Driver>(run: &Run) -> Summary {
-    let started = Instant::now();
+/// Connects for `run` and sets up the model of the export.
+fn connect<D: Driver>(run: &Run) -> Stress<'_, D> {
     let config = nbd_proto::Config {
         meta_contexts: vec![BASE_ALLOCATION.into()],
         ..nbd_proto::Config::default()
@@ -295,11 +350,9 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
             run.server
         )
     });
-    let structured_replies = client.connection().structured_replies_negotiated();
-    let extended_headers = client.connection().extended_headers_negotiated();
     let limits = Limits::of(client.connection())
         .unwrap_or_else(|e| panic!("stress {}: export information: {e}", run.test));
-    let mut stress = Stress {
+    Stress {
         run,
         client,
         model: Model::zeroed(limits.size),
@@ -311,23 +364,22 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         max_depth_seen: 0,
         depths: [0; DEPTH_BUCKETS.len()],
         latest: 0,
-    };
+        dying: false,
+        lost: 0,
+    }
+}
+
+/// Runs `run` through adapter `D`; panics on the first failure.
+pub fn run<D: Driver>(run: &Run) -> Summary {
+    let started = Instant::now();
+    let mut stress = connect::<D>(run);
+    let conn = stress.client.connection();
+    let structured_replies = conn.structured_replies_negotiated();
+    let extended_headers = conn.extended_headers_negotiated();
+    let limits = Limits::of(conn).expect("read once already");
     let mut gen = Generator::new(run.seed, limits.clone());
-    for index in 0..run.ops {
-        let depth = gen.depth();
-        let op = gen.next_op();
-        stress.make_room(index, &op, depth);
-        stress.issue(index, op);
-        // Sometimes let requests pile up before they go out, sometimes not.
-        if stress.pending.len() >= depth || stress.order.below(4) == 0 {
-            if let Err(e) = stress.client.send() {
-                stress.fail(index, &format!("sending failed: {e}"));
-            }
-        }
-    }
-    while !stress.pending.is_empty() {
-        stress.complete_some(run.ops);
-    }
+    stress.issue_range(&mut gen, 0, run.ops);
+    stress.drain(run.ops);
     // Read the whole export back: every byte the model knows must be there.
     let sweep = gen.sweep();
     let swept = sweep.len() as u64;
@@ -336,9 +388,7 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         stress.make_room(index, &op, 8);
         stress.issue(index, op);
     }
-    while !stress.pending.is_empty() {
-        stress.complete_some(run.ops + swept);
-    }
+    stress.drain(run.ops + swept);
     let known = stress.model.known_bytes(0, stress.model.size());
     let Stress {
         client,
@@ -365,6 +415,62 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         limits,
         structured_replies,
         extended_headers,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Runs `run` through adapter `D`, calling `kill` (which kills the server)
+/// at operation `kill_at` or a little later, once 16 commands are in flight, then going on until the client refuses a
+/// command. Every command must complete exactly once (those the server
+/// answered before it died still checked against the model), the client
+/// must refuse new commands instead of hanging, and the disconnect must
+/// return. Panics otherwise.
+pub fn run_killed<D: Driver>(run: &Run, kill_at: u64, kill: impl FnOnce()) -> Killed {
+    let started = Instant::now();
+    let mut stress = connect::<D>(run);
+    let limits = Limits::of(stress.client.connection()).expect("read once already");
+    let mut gen = Generator::new(run.seed, limits);
+    stress.issue_range(&mut gen, 0, kill_at);
+    // Kill it with a good number of commands in flight, if the depth
+    // allows within a quarter of the run.
+    let mut at = kill_at;
+    while stress.pending.len() < 16 && at < kill_at + run.ops / 4 {
+        stress.issue_range(&mut gen, at, at + 1);
+        at += 1;
+    }
+    let in_flight_at_kill = stress.pending.len();
+    kill();
+    stress.dying = true;
+    let refused = stress.issue_range(&mut gen, at, run.ops);
+    let Some((refused_at, refusal)) = refused else {
+        stress.fail(
+            run.ops,
+            &format!(
+                "the client still accepted commands {} operations after the server was killed",
+                run.ops - at
+            ),
+        );
+    };
+    stress.drain(refused_at);
+    let lost = stress.lost;
+    let issued = stress.tally.values().sum();
+    let disconnecting = Instant::now();
+    let disconnect = stress.client.finish();
+    if disconnecting.elapsed() >= STALL_LIMIT {
+        panic!(
+            "stress {}: the disconnect from a dead server took {:?} ({disconnect:?})",
+            run.test,
+            disconnecting.elapsed()
+        );
+    }
+    Killed {
+        issued,
+        killed_at: at,
+        in_flight_at_kill,
+        refused_at,
+        refusal,
+        lost,
+        disconnect,
         elapsed: started.elapsed(),
     }
 }
