@@ -12,6 +12,12 @@
 //! structured replies with compact headers (nbdkit 1.32) and extended headers
 //! (qemu-nbd 10).
 //!
+//! Two more conditions per adapter: nbdkit failing 2% of commands with
+//! `EIO` on purpose (those failures are expected; everything else is still
+//! checked), and the server killed halfway with commands in flight (they
+//! must fail exactly once, new ones be refused, and nothing hang). A
+//! self-test flips one bit of one read and expects the run to fail.
+//!
 //! `NBD_STRESS_OPS=N` sets the operations per test (default
 //! `nbd_tests::stress::DEFAULT_OPS`), `NBD_STRESS_SEED=S` replays a seed;
 //! each test prints its seed and, at the end, how many operations passed.

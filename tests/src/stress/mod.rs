@@ -17,6 +17,12 @@
 //! exact. Trimmed bytes are unknown (not checked until rewritten) unless the
 //! server promises they read back as zeroes.
 //!
+//! Two adapter traps the runner keeps clear of: it never waits on the
+//! blocking client without a command in flight (a `poll(None)` there would
+//! wait for ever) and always with a finite timeout; and it checks the
+//! connection's own state after every mio wakeup rather than relying on
+//! `handle_event` to report a dead connection.
+//!
 //! Settings come from the environment ([`Settings::from_env`]):
 //! `NBD_STRESS_OPS` (operations per configuration) and `NBD_STRESS_SEED`
 //! (replay one seed; otherwise each run picks a new seed and prints it). A
