@@ -228,7 +228,8 @@ impl<D: Driver> Stress<'_, D> {
                     );
                 }
                 if let Err(m) = self.model.check_read(op.offset, &buf) {
-                    self.fail(index, &format!("{op:?} read wrong data: {m}"));
+                    let again = self.reread(m.offset);
+                    self.fail(index, &format!("{op:?} read wrong data: {m}; {again}"));
                 }
             }
             Kind::Write => {
@@ -245,6 +246,65 @@ impl<D: Driver> Stress<'_, D> {
                 }
             }
             Kind::Flush | Kind::Cache => {}
+        }
+    }
+
+    /// After a wrong read: once everything in flight has finished, reads
+    /// the 4 KiB around `offset` again, plainly and (if allowed) with `DF`, and says
+    /// whether the server now gives what the model holds. That tells a
+    /// client that misplaced bytes from a server that lost them.
+    fn reread(&mut self, offset: u64) -> String {
+        // What is still in flight completes and is checked first (and may
+        // fail on its own account).
+        self.drain(self.latest);
+        let start = offset / 4096 * 4096;
+        let len = 4096.min(self.model.size() - start);
+        let mut verdicts = Vec::new();
+        let conn = self.client.connection();
+        let df = conn.can_df().unwrap_or(false) && conn.structured_replies_negotiated();
+        let mut variants = vec![CmdFlags::empty()];
+        if df {
+            variants.push(CmdFlags::DF);
+        }
+        for flags in variants {
+            let op = Op {
+                kind: Kind::Read,
+                offset: start,
+                len,
+                flags,
+                data: None,
+            };
+            let verdict = match self.read_alone(&op) {
+                Ok(buf) => match self.model.check_read(start, &buf) {
+                    Ok(()) => "matches the model".to_owned(),
+                    Err(m) => format!("still differs: {m}"),
+                },
+                Err(e) => format!("failed: {e}"),
+            };
+            verdicts.push(format!("{op:?} alone {verdict}"));
+        }
+        format!("re-read: {}", verdicts.join("; "))
+    }
+
+    /// Issues `op` (a read) with nothing else in flight and waits for it.
+    fn read_alone(&mut self, op: &Op) -> Result<bytes::BytesMut, String> {
+        let cookie = self.client.issue(op)?;
+        self.client.send()?;
+        let started = Instant::now();
+        loop {
+            if let Some(done) = self.client.next_completion(Some(cookie)) {
+                if done.cookie != cookie {
+                    return Err(format!("a completion for {:?} came instead", done.cookie));
+                }
+                done.result.map_err(|e| e.to_string())?;
+                return done
+                    .buffer
+                    .ok_or_else(|| "no buffer handed back".to_owned());
+            }
+            if started.elapsed() >= STALL_LIMIT {
+                return Err(format!("no reply within {STALL_LIMIT:?}"));
+            }
+            self.client.wait(Duration::from_millis(500))?;
         }
     }
 
