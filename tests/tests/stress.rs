@@ -18,6 +18,10 @@
 //! must fail exactly once, new ones be refused, and nothing hang). A
 //! self-test flips one bit of one read and expects the run to fail.
 //!
+//! qemu-nbd on qcow2 runs with discards ignored (its default); with
+//! `--discard=unmap` it corrupts data under this load, which the ignored
+//! `*_qemu_nbd_qcow2_discard_unmap` tests show on demand.
+//!
 //! `NBD_STRESS_OPS=N` sets the operations per test (default
 //! `nbd_tests::stress::DEFAULT_OPS`), `NBD_STRESS_SEED=S` replays a seed;
 //! each test prints its seed and, at the end, how many operations passed.
@@ -67,12 +71,22 @@ fn nbdkit_memory_failing() -> ServerHandle {
         .start()
 }
 
-fn qemu_nbd(format: ImageFormat) -> ServerHandle {
-    // Discards reach the image (punched holes, freed clusters) instead of
-    // being ignored, the default; trimmed bytes are still never relied on.
-    QemuNbdBuilder::new(format, QEMU_SIZE)
-        .arg("--discard=unmap")
-        .start()
+/// How qemu-nbd handles trims.
+#[derive(Clone, Copy)]
+enum Discard {
+    /// Trims succeed and change nothing (qemu-nbd's default).
+    Ignore,
+    /// Trims reach the image: punched holes, freed qcow2 clusters.
+    Unmap,
+}
+
+fn qemu_nbd(format: ImageFormat, discard: Discard) -> ServerHandle {
+    let builder = QemuNbdBuilder::new(format, QEMU_SIZE);
+    match discard {
+        Discard::Ignore => builder,
+        Discard::Unmap => builder.arg("--discard=unmap"),
+    }
+    .start()
 }
 
 fn nbd_server() -> ServerHandle {
@@ -161,20 +175,40 @@ fn blocking_nbdkit_memory_failing() {
 
 #[test]
 fn blocking_qemu_nbd_raw() {
-    let server = qemu_nbd(ImageFormat::Raw);
+    let server = qemu_nbd(ImageFormat::Raw, Discard::Unmap);
     check::<Blocking>(Target::new(
         "blocking_qemu_nbd_raw",
-        "qemu-nbd raw",
+        "qemu-nbd raw, --discard=unmap",
         &server.uri(),
     ));
 }
 
 #[test]
 fn blocking_qemu_nbd_qcow2() {
-    let server = qemu_nbd(ImageFormat::Qcow2);
+    let server = qemu_nbd(ImageFormat::Qcow2, Discard::Ignore);
     check::<Blocking>(Target::new(
         "blocking_qemu_nbd_qcow2",
         "qemu-nbd qcow2",
+        &server.uri(),
+    ));
+}
+
+/// qemu-nbd 10.0 on qcow2 with `--discard=unmap` loses data under this
+/// load: after some 20 000 to 140 000 operations a read returns a whole 64
+/// KiB cluster (or part of one) of stale bytes or zeroes, and reading it
+/// again alone, with nothing else in flight, gives the same wrong bytes, so
+/// the image itself holds them. The same load passes on qcow2 with discards
+/// ignored, on raw with `--discard=unmap`, and on every other server, through
+/// both adapters. Run with `NBD_STRESS_OPS=200000 cargo test --release -p
+/// nbd-tests --test stress blocking_qemu_nbd_qcow2_discard_unmap -- --ignored
+/// --nocapture` (fails in about half the runs).
+#[test]
+#[ignore = "qemu-nbd 10.0 qcow2 with --discard=unmap corrupts data under concurrent commands"]
+fn blocking_qemu_nbd_qcow2_discard_unmap() {
+    let server = qemu_nbd(ImageFormat::Qcow2, Discard::Unmap);
+    check::<Blocking>(Target::new(
+        "blocking_qemu_nbd_qcow2_discard_unmap",
+        "qemu-nbd qcow2, --discard=unmap",
         &server.uri(),
     ));
 }
@@ -228,20 +262,40 @@ fn mio_nbdkit_memory_failing() {
 
 #[test]
 fn mio_qemu_nbd_raw() {
-    let server = qemu_nbd(ImageFormat::Raw);
+    let server = qemu_nbd(ImageFormat::Raw, Discard::Unmap);
     check::<Mio>(Target::new(
         "mio_qemu_nbd_raw",
-        "qemu-nbd raw",
+        "qemu-nbd raw, --discard=unmap",
         &server.uri(),
     ));
 }
 
 #[test]
 fn mio_qemu_nbd_qcow2() {
-    let server = qemu_nbd(ImageFormat::Qcow2);
+    let server = qemu_nbd(ImageFormat::Qcow2, Discard::Ignore);
     check::<Mio>(Target::new(
         "mio_qemu_nbd_qcow2",
         "qemu-nbd qcow2",
+        &server.uri(),
+    ));
+}
+
+/// qemu-nbd 10.0 on qcow2 with `--discard=unmap` loses data under this
+/// load: after some 20 000 to 140 000 operations a read returns a whole 64
+/// KiB cluster (or part of one) of stale bytes or zeroes, and reading it
+/// again alone, with nothing else in flight, gives the same wrong bytes, so
+/// the image itself holds them. The same load passes on qcow2 with discards
+/// ignored, on raw with `--discard=unmap`, and on every other server, through
+/// both adapters. Run with `NBD_STRESS_OPS=200000 cargo test --release -p
+/// nbd-tests --test stress mio_qemu_nbd_qcow2_discard_unmap -- --ignored
+/// --nocapture` (fails in about half the runs).
+#[test]
+#[ignore = "qemu-nbd 10.0 qcow2 with --discard=unmap corrupts data under concurrent commands"]
+fn mio_qemu_nbd_qcow2_discard_unmap() {
+    let server = qemu_nbd(ImageFormat::Qcow2, Discard::Unmap);
+    check::<Mio>(Target::new(
+        "mio_qemu_nbd_qcow2_discard_unmap",
+        "qemu-nbd qcow2, --discard=unmap",
         &server.uri(),
     ));
 }
