@@ -56,7 +56,7 @@ impl<D: Driver> Stress<'_, D> {
         panic!(
             "stress {test}: {what}\n  at operation {index} of seed {seed} ({adapter} adapter, {server}); \
              {depth} in flight\n  replay: NBD_STRESS_SEED={seed} NBD_STRESS_OPS={ops} \
-             cargo test -p nbd-tests --test stress {test} -- --exact",
+             cargo test -p nbd-tests --test stress {test} -- --exact --include-ignored",
             test = run.test,
             seed = run.seed,
             adapter = D::NAME,
