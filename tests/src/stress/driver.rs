@@ -221,13 +221,13 @@ impl Driver for Mio {
     fn issue(&mut self, op: &Op) -> Result<Cookie, String> {
         issue_on!(
             &mut self.client,
-            pread,
-            pwrite,
-            trim,
-            zero,
-            flush,
-            cache,
-            block_status,
+            aio_pread,
+            aio_pwrite,
+            aio_trim,
+            aio_zero,
+            aio_flush,
+            aio_cache,
+            aio_block_status,
             op
         )
     }
@@ -253,7 +253,7 @@ impl Driver for Mio {
     }
 
     fn finish(mut self) -> Result<(), String> {
-        self.client.disconnect().map_err(|e| e.to_string())?;
+        self.client.aio_disconnect().map_err(|e| e.to_string())?;
         let deadline = Instant::now() + STALL_LIMIT;
         while !self.client.is_closed() {
             if Instant::now() >= deadline {
