@@ -496,7 +496,7 @@ impl Copy {
         match self.dst {
             Dest::Nbd { mut client, .. } => {
                 if flush && client.connection().can_flush()? {
-                    client.flush()?;
+                    client.flush(CmdFlags::empty())?;
                 }
                 client.shutdown()?;
             }
