@@ -188,14 +188,8 @@ fn qemu_nbd_by_socket_activation_with_a_named_export() {
     let image = dir.path().join("disk.raw");
     let bytes: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
     std::fs::write(&image, &bytes).unwrap();
-    let target = Target::Activation {
-        argv: ["qemu-nbd", "-f", "raw", "-x", "disk"]
-            .iter()
-            .map(Into::into)
-            .chain([image.clone().into_os_string()])
-            .collect(),
-        name: None,
-    };
+    let image_arg = image.to_str().unwrap();
+    let target = Target::activation(["qemu-nbd", "-f", "raw", "-x", "disk", image_arg]);
     let config = Config {
         export_name: "disk".into(),
         ..Config::default()
