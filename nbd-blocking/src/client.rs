@@ -800,11 +800,17 @@ impl Client {
 impl Drop for Client {
     /// Closes without blocking. Commands still in flight are abandoned: their
     /// outcome is unknown and never reported (call [`Client::shutdown`] to wait
-    /// for them). With nothing in flight the server is told goodbye with
-    /// `NBD_CMD_DISC` if the socket takes it at once; with commands in flight
-    /// it is not, as the server could then cut them short.
+    /// for them). With nothing in flight the server is told goodbye if the
+    /// socket takes it at once: `NBD_CMD_DISC`, or `NBD_OPT_ABORT` in opt
+    /// mode; with commands in flight it is not, as the server could then cut
+    /// them short. A server the client started is then stopped.
     fn drop(&mut self) {
-        if self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok() {
+        let goodbye = if self.conn.is_negotiating() {
+            self.conn.opt_abort().is_ok()
+        } else {
+            self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok()
+        };
+        if goodbye {
             let _ = pump::write_pending(&mut self.conn, &mut self.socket);
         }
     }
