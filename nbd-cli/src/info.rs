@@ -88,9 +88,10 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
     let mut contexts = None;
     if client.connection().is_negotiating() {
         if client.connection().structured_replies_negotiated() {
-            contexts = Some(client.opt_list_meta_context(&[])?);
+            let listed = client.opt_list_meta_context(&[]);
+            contexts = Some(listed.map_err(|e| server.name_in(e))?);
         }
-        client.opt_go()?;
+        client.opt_go().map_err(|e| server.name_in(e))?;
     }
     let conn = client.connection();
     let name = conn
@@ -173,11 +174,11 @@ fn list(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
         )
         .into());
     }
-    let entries = client.opt_list()?;
+    let entries = client.opt_list().map_err(|e| server.name_in(e))?;
     let mut exports = Vec::new();
     for entry in &entries {
         client.set_export_name(&entry.name)?;
-        client.opt_info()?;
+        client.opt_info().map_err(|e| server.name_in(e))?;
         // A server program has no URI to name its exports by.
         let uri = base.as_ref().map(|base| {
             let mut uri = base.clone();

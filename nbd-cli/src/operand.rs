@@ -76,7 +76,8 @@ impl Operand {
         result.map_err(|e| self.name_in(e))
     }
 
-    fn name_in(&self, e: Error) -> Error {
+    /// `e`, naming this operand unless it names what was reached already.
+    pub fn name_in(&self, e: Error) -> Error {
         match e {
             // These name it already.
             Error::Connect { .. }

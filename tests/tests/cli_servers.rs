@@ -344,6 +344,18 @@ fn failures_name_the_server_and_stop_it() {
     let out = nbd_with(&["dump", "--offset", "2M"], &[&server], &[]);
     assert_fails(&out, "offset past the end");
     assert_gone(&pidfile);
+    // A refusal during option negotiation names the server; the server is
+    // told goodbye (NBD_OPT_ABORT) before it is stopped, so it has nothing
+    // to complain about on stderr.
+    let image = servers.path("named.raw");
+    fs::write(&image, vec![0; 65536]).unwrap();
+    let image = image.to_str().unwrap();
+    let (server, pidfile) = servers.command(&["qemu-nbd", "-f", "raw", "-x", "disk", image]);
+    let out = nbd_with(&["info"], &[&server], &[]);
+    let message = assert_fails(&out, "export name refused");
+    assert!(message.contains("[ sh -c"), "{message}");
+    assert!(message.contains("not present"), "{message}");
+    assert_gone(&pidfile);
     // The destination server is stopped when the source fails, and the
     // other way round.
     let (src, src_pid) = servers.command(&["nbdkit", "memory", "2M"]);
