@@ -278,21 +278,53 @@ fn copy_into_server_commands_on_either_side() {
     assert!(fs::read(&target).unwrap() == pattern_bytes(MIB));
 }
 
-/// `(offset, bytes)` of each data line of a hex dump, in either `nbd dump`'s
-/// (`hexdump -C`) layout or `nbddump`'s.
+/// `(offset, bytes)` of a data line of a hex dump, in either `nbd dump`'s
+/// (`hexdump -C`) layout or `nbddump`'s; `None` for any other line.
+fn dump_line(line: &str) -> Option<(u64, Vec<u8>)> {
+    let (offset, rest) = line.split_once([' ', ':'])?;
+    let hex = &rest[..rest.find('|')?];
+    let bytes = hex
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    Some((u64::from_str_radix(offset, 16).unwrap(), bytes))
+}
+
+/// Every data line of a hex dump.
 fn dump_lines(dump: &str) -> Vec<(u64, Vec<u8>)> {
-    dump.lines()
-        .filter(|line| line.contains('|'))
-        .map(|line| {
-            let (offset, rest) = line.split_once([' ', ':']).unwrap();
-            let hex = &rest[..rest.find('|').unwrap()];
-            let bytes = hex
-                .split_whitespace()
-                .map(|b| u8::from_str_radix(b, 16).unwrap())
-                .collect();
-            (u64::from_str_radix(offset, 16).unwrap(), bytes)
-        })
-        .collect()
+    dump.lines().filter_map(dump_line).collect()
+}
+
+/// The bytes a dump of `start..end` shows, with each `*` (lines repeating
+/// the one before) expanded. The two layouts fold alike, but a dump that
+/// ends inside a folded run ends differently (`nbddump` shows the last line
+/// of the run, `hexdump -C` only the end offset), so dumps are compared by
+/// what they say.
+fn dump_bytes(dump: &str, start: u64, end: u64) -> Vec<u8> {
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut folded = false;
+    let mut last = Vec::new();
+    let at = |bytes: &Vec<u8>| start + bytes.len() as u64;
+    for line in dump.lines() {
+        if line == "*" {
+            folded = true;
+            continue;
+        }
+        let Some((offset, data)) = dump_line(line) else {
+            continue;
+        };
+        while folded && at(&bytes) < offset {
+            bytes.extend_from_slice(&last);
+        }
+        folded = false;
+        assert_eq!(at(&bytes), offset, "a gap before {line}");
+        bytes.extend_from_slice(&data);
+        last = data;
+    }
+    while folded && at(&bytes) < end {
+        bytes.extend_from_slice(&last);
+    }
+    bytes
 }
 
 #[test]
@@ -310,6 +342,20 @@ fn dump_of_a_server_command_matches_nbddump_and_the_same_server_by_uri() {
     let by_uri = NbdkitBuilder::pattern(4096).start();
     let out = run_nbd(["dump", by_uri.uri().as_str()]);
     assert_eq!(assert_ok(&out, "dump by URI"), ours);
+
+    // qemu-nbd serving an image with text in it.
+    let image = servers.path("text.raw");
+    let mut bytes = vec![0u8; 8192];
+    bytes[4090..4113].copy_from_slice(b"across a block boundary");
+    fs::write(&image, &bytes).unwrap();
+    let argv = ["qemu-nbd", "-f", "raw", image.to_str().unwrap()];
+    let (server, pidfile) = servers.command(&argv);
+    let ours = assert_ok(&nbd_with(&["dump"], &[&server], &[]), "dump qemu-nbd");
+    assert_gone(&pidfile);
+    assert!(ours.contains("|..........across|"), "{ours}");
+    let theirs = text(&libnbd_tool("nbddump", &[], &argv).stdout);
+    assert!(dump_bytes(&ours, 0, 8192) == bytes);
+    assert!(dump_bytes(&theirs, 0, 8192) == bytes);
 
     let (server, pidfile) = servers.command(&["nbdkit", "pattern", "1M"]);
     let out = nbd_with(
