@@ -1,21 +1,20 @@
-//! [`Client`]: an NBD connection over a std socket, with blocking and aio-style calls.
+//! [`Client`]: an NBD connection over an `nbd-io` socket, with blocking and aio-style calls.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::ToSocketAddrs;
-use std::path::Path;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::uri::{NbdUri, Transport};
+use nbd_io::{pump, Error, Result, Socket, Target, UriPolicy};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
 
-use crate::error::{Error, Result};
-use crate::stream::Stream;
+use crate::wait;
 
-/// Most reads per drive step before writes get another turn.
+/// Most reads per drive step before writes get another turn. A read shorter
+/// than the space offered also ends the step: the socket is drained for now.
 const READS_PER_STEP: usize = 8;
 /// Largest piece the convenience calls (`read_exact_at`, `write_all_at`) send at once.
 const CONVENIENCE_CHUNK: usize = 4 * 1024 * 1024;
@@ -29,12 +28,17 @@ pub struct ExportEntry {
     pub description: String,
 }
 
-/// A connected NBD client: the `nbd-proto` core driven over a std socket.
+/// A connected NBD client: the `nbd-proto` core driven over an `nbd-io`
+/// [`Socket`], waiting with poll(2).
 ///
-/// Blocking calls (`pread`, `pwrite`, ...) issue a command and wait for it.
-/// The aio calls (`aio_pread`, ...) return a [`Cookie`] at once; [`Client::poll`]
-/// drives the socket and [`Client::next_completion`] hands back finished commands,
-/// so many commands can be in flight on one connection.
+/// Calls are named as in libnbd (see `nbd_io`'s "One vocabulary in every
+/// adapter"): a plain command call (`pread`, `pwrite`, `flush`, ...) issues
+/// the command and waits for its result; an `aio_` call (`aio_pread`, ...,
+/// `aio_disconnect`) queues it and returns at once, with a [`Cookie`] for a
+/// command. [`Client::poll`] drives the socket and
+/// [`Client::next_completion`] hands back finished commands, so many
+/// commands can be in flight on one connection. The opt-mode calls
+/// (`opt_list`, `opt_go`, ...) wait too.
 ///
 /// No call waits forever in silence: [`Client::poll`] returns at once when
 /// nothing is in flight and nothing is waiting to be sent, and with
@@ -44,17 +48,18 @@ pub struct ExportEntry {
 ///
 /// ```no_run
 /// use nbd_blocking::Client;
+/// use nbd_proto::CmdFlags;
 /// let mut client = Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock")?;
 /// let mut head = vec![0u8; 512];
 /// client.read_exact_at(&mut head, 0)?;
 /// client.write_all_at(b"hello", 4096)?;
-/// client.flush()?;
+/// client.flush(CmdFlags::empty())?;
 /// client.shutdown()?;
 /// # Ok::<(), nbd_blocking::Error>(())
 /// ```
 pub struct Client {
     conn: Connection,
-    stream: Stream,
+    socket: Socket,
     completed: VecDeque<Completion>,
     chunks: Vec<ReadChunk>,
     statuses: Vec<BlockStatus>,
@@ -71,58 +76,32 @@ pub struct Client {
 impl Client {
     // ------------------------------------------------------------ connecting
 
-    /// Connects over TCP with the default configuration and negotiates.
-    pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Self> {
-        Self::connect_tcp_with(addr, Config::default())
+    /// Reaches `target` (any transport of [`nbd_io::connect`], including a
+    /// server program it starts) and negotiates as `config` says. Returns
+    /// once the export is ready, or, in opt mode, once the server waits for
+    /// options. A server the target started is stopped when the client is
+    /// dropped.
+    ///
+    /// ```no_run
+    /// use nbd_blocking::{Client, Target};
+    /// use nbd_proto::Config;
+    /// let target = Target::activation(["nbdkit", "memory", "1G"]);
+    /// let client = Client::connect(&target, Config::default())?;
+    /// assert_eq!(client.size()?, 1 << 30);
+    /// # Ok::<(), nbd_blocking::Error>(())
+    /// ```
+    pub fn connect(target: &Target, config: Config) -> Result<Self> {
+        Self::connect_socket(nbd_io::connect(target)?, config)
     }
 
-    /// Connects over TCP (every resolved address in turn) and negotiates as `config` says.
-    pub fn connect_tcp_with(addr: impl ToSocketAddrs, config: Config) -> Result<Self> {
-        Self::handshake(Stream::connect_tcp(addr)?, config)
-    }
-
-    /// Connects to a Unix socket with the default configuration and negotiates.
-    pub fn connect_unix(path: impl AsRef<Path>) -> Result<Self> {
-        Self::connect_unix_with(path, Config::default())
-    }
-
-    /// Connects to a Unix socket and negotiates as `config` says.
-    pub fn connect_unix_with(path: impl AsRef<Path>, config: Config) -> Result<Self> {
-        Self::handshake(Stream::connect_unix(path)?, config)
-    }
-
-    /// Connects to an NBD URI (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`) with the default configuration.
-    pub fn connect_uri(uri: &str) -> Result<Self> {
-        Self::connect_uri_with(uri, Config::default())
-    }
-
-    /// Connects to an NBD URI; the URI's export name replaces `config.export_name`.
-    pub fn connect_uri_with(uri: &str, mut config: Config) -> Result<Self> {
-        let uri: NbdUri = uri.parse()?;
-        if uri.tls {
-            return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported yet",
-                uri.scheme()
-            )));
-        }
-        config.export_name = uri.export_name.clone();
-        let stream = match &uri.transport {
-            Transport::Tcp { host, port } => Stream::connect_tcp((host.as_str(), *port))?,
-            Transport::Unix { socket } => Stream::connect_unix(socket)?,
-            Transport::Vsock { .. } => {
-                return Err(Error::Unsupported("vsock is not supported".into()))
-            }
-        };
-        Self::handshake(stream, config)
-    }
-
-    /// Negotiates over an already connected stream. Returns once the export is
-    /// ready, or, in opt mode, once the server waits for options.
-    pub fn handshake(stream: Stream, config: Config) -> Result<Self> {
+    /// Negotiates over a socket that is already connected (libnbd's
+    /// `connect_socket`), for example one made with [`Socket::from_fd`].
+    /// The client switches it to non-blocking mode and owns it from now on.
+    pub fn connect_socket(socket: Socket, config: Config) -> Result<Self> {
+        socket.set_nonblocking(true)?;
         let mut client = Client {
             conn: Connection::new(config),
-            stream,
+            socket,
             completed: VecDeque::new(),
             chunks: Vec::new(),
             statuses: Vec::new(),
@@ -135,6 +114,62 @@ impl Client {
         };
         client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
         Ok(client)
+    }
+
+    /// Connects over TCP to `host` (every address it resolves to in turn)
+    /// and negotiates with the default configuration.
+    pub fn connect_tcp(host: &str, port: u16) -> Result<Self> {
+        Self::connect_tcp_with(host, port, Config::default())
+    }
+
+    /// Connects over TCP and negotiates as `config` says.
+    pub fn connect_tcp_with(host: &str, port: u16, config: Config) -> Result<Self> {
+        let host = host.to_string();
+        Self::connect(&Target::Tcp { host, port }, config)
+    }
+
+    /// Connects to a Unix socket with the default configuration and negotiates.
+    pub fn connect_unix(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::connect_unix_with(path, Config::default())
+    }
+
+    /// Connects to a Unix socket and negotiates as `config` says.
+    pub fn connect_unix_with(path: impl Into<PathBuf>, config: Config) -> Result<Self> {
+        Self::connect(&Target::Unix(path.into()), config)
+    }
+
+    /// Connects to an NBD URI (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`, `nbd+vsock://CID[:port]/export`)
+    /// with the default configuration and URI policy.
+    pub fn connect_uri(uri: &str) -> Result<Self> {
+        Self::connect_uri_with(uri, Config::default())
+    }
+
+    /// Connects to an NBD URI accepted by the default [`UriPolicy`] (every
+    /// transport, no local files); the URI's export name replaces
+    /// `config.export_name`.
+    pub fn connect_uri_with(uri: &str, config: Config) -> Result<Self> {
+        Self::connect_uri_with_policy(uri, config, &UriPolicy::default())
+    }
+
+    /// Connects to an NBD URI if `policy` accepts it (libnbd's
+    /// `set_uri_allow_transports`, `set_uri_allow_tls`,
+    /// `set_uri_allow_local_file`); the URI's export name replaces
+    /// `config.export_name`. TLS URIs (`nbds`) are refused with
+    /// [`Error::Unsupported`] until this client speaks TLS.
+    pub fn connect_uri_with_policy(
+        uri: &str,
+        mut config: Config,
+        policy: &UriPolicy,
+    ) -> Result<Self> {
+        let endpoint = policy.resolve(uri)?;
+        if endpoint.tls.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{uri}: TLS is not supported yet"
+            )));
+        }
+        config.export_name = endpoint.export_name;
+        Self::connect(&endpoint.target, config)
     }
 
     /// Sets how long the client may wait without any progress from the server
@@ -159,6 +194,14 @@ impl Client {
     /// Mutable access to the protocol state, for settings such as strict mode.
     pub fn connection_mut(&mut self) -> &mut Connection {
         &mut self.conn
+    }
+
+    /// The socket under the client: what it is connected to
+    /// ([`Socket::peer`]) and the server it started, if any
+    /// ([`Socket::server_pid`]). Reading or writing it directly would
+    /// desynchronise the connection.
+    pub fn socket(&self) -> &Socket {
+        &self.socket
     }
 
     /// Export size in bytes.
@@ -187,9 +230,8 @@ impl Client {
         if self.nothing_to_wait_for() {
             return Ok(false);
         }
-        let dir = self.conn.direction();
         let wait = self.wait_limit(timeout);
-        if self.stream.wait(dir.is_read(), dir.is_write(), wait)? && self.try_io()? {
+        if self.wait_ready(wait)? && self.try_io()? {
             return Ok(true);
         }
         self.check_dead()?;
@@ -217,17 +259,17 @@ impl Client {
             c.check_dead()?;
         }
         let mut wait = timeout;
-        let mut waits: Vec<(&Stream, Direction)> = Vec::with_capacity(clients.len());
+        let mut waits = Vec::with_capacity(clients.len());
         for c in clients.iter() {
             if !c.nothing_to_wait_for() {
                 wait = c.wait_limit(wait);
-                waits.push((&c.stream, c.conn.direction()));
+                waits.push((c.socket.as_fd(), c.conn.direction()));
             }
         }
         if waits.is_empty() {
             return Ok(false);
         }
-        if Stream::wait_many(&waits, wait)? {
+        if wait::any_ready(&waits, wait)? {
             for c in clients.iter_mut() {
                 progressed |= c.try_io()?;
             }
@@ -282,78 +324,37 @@ impl Client {
     /// Writes and reads what can move now. Restarts the stall clock when
     /// anything moved.
     fn try_io(&mut self) -> Result<bool> {
-        let wrote = self.write_some()?;
-        let read = self.read_some()?;
-        let moved = wrote || read;
+        let moved = self.pump()?;
+        let moved = moved.wrote || moved.read;
         if moved || self.nothing_to_wait_for() {
             self.last_progress = Instant::now();
         }
         Ok(moved)
     }
 
-    /// Writes what is pending until done or the socket would block.
-    fn write_some(&mut self) -> Result<bool> {
-        let mut progressed = false;
-        while self.conn.wants_write() {
-            let mut iov = [IoSlice::new(&[]); 64];
-            let n = self.conn.output(&mut iov);
-            if n == 0 {
-                break;
-            }
-            match self.stream.write_vectored(&iov[..n]) {
-                Ok(0) => return self.socket_failed(io::ErrorKind::WriteZero.into()),
-                Ok(k) => {
-                    self.conn.notify_write(k)?;
-                    progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.socket_failed(e),
-            }
-        }
+    /// One turn of `nbd-io`'s byte pump: writes what is pending until the
+    /// socket would block, then reads at most [`READS_PER_STEP`] times,
+    /// stopping at a short read. The connection's events are collected
+    /// whatever happened, so a socket that failed still hands every pending
+    /// command its completion.
+    fn pump(&mut self) -> Result<Moved> {
+        let moved = pump::write_pending(&mut self.conn, &mut self.socket).and_then(|written| {
+            let read =
+                pump::read_available(&mut self.conn, &mut self.socket, Some(READS_PER_STEP))?;
+            Ok(Moved {
+                wrote: written.moved,
+                read,
+            })
+        });
         self.collect_events();
-        Ok(progressed)
+        moved
     }
 
-    /// Reads what has arrived. A read shorter than the space offered means the
-    /// socket is drained for now, so no further read (and no `EAGAIN`) is tried.
-    fn read_some(&mut self) -> Result<bool> {
-        let mut progressed = false;
-        for _ in 0..READS_PER_STEP {
-            if !self.conn.direction().is_read() {
-                break;
-            }
-            let buf = self.conn.recv_buf();
-            let offered = buf.len();
-            match self.stream.read(buf) {
-                Ok(n) => {
-                    self.conn.notify_read(n)?;
-                    progressed = true;
-                    if n == 0 || n < offered {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.socket_failed(e),
-            }
-        }
-        self.collect_events();
-        Ok(progressed)
-    }
-
-    /// A socket error ends the connection: the core sees end of stream, so every
-    /// pending command fails exactly once. If that end was expected (the server
-    /// hung up after an abort or disconnect, as nbd-server does), the connection
-    /// closed cleanly and it is no error; otherwise the caller gets the socket error.
-    fn socket_failed(&mut self, e: io::Error) -> Result<bool> {
-        let _ = self.conn.notify_read(0);
-        self.collect_events();
-        if self.conn.is_closed() {
-            Ok(true)
-        } else {
-            Err(Error::Io(e))
-        }
+    /// Waits with poll(2) until the socket is ready in the direction the
+    /// connection wants, or `timeout` passes; false on timeout.
+    fn wait_ready(&self, timeout: Option<Duration>) -> Result<bool> {
+        let socket = [(self.socket.as_fd(), self.conn.direction())];
+        Ok(wait::any_ready(&socket, timeout)?)
     }
 
     fn collect_events(&mut self) {
@@ -388,23 +389,19 @@ impl Client {
             if self.conn.is_closed() {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
             }
-            let wrote = self.write_some()?;
-            if self.read_some()? {
+            let Moved { wrote, read } = self.pump()?;
+            if read {
                 self.last_progress = Instant::now();
                 continue;
             }
             if wrote {
                 self.last_progress = Instant::now();
             }
-            let dir = self.conn.direction();
-            if dir == Direction::None {
+            if self.conn.direction() == Direction::None {
                 // Over: the checks at the top say how.
                 continue;
             }
-            if !self
-                .stream
-                .wait(dir.is_read(), dir.is_write(), self.wait_limit(None))?
-            {
+            if !self.wait_ready(self.wait_limit(None))? {
                 self.check_stalled()?;
             }
         }
@@ -627,8 +624,8 @@ impl Client {
     }
 
     /// Flushes written data to stable storage.
-    pub fn flush(&mut self) -> Result<()> {
-        let cookie = self.aio_flush(CmdFlags::empty())?;
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<()> {
+        let cookie = self.aio_flush(flags)?;
         self.complete(cookie).map(drop)
     }
 
@@ -656,7 +653,7 @@ impl Client {
     /// completed (a server that sees it earlier may cut them short); driving
     /// the client ([`Client::poll`]) sends it then. The connection is closed
     /// once [`Client::connection`] says `is_closed`.
-    pub fn disconnect(&mut self) -> Result<()> {
+    pub fn aio_disconnect(&mut self) -> Result<()> {
         self.conn.disconnect()?;
         self.try_io().map(drop)
     }
@@ -680,12 +677,12 @@ impl Client {
                 .map_err(Error::from)
                 .and_then(|()| self.run_until(|c| c.closed))
         } else if self.conn.is_ready() {
-            self.disconnect()
+            self.aio_disconnect()
                 .and_then(|()| self.run_until(|c| c.closed))
         } else {
             self.check_dead()
         };
-        let _ = self.stream.shutdown();
+        let _ = self.socket.shutdown();
         match self.untaken_failures() {
             Some(failed) => Err(failed),
             None => ended,
@@ -790,7 +787,7 @@ impl Client {
     pub fn opt_abort(mut self) -> Result<()> {
         self.conn.opt_abort()?;
         let result = self.run_until(|c| c.closed);
-        let _ = self.stream.shutdown();
+        let _ = self.socket.shutdown();
         result
     }
 
@@ -803,14 +800,26 @@ impl Client {
 impl Drop for Client {
     /// Closes without blocking. Commands still in flight are abandoned: their
     /// outcome is unknown and never reported (call [`Client::shutdown`] to wait
-    /// for them). With nothing in flight the server is told goodbye with
-    /// `NBD_CMD_DISC` if the socket takes it at once; with commands in flight
-    /// it is not, as the server could then cut them short.
+    /// for them). With nothing in flight the server is told goodbye if the
+    /// socket takes it at once: `NBD_CMD_DISC`, or `NBD_OPT_ABORT` in opt
+    /// mode; with commands in flight it is not, as the server could then cut
+    /// them short. A server the client started is then stopped.
     fn drop(&mut self) {
-        if self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok() {
-            let _ = self.write_some();
+        let goodbye = if self.conn.is_negotiating() {
+            self.conn.opt_abort().is_ok()
+        } else {
+            self.conn.is_ready() && self.conn.in_flight() == 0 && self.conn.disconnect().is_ok()
+        };
+        if goodbye {
+            let _ = pump::write_pending(&mut self.conn, &mut self.socket);
         }
     }
+}
+
+/// What one turn of the byte pump moved.
+struct Moved {
+    wrote: bool,
+    read: bool,
 }
 
 fn chunk_cookie(chunk: &ReadChunk) -> Cookie {

@@ -99,7 +99,7 @@ impl Write for ExportFile {
         // still be in flight, and nothing that failed may pass as flushed.
         self.client.settle()?;
         if self.client.connection().can_flush().unwrap_or(false) {
-            self.client.flush()?;
+            self.client.flush(nbd_proto::CmdFlags::empty())?;
         }
         Ok(())
     }

@@ -1,9 +1,16 @@
 //! Blocking adapter for the `nbd-proto` NBD client.
 //!
-//! [`Client`] connects over TCP, a Unix socket or an NBD URI, negotiates, and
-//! offers blocking calls for every command, an aio-style API for many commands
-//! in flight, and the opt-mode calls. [`ExportFile`] makes an export a
-//! `Read + Write + Seek` object.
+//! [`Client`] reaches a server through `nbd-io` (TCP, Unix sockets, vsock,
+//! an NBD URI, a socket the caller holds, a server program it starts),
+//! negotiates, and offers blocking calls for every command, an aio-style API
+//! for many commands in flight, and the opt-mode calls. [`ExportFile`] makes
+//! an export a `Read + Write + Seek` object. Connecting, the byte pump and
+//! the [`Error`] type are `nbd-io`'s; this crate only decides how to wait
+//! (poll(2)).
+//!
+//! Calls follow `nbd-io`'s one vocabulary: a plain call waits for its
+//! result, an `aio_` call queues and returns at once, and arguments come in
+//! libnbd's order (buffer or count, offset, flags).
 //!
 //! ```no_run
 //! use bytes::BytesMut;
@@ -16,7 +23,7 @@
 //! let buf = client.pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())?;
 //! assert_eq!(buf.len(), 4096);
 //!
-//! // Many in flight: submit, then collect completions.
+//! // Many in flight: queue, then collect completions.
 //! let cookies: Vec<_> = (0..8)
 //!     .map(|i| client.aio_pread(BytesMut::zeroed(4096), i * 4096, CmdFlags::empty()))
 //!     .collect::<Result<_, _>>()?;
@@ -30,12 +37,15 @@
 #![warn(missing_docs)]
 
 mod client;
-mod error;
 mod file;
-mod stream;
+mod wait;
 
 pub use client::{Client, ExportEntry};
-pub use error::{Error, Result};
 pub use file::ExportFile;
+pub use nbd_io::{self, Error, Result, Socket, Target, UriPolicy};
 pub use nbd_proto;
-pub use stream::Stream;
+
+/// The README's example, compiled as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExample;

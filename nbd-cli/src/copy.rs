@@ -24,15 +24,19 @@ use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Config, Cookie};
 
 use crate::extents::{self, Run, BASE_ALLOCATION, STATE_ZERO};
+use crate::operand::{self, Operand};
 use crate::size::parse_size;
 
 /// Options of `nbd copy`.
 #[derive(Debug, clap::Args)]
 pub struct CopyArgs {
-    /// Source: an NBD URI, a local file, or `-` for standard input.
-    pub src: String,
-    /// Destination: an NBD URI, a local file, `-` for standard output, or `null:`.
-    pub dst: String,
+    /// Source, then destination. The source is an NBD URI, a local file, or
+    /// `-` for standard input; the destination an NBD URI, a local file, `-`
+    /// for standard output, or `null:`. Either may be, after `--`,
+    /// `[ CMD ARGS ... ]`: a server program started by socket activation and
+    /// stopped at the end.
+    #[arg(value_name = "SRC DST", required = true)]
+    pub operands: Vec<String>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub requests: u32,
@@ -56,10 +60,6 @@ fn parse_request_size(s: &str) -> Result<u64, String> {
         return Err(format!("request size must be between 1 and 32M, not {s}"));
     }
     Ok(n)
-}
-
-fn is_uri(s: &str) -> bool {
-    s.starts_with("nbd") && s.contains("://")
 }
 
 fn fail(msg: String) -> Error {
@@ -100,10 +100,17 @@ enum Dest {
     Null,
 }
 
-/// Runs `nbd copy`.
-pub fn run(args: &CopyArgs) -> Result<ExitCode, Error> {
-    let (src, size) = open_source(&args.src, !args.no_extents)?;
-    let dst = open_dest(&args.dst, size)?;
+impl CopyArgs {
+    /// The two operands: source and destination.
+    pub fn operands(&self) -> Result<[Operand; 2], String> {
+        operand::exactly(&self.operands, ["SRC", "DST"])
+    }
+}
+
+/// Runs `nbd copy` from `src` to `dst`.
+pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Error> {
+    let (src, size) = open_source(src, !args.no_extents)?;
+    let dst = open_dest(dst, size)?;
     // No request may exceed either server's maximum block size.
     let mut request_size = args.request_size as usize;
     if let Source::Nbd { client, .. } = &src {
@@ -130,77 +137,74 @@ pub fn run(args: &CopyArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_source(spec: &str, use_extents: bool) -> Result<(Source, Option<u64>), Error> {
-    if is_uri(spec) {
-        let mut config = Config::default();
-        if use_extents {
-            config.meta_contexts.push(BASE_ALLOCATION.into());
+fn open_source(spec: &Operand, use_extents: bool) -> Result<(Source, Option<u64>), Error> {
+    if let Some(local) = spec.local() {
+        if local == "-" {
+            return Ok((Source::Stream(Box::new(io::stdin())), None));
         }
-        let client = Client::connect_uri_with(spec, config)?;
-        let size = client.size()?;
-        let runs = client
-            .connection()
-            .can_meta_context(BASE_ALLOCATION)
-            .then(VecDeque::new);
-        return Ok((
-            Source::Nbd {
-                client: Box::new(client),
-                runs,
-            },
-            Some(size),
-        ));
+        let file = File::open(local).map_err(|e| fail(format!("{local}: {e}")))?;
+        let size = file.metadata()?.len();
+        return Ok((Source::Stream(Box::new(file)), Some(size)));
     }
-    if spec == "-" {
-        return Ok((Source::Stream(Box::new(io::stdin())), None));
+    let mut config = Config::default();
+    if use_extents {
+        config.meta_contexts.push(BASE_ALLOCATION.into());
     }
-    let file = File::open(spec).map_err(|e| fail(format!("{spec}: {e}")))?;
-    let size = file.metadata()?.len();
-    Ok((Source::Stream(Box::new(file)), Some(size)))
+    let client = spec.connect(config)?;
+    let size = client.size()?;
+    let runs = client
+        .connection()
+        .can_meta_context(BASE_ALLOCATION)
+        .then(VecDeque::new);
+    let source = Source::Nbd {
+        client: Box::new(client),
+        runs,
+    };
+    Ok((source, Some(size)))
 }
 
-fn open_dest(spec: &str, size: Option<u64>) -> Result<Dest, Error> {
-    if spec == "null:" {
-        return Ok(Dest::Null);
-    }
-    if spec == "-" {
-        return Ok(Dest::Stdout {
-            out: io::stdout(),
-            next: 0,
-            waiting: BTreeMap::new(),
-        });
-    }
-    if is_uri(spec) {
-        let client = Client::connect_uri(spec)?;
-        if client.connection().is_read_only()? {
-            return Err(
-                nbd_proto::Error::ReadOnly(format!("destination {spec} is read-only")).into(),
-            );
+fn open_dest(spec: &Operand, size: Option<u64>) -> Result<Dest, Error> {
+    match spec.local() {
+        Some("null:") => return Ok(Dest::Null),
+        Some("-") => {
+            return Ok(Dest::Stdout {
+                out: io::stdout(),
+                next: 0,
+                waiting: BTreeMap::new(),
+            })
         }
-        let dst_size = client.size()?;
-        if let Some(size) = size {
-            if size > dst_size {
-                return Err(fail(format!(
-                    "destination size {dst_size} is smaller than the source size {size}"
-                )));
+        // A new, sparse file: every byte not written reads as zero.
+        Some(local) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(local)
+                .map_err(|e| fail(format!("{local}: {e}")))?;
+            if let Some(size) = size {
+                file.set_len(size)?;
             }
+            return Ok(Dest::File(file));
         }
-        let can_zero = client.connection().can_zero()?;
-        return Ok(Dest::Nbd {
-            client: Box::new(client),
-            can_zero,
-        });
+        None => {}
     }
-    // A new, sparse file: every byte not written reads as zero.
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(spec)
-        .map_err(|e| fail(format!("{spec}: {e}")))?;
+    let client = spec.connect(Config::default())?;
+    if client.connection().is_read_only()? {
+        return Err(nbd_proto::Error::ReadOnly(format!("destination {spec} is read-only")).into());
+    }
+    let dst_size = client.size()?;
     if let Some(size) = size {
-        file.set_len(size)?;
+        if size > dst_size {
+            return Err(fail(format!(
+                "destination size {dst_size} is smaller than the source size {size}"
+            )));
+        }
     }
-    Ok(Dest::File(file))
+    let can_zero = client.connection().can_zero()?;
+    Ok(Dest::Nbd {
+        client: Box::new(client),
+        can_zero,
+    })
 }
 
 struct Copy {
@@ -496,7 +500,7 @@ impl Copy {
         match self.dst {
             Dest::Nbd { mut client, .. } => {
                 if flush && client.connection().can_flush()? {
-                    client.flush()?;
+                    client.flush(CmdFlags::empty())?;
                 }
                 client.shutdown()?;
             }

@@ -3,16 +3,19 @@
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use nbd_blocking::Client;
+use nbd_proto::Config;
 
 use crate::failure::Failure;
+use crate::operand::{self, Operand};
 use crate::size::parse_size;
 
 /// Options of `nbd dump`.
 #[derive(Debug, clap::Args)]
 pub struct DumpArgs {
-    /// NBD URI of the export.
-    pub uri: String,
+    /// NBD URI of the export, or, after `--`, `[ CMD ARGS ... ]`: a server
+    /// program started by socket activation and stopped at the end.
+    #[arg(value_name = "URI | [ CMD ARGS ... ]", required = true)]
+    pub server: Vec<String>,
     /// Where to start (suffixes K, M, G allowed).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub offset: u64,
@@ -23,9 +26,17 @@ pub struct DumpArgs {
 
 const READ_CHUNK: u64 = 1 << 20;
 
-/// Runs `nbd dump`.
-pub fn run(args: &DumpArgs) -> Result<ExitCode, Failure> {
-    let mut client = Client::connect_uri(&args.uri)?;
+impl DumpArgs {
+    /// The one operand: the server.
+    pub fn server(&self) -> Result<Operand, String> {
+        let [server] = operand::exactly(&self.server, ["URI or [ CMD ARGS ... ]"])?;
+        Ok(server)
+    }
+}
+
+/// Runs `nbd dump` against `server`.
+pub fn run(args: &DumpArgs, server: &Operand) -> Result<ExitCode, Failure> {
+    let mut client = server.connect(Config::default())?;
     let size = client.size()?;
     if args.offset > size {
         return Err(nbd_proto::Error::InvalidArgument(format!(

@@ -3,19 +3,23 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use nbd_blocking::{Client, Error};
+use nbd_blocking::Error;
 use nbd_proto::uri::NbdUri;
 use nbd_proto::{Config, Connection};
 
 use crate::failure::{self, Failure};
 use crate::json::{self, Value};
+use crate::operand::{self, Operand};
 use crate::size::human_size;
 
 /// Options of `nbd info`.
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// NBD URI of the export (or of the server, with --list).
-    pub uri: String,
+    /// NBD URI of the export (or of the server, with --list), or, after
+    /// `--`, `[ CMD ARGS ... ]`: a server program started by socket
+    /// activation and stopped at the end.
+    #[arg(value_name = "URI | [ CMD ARGS ... ]", required = true)]
+    pub server: Vec<String>,
     /// Print a JSON document shaped like `nbdinfo --json`.
     #[arg(long)]
     pub json: bool,
@@ -48,19 +52,27 @@ pub struct InfoArgs {
     pub totals: bool,
 }
 
-/// Runs `nbd info`.
-pub fn run(args: &InfoArgs) -> Result<ExitCode, Failure> {
+impl InfoArgs {
+    /// The one operand: the server.
+    pub fn server(&self) -> Result<Operand, String> {
+        let [server] = operand::exactly(&self.server, ["URI or [ CMD ARGS ... ]"])?;
+        Ok(server)
+    }
+}
+
+/// Runs `nbd info` against `server`.
+pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
     if let Some(feature) = args.can.as_deref().or(args.is.as_deref()) {
-        return answer_feature(&args.uri, feature);
+        return answer_feature(server, feature);
     }
     if args.list {
-        return list(args);
+        return list(args, server);
     }
     if let Some(context) = &args.map {
-        return crate::map::run(&args.uri, context, args.totals, args.json);
+        return crate::map::run(server, context, args.totals, args.json);
     }
     if args.size {
-        let client = connect(&args.uri, Config::default())?;
+        let client = server.connect(Config::default())?;
         let size = client.size()?;
         client.shutdown()?;
         failure::print(&format!("{size}\n"))?;
@@ -72,20 +84,21 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode, Failure> {
         full_info: true,
         ..Config::default()
     };
-    let mut client = connect(&args.uri, config)?;
+    let mut client = server.connect(config)?;
     let mut contexts = None;
     if client.connection().is_negotiating() {
         if client.connection().structured_replies_negotiated() {
-            contexts = Some(client.opt_list_meta_context(&[])?);
+            let listed = client.opt_list_meta_context(&[]);
+            contexts = Some(listed.map_err(|e| server.name_in(e))?);
         }
-        client.opt_go()?;
+        client.opt_go().map_err(|e| server.name_in(e))?;
     }
     let conn = client.connection();
     let name = conn
         .canonical_name()
         .unwrap_or(conn.export_name())
         .to_string();
-    let mut export = describe(conn, &name, &args.uri)?;
+    let mut export = describe(conn, &name, server.uri())?;
     export.contexts = contexts;
     let report = render_exports(args.json, conn, &[export]);
     client.shutdown()?;
@@ -93,12 +106,8 @@ pub fn run(args: &InfoArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn connect(uri: &str, config: Config) -> Result<Client, Error> {
-    Client::connect_uri_with(uri, config)
-}
-
 /// Whether a `--can` / `--is` question holds, answered by exit code as nbdinfo does.
-fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Failure> {
+fn answer_feature(server: &Operand, feature: &str) -> Result<ExitCode, Failure> {
     let known = [
         "connect",
         "read",
@@ -123,7 +132,7 @@ fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Failure> {
         ))
         .into());
     }
-    let client = connect(uri, Config::default())?;
+    let client = server.connect(Config::default())?;
     let c = client.connection();
     let yes = match feature {
         "connect" | "read" => true,
@@ -152,30 +161,31 @@ fn answer_feature(uri: &str, feature: &str) -> Result<ExitCode, Failure> {
 }
 
 /// Lists every export through opt mode, asking about each in turn.
-fn list(args: &InfoArgs) -> Result<ExitCode, Failure> {
-    let base: NbdUri = args.uri.parse()?;
-    let mut client = connect(
-        &args.uri,
-        Config {
-            opt_mode: true,
-            full_info: true,
-            ..Config::default()
-        },
-    )?;
+fn list(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
+    let mut client = server.connect(Config {
+        opt_mode: true,
+        full_info: true,
+        ..Config::default()
+    })?;
+    let base: Option<NbdUri> = server.uri().map(str::parse).transpose()?;
     if !client.connection().is_negotiating() {
         return Err(nbd_proto::Error::NotSupported(
             "the server cannot list exports (no option negotiation)".into(),
         )
         .into());
     }
-    let entries = client.opt_list()?;
+    let entries = client.opt_list().map_err(|e| server.name_in(e))?;
     let mut exports = Vec::new();
     for entry in &entries {
         client.set_export_name(&entry.name)?;
-        client.opt_info()?;
-        let mut uri = base.clone();
-        uri.export_name = entry.name.clone();
-        let mut export = describe(client.connection(), &entry.name, &uri.to_string())?;
+        client.opt_info().map_err(|e| server.name_in(e))?;
+        // A server program has no URI to name its exports by.
+        let uri = base.as_ref().map(|base| {
+            let mut uri = base.clone();
+            uri.export_name = entry.name.clone();
+            uri.to_string()
+        });
+        let mut export = describe(client.connection(), &entry.name, uri.as_deref())?;
         if export.description.is_none() && !entry.description.is_empty() {
             export.description = Some(entry.description.clone());
         }
@@ -191,18 +201,19 @@ fn list(args: &InfoArgs) -> Result<ExitCode, Failure> {
 struct ExportReport {
     name: String,
     description: Option<String>,
-    uri: String,
+    /// `None` for a server program the command started, as nbdinfo omits it.
+    uri: Option<String>,
     size: u64,
     contexts: Option<Vec<String>>,
     flags: Vec<(&'static str, bool)>,
     block_sizes: Option<nbd_proto::BlockSizes>,
 }
 
-fn describe(c: &Connection, name: &str, uri: &str) -> Result<ExportReport, Error> {
+fn describe(c: &Connection, name: &str, uri: Option<&str>) -> Result<ExportReport, Error> {
     Ok(ExportReport {
         name: name.to_string(),
         description: c.description().map(str::to_string),
-        uri: uri.to_string(),
+        uri: uri.map(str::to_string),
         size: c.size()?,
         contexts: None,
         flags: vec![
@@ -252,7 +263,9 @@ fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> St
         } else {
             let _ = writeln!(out, "\texport-size: {} ({human})", e.size);
         }
-        let _ = writeln!(out, "\turi: {}", e.uri);
+        if let Some(uri) = &e.uri {
+            let _ = writeln!(out, "\turi: {uri}");
+        }
         if let Some(contexts) = &e.contexts {
             let _ = writeln!(out, "\tcontexts:");
             for c in contexts {
@@ -287,7 +300,9 @@ fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> St
             if let Some(d) = &e.description {
                 f.push(("description", Value::Str(d.clone())));
             }
-            f.push(("uri", Value::Str(e.uri.clone())));
+            if let Some(uri) = &e.uri {
+                f.push(("uri", Value::Str(uri.clone())));
+            }
             let mut body = json::fields(&f, 1);
             if let Some(contexts) = &e.contexts {
                 let items: Vec<String> = contexts

@@ -1,10 +1,15 @@
 //! The `nbd` command: inspect, dump and copy NBD exports.
 //!
 //! ```text
-//! nbd info URI [--json] [--size] [--list] [--can FEATURE] [--is PROPERTY]
-//! nbd copy SRC DST [--requests N] [--request-size N] [--flush]
-//! nbd dump URI [--offset N] [--length N]
+//! nbd info [--json] [--size] [--list] [--can FEATURE] [--is PROPERTY] URI
+//! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
+//! nbd dump [--offset N] [--length N] URI
+//! nbd info [OPTIONS] -- [ CMD ARGS ... ]
+//! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])
 //! ```
+//! `[ CMD ARGS ... ]` in place of a URI starts that server program by socket
+//! activation (as libnbd's tools do) and stops it when the command ends.
+//!
 //! Errors are one line on standard error and exit code 1; `--can` / `--is`
 //! answer 0 (yes) or 2 (no), as nbdinfo does. A reader of standard output
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
@@ -16,11 +21,12 @@ mod failure;
 mod info;
 mod json;
 mod map;
+mod operand;
 mod size;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Inspect, dump and copy Network Block Device exports.
 #[derive(Debug, Parser)]
@@ -43,12 +49,33 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Info(args) => info::run(args),
-        Command::Copy(args) => copy::run(args).map_err(failure::Failure::from),
-        Command::Dump(args) => dump::run(args),
+        Command::Info(args) => {
+            let server = args.server().unwrap_or_else(|e| usage_error("info", e));
+            info::run(args, &server)
+        }
+        Command::Copy(args) => {
+            let [src, dst] = args.operands().unwrap_or_else(|e| usage_error("copy", e));
+            copy::run(args, &src, &dst).map_err(failure::Failure::from)
+        }
+        Command::Dump(args) => {
+            let server = args.server().unwrap_or_else(|e| usage_error("dump", e));
+            dump::run(args, &server)
+        }
     };
     match result {
         Ok(code) => code,
         Err(failure) => failure.report(),
     }
+}
+
+/// Operands that clap could not check (how `[ ... ]` groups): a usage
+/// error of `subcommand`, reported as clap reports its own.
+fn usage_error(subcommand: &str, message: String) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(clap::error::ErrorKind::WrongNumberOfValues, message),
+        None => cli.error(clap::error::ErrorKind::WrongNumberOfValues, message),
+    }
+    .exit()
 }

@@ -4,20 +4,25 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use nbd_blocking::Client;
 use nbd_proto::Config;
 
 use crate::extents::{self, Run};
 use crate::failure::{self, Failure};
 use crate::json;
+use crate::operand::Operand;
 
 /// Runs `--map` (and `--totals`).
-pub fn run(uri: &str, context: &str, totals: bool, as_json: bool) -> Result<ExitCode, Failure> {
+pub fn run(
+    server: &Operand,
+    context: &str,
+    totals: bool,
+    as_json: bool,
+) -> Result<ExitCode, Failure> {
     let config = Config {
         meta_contexts: vec![context.to_string()],
         ..Config::default()
     };
-    let mut client = Client::connect_uri_with(uri, config)?;
+    let mut client = server.connect(config)?;
     if !client.connection().can_meta_context(context) {
         return Err(nbd_proto::Error::NotSupported(format!(
             "--map: server does not support metadata context {context:?}"

@@ -362,12 +362,7 @@ impl Adapter for nbd_blocking::Client {
     }
 
     fn flush(&mut self, flags: CmdFlags) -> CallResult<()> {
-        if flags.is_empty() {
-            Ok(nbd_blocking::Client::flush(self)?)
-        } else {
-            let cookie = self.aio_flush(flags)?;
-            Ok(self.wait_for(cookie)?.result?)
-        }
+        Ok(nbd_blocking::Client::flush(self, flags)?)
     }
 
     fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> CallResult<()> {

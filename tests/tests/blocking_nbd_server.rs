@@ -163,7 +163,7 @@ fn every_advertised_command_on_gamma() {
         .pwrite(Bytes::from(fua.clone()), 200 * KIB, CmdFlags::FUA)
         .unwrap();
     assert_eq!(read(&mut client, 200 * KIB, 4096), fua);
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     // Writes reach the file once flushed.
     let file = fs::read(&backing).unwrap();
     assert_eq!(&file[1234..][..100_000], &data[..]);
@@ -199,7 +199,11 @@ fn every_advertised_command_on_gamma() {
 
     // alpha advertises neither flush nor FUA.
     let mut alpha = Client::connect_uri(&server.uri()).unwrap();
-    assert_errno(alpha.flush(), Errno::NotSup, "flush on alpha");
+    assert_errno(
+        alpha.flush(CmdFlags::empty()),
+        Errno::NotSup,
+        "flush on alpha",
+    );
     assert_errno(
         alpha.pwrite(Bytes::from_static(b"x"), 0, CmdFlags::FUA),
         Errno::NotSup,
@@ -220,7 +224,7 @@ fn random_io_matches_model_file_and_nbdcopy() {
         .start();
     let addr = server.tcp_addr().unwrap();
     // connect_tcp asks for the default export "", which this server lacks.
-    match Client::connect_tcp(addr) {
+    match Client::connect_tcp(&addr.ip().to_string(), addr.port()) {
         Ok(_) => panic!("nbd-server has no export named \"\""),
         Err(err) => assert_eq!(err.errno(), Some(Errno::NoEnt), "{err}"),
     }
@@ -228,7 +232,7 @@ fn random_io_matches_model_file_and_nbdcopy() {
         export_name: "disk".into(),
         ..Config::default()
     };
-    let mut client = Client::connect_tcp_with(addr, config).unwrap();
+    let mut client = Client::connect_tcp_with(&addr.ip().to_string(), addr.port(), config).unwrap();
     assert_eq!(client.size().unwrap(), 2 * MIB);
     let mut work = Workload::new(61, vec![0; 2 * MIB as usize], 1, 200 * KIB);
     run_workload(&mut client, &mut work, 250);
@@ -253,7 +257,7 @@ fn random_io_matches_model_file_and_nbdcopy() {
             .result
             .unwrap_or_else(|e| panic!("aio write at {offset}: {e}"));
     }
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     assert!(
         fs::read(server.backing_file().unwrap()).unwrap() == work.model,
         "the backing file differs from the model"

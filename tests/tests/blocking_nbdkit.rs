@@ -85,7 +85,7 @@ fn memory_plugin_handshake_and_every_command() {
     client
         .pwrite(Bytes::from(fua.clone()), MIB + 1, CmdFlags::FUA)
         .unwrap();
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     assert_eq!(read(&mut client, MIB + 1, 5000), fua);
 
     // Write zeroes, with each of its flags: always reads back as zeroes.
@@ -204,7 +204,7 @@ fn memory_plugin_random_io_matches_model_and_nbdcopy() {
             "aio read at {offset} differs"
         );
     }
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     client.shutdown().unwrap();
     assert!(
         read_export(&server.uri()) == work.model,
@@ -217,7 +217,7 @@ fn unix_tcp_and_uri_connections_agree() {
     let server = NbdkitBuilder::pattern(MIB).tcp().export_name("pat").start();
     let addr = server.tcp_addr().unwrap();
     let mut by_uri = Client::connect_uri(&server.uri()).unwrap();
-    let mut by_addr = Client::connect_tcp(addr).unwrap();
+    let mut by_addr = Client::connect_tcp(&addr.ip().to_string(), addr.port()).unwrap();
     assert_eq!(by_uri.size().unwrap(), MIB);
     assert_eq!(by_addr.size().unwrap(), MIB);
     assert_eq!(by_uri.connection().export_name(), "pat");
@@ -303,7 +303,7 @@ fn file_plugin_random_io_lands_in_the_file() {
             .pwrite(Bytes::from(data), 8192, CmdFlags::FUA)
             .unwrap();
     }
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     assert!(
         fs::read(&disk).unwrap() == work.model,
         "the file differs from the model"
@@ -356,7 +356,11 @@ fn eval_plugin_read_only_with_block_sizes() {
         Errno::Range,
         "read above the maximum block size",
     );
-    assert_errno(client.flush(), Errno::NotSup, "flush not advertised");
+    assert_errno(
+        client.flush(CmdFlags::empty()),
+        Errno::NotSup,
+        "flush not advertised",
+    );
     assert_errno(
         client.pread(BytesMut::zeroed(512), 0, CmdFlags::DF),
         Errno::NotSup,
@@ -450,7 +454,7 @@ esac
     client
         .pwrite(Bytes::from(vec![9; 100]), 5, CmdFlags::empty())
         .unwrap();
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     client.trim(4096, 8192, CmdFlags::empty()).unwrap();
     client.trim(4096, 8192, CmdFlags::FUA).unwrap();
     assert_eq!(read(&mut client, 0, 4096), vec![0; 4096]);

@@ -110,7 +110,7 @@ fn writable_image(format: ImageFormat, seed: u64) {
         .pread_structured(BytesMut::zeroed(64 * KIB as usize), 5, CmdFlags::DF)
         .unwrap();
     assert!(buf[..] == work.model[5..][..64 * KIB as usize]);
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     client.shutdown().unwrap();
 
     assert!(
@@ -310,7 +310,8 @@ fn structured_reads_over_holes_are_zero_filled() {
 #[test]
 fn many_commands_in_flight_over_tcp() {
     let server = QemuNbdBuilder::raw(4 * MIB).tcp().shared(4).start();
-    let mut client = Client::connect_tcp(server.tcp_addr().unwrap()).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let mut client = Client::connect_tcp(&addr.ip().to_string(), addr.port()).unwrap();
     assert_eq!(client.size().unwrap(), 4 * MIB);
     let mut rng = XorShift::new(41);
     let mut model = vec![0u8; 4 * MIB as usize];

@@ -419,7 +419,7 @@ fn extended_headers_with_qemu_nbd() {
     // Same with one trim (qcow2 discards whole clusters: 512 KiB is aligned).
     fill(&mut client);
     client.trim(count, start, CmdFlags::empty()).unwrap();
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     check_cleared(&mut client, "after a 6 GiB trim");
     check_map(&mut client, "after a 6 GiB trim");
 
@@ -498,7 +498,7 @@ fn extended_headers_absent_with_nbdkit() {
         "a 5 GiB trim over compact headers",
     );
     assert_eq!(read(&mut client, 5 * GIB, 256 * KIB), data);
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     client.shutdown().unwrap();
 }
 
@@ -573,7 +573,7 @@ fn block_status_of_a_sparse_file() {
     assert!(is_zero(&read(&mut client, 0, MIB)));
     // Writing into a hole turns it into data.
     write(&mut client, 2 * MIB, &[1; 4096]);
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     let runs = status(&mut client, BASE, 2 * MIB - 4096, 3 * 4096);
     assert_eq!(
         runs,
@@ -951,7 +951,7 @@ fn dirty_bitmap_runs() {
     );
     // The bitmap is live: a write through NBD dirties its 64 KiB granule.
     write(&mut client, MIB + 4 * KIB, &[9; 100]);
-    client.flush().unwrap();
+    client.flush(CmdFlags::empty()).unwrap();
     assert_eq!(
         whole_map(&mut client, BITMAP),
         [
