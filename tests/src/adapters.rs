@@ -66,24 +66,11 @@ impl From<nbd_proto::Error> for CallError {
     }
 }
 
-impl From<nbd_blocking::Error> for CallError {
-    fn from(e: nbd_blocking::Error) -> Self {
+/// Both adapters report `nbd_io::Error`, the connection layer's one error type.
+impl From<nbd_io::Error> for CallError {
+    fn from(e: nbd_io::Error) -> Self {
         let nbd = match &e {
-            nbd_blocking::Error::Nbd(inner) => Some(inner.clone()),
-            _ => None,
-        };
-        CallError {
-            errno: e.errno(),
-            nbd,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<nbd_mio::Error> for CallError {
-    fn from(e: nbd_mio::Error) -> Self {
-        let nbd = match &e {
-            nbd_mio::Error::Nbd(inner) => Some(inner.clone()),
+            nbd_io::Error::Nbd(inner) => Some(inner.clone()),
             _ => None,
         };
         CallError {
