@@ -244,6 +244,10 @@ impl Connection {
     fn takes_input(&self) -> bool {
         matches!(self.state, State::Handshake(_) | State::Ready(_))
     }
+
+    /// Reports that `n` bytes were read into the last [`recv_buf`](Self::recv_buf);
+    /// `n == 0` means the server closed its end (that needs no `recv_buf`).
+    ///
     /// Errors, changing nothing:
     /// - [`Error::InvalidArgument`] (EINVAL) if `n` is larger than the last
     ///   `recv_buf`, or if no `recv_buf` offered space since the last report:
@@ -760,16 +764,17 @@ impl Connection {
         self.out_offered = 0;
     }
 
+    /// The server closed its end: a clean close if the current phase expected
+    /// it, otherwise the connection dies.
     fn on_eof(&mut self) {
-        let step = match &self.state {
-            State::Handshake(negotiation) => negotiation.on_eof(),
-            State::Ready(tx) => tx.on_eof(),
+        let unexpected = match &self.state {
+            State::Handshake(negotiation) => negotiation.eof_error(),
+            State::Ready(tx) => tx.eof_error(),
             State::Closed | State::Dead(_) => return,
         };
-        match step {
-            Step::Close => self.close_clean(),
-            Step::Kill(error) => self.kill(error),
-            Step::Blocked | Step::Progressed | Step::Ready => {}
+        match unexpected {
+            None => self.close_clean(),
+            Some(error) => self.kill(error),
         }
     }
 

@@ -216,17 +216,18 @@ impl Negotiation {
 
     // ------------------------------------------------------------ the end of the handshake
 
-    /// The server closed its end during the handshake.
-    pub(crate) fn on_eof(&self) -> Step {
+    /// Why the server closing its end now ends the connection in error, or
+    /// `None` when an abort expected it.
+    pub(crate) fn eof_error(&self) -> Option<Error> {
         if self.pending.is_some_and(PendingOpt::is_abort) {
-            return Step::Close;
+            return None;
         }
         let hint = if self.pending.is_some_and(PendingOpt::is_export_name) {
             " after NBD_OPT_EXPORT_NAME (the export probably does not exist)"
         } else {
             " during the handshake"
         };
-        Step::Kill(Error::NotConnected(format!(
+        Some(Error::NotConnected(format!(
             "server closed the connection{hint}"
         )))
     }

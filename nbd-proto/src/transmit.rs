@@ -276,14 +276,15 @@ impl Transmission {
 
     // ------------------------------------------------------------ the end
 
-    /// The server closed its end during transmission.
-    pub(crate) fn on_eof(&self) -> Step {
+    /// Why the server closing its end now ends the connection in error, or
+    /// `None` when a disconnect was asked for.
+    pub(crate) fn eof_error(&self) -> Option<Error> {
         // Asked to end: the close itself is what the caller wanted;
         // commands still unanswered fail with NotConn, each once.
         if self.disconnecting || self.disc_queued {
-            Step::Close
+            None
         } else {
-            Step::Kill(Error::NotConnected("server closed the connection".into()))
+            Some(Error::NotConnected("server closed the connection".into()))
         }
     }
 
