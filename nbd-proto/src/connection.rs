@@ -215,7 +215,7 @@ impl Connection {
         let (target, buf): (RecvTarget, &mut [u8]) = if !self.takes_input() {
             (RecvTarget::Stage, &mut [])
         } else if let Some(tls) = self.tls.as_mut() {
-            (RecvTarget::Tls, &mut tls.cipher_in[..])
+            (RecvTarget::Tls, tls.cipher_space())
         } else {
             let (caller, read_ahead) = match &mut self.state {
                 State::Ready(tx) => {
@@ -393,15 +393,9 @@ impl Connection {
             let Some(tls) = self.tls.as_mut() else { return };
             let mut moved = false;
             if taken < n {
-                // `n` is at most `cipher_in.len()` (notify_read checked it
+                // `n` is at most the ciphertext space (notify_read checked it
                 // against the offer) and `taken <= n` is kept below.
-                let offered = n - taken;
-                match tls.session.read_tls(&tls.cipher_in[taken..n]) {
-                    Ok(k) if k > offered => {
-                        return self.kill(Error::Tls(format!(
-                            "TLS session claims {k} ciphertext bytes taken of {offered}"
-                        )))
-                    }
+                match tls.decrypt_from(taken, n) {
                     Ok(k) => {
                         taken += k;
                         moved |= k > 0;
@@ -409,15 +403,7 @@ impl Connection {
                     Err(e) => return self.kill(e),
                 }
             }
-            let Some(tls) = self.tls.as_mut() else { return };
-            let space = self.core.stage.space();
-            let room = space.len();
-            match tls.session.read_plaintext(space) {
-                Ok(k) if k > room => {
-                    return self.kill(Error::Tls(format!(
-                        "TLS session claims {k} plaintext bytes written into {room}"
-                    )))
-                }
+            match tls.read_plaintext(self.core.stage.space()) {
                 Ok(k) => {
                     if k > 0 {
                         self.core.stage.commit(k);
@@ -601,30 +587,7 @@ impl Connection {
 
     fn pump_tls_output(&mut self) {
         let Some(tls) = self.tls.as_mut() else { return };
-        let mut failure = None;
-        while !self.core.output.is_empty() {
-            let offered = self.core.output.first().len();
-            match tls.session.write_plaintext(self.core.output.first()) {
-                Ok(0) => break,
-                Ok(k) if k > offered => {
-                    failure = Some(Error::Tls(format!(
-                        "TLS session claims {k} plaintext bytes taken of {offered}"
-                    )));
-                    break;
-                }
-                Ok(k) => self.core.output.consume(k),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            if let Err(e) = tls.session.write_tls(&mut tls.cipher_out) {
-                failure = Some(e);
-            }
-        }
-        if let Some(e) = failure {
+        if let Err(e) = tls.encrypt(&mut self.core.output) {
             self.kill(e);
         }
     }
@@ -632,11 +595,7 @@ impl Connection {
     /// Whether bytes are waiting to go out.
     pub fn wants_write(&self) -> bool {
         match &self.tls {
-            Some(tls) => {
-                !self.core.output.is_empty()
-                    || !tls.pending_cipher().is_empty()
-                    || tls.session.wants_write()
-            }
+            Some(tls) => !self.core.output.is_empty() || tls.wants_write(),
             None => !self.core.output.is_empty(),
         }
     }
