@@ -1,22 +1,27 @@
 //! The [`Connection`]: one NBD connection as a state machine with no I/O of its own.
 //!
-//! This file holds the state, the byte paths in and out, and the queries.
-//! Negotiation lives in `negotiate.rs`, commands and replies in `transmit.rs`.
+//! This file holds the phases, the byte paths in and out, and the queries;
+//! the public option calls are in `connection/options.rs`, the commands in
+//! `connection/commands.rs`. The phases' own state and logic live in
+//! `negotiate.rs` ([`Negotiation`]) and `transmit.rs` ([`Transmission`]), which
+//! know neither each other nor the connection: they borrow the shared
+//! [`Core`] and answer with a [`Step`], and the connection changes phase.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use crate::config::Config;
+use crate::core::{Core, Step};
 use crate::error::{Error, Result};
-use crate::event::{Completion, Event};
+use crate::event::Event;
 use crate::flags::{Strict, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
-use crate::output::Output;
-use crate::slab::{Cookie, Slab};
-use crate::stage::Stage;
+use crate::negotiate::Negotiation;
+use crate::slab::Cookie;
 use crate::tls::{TlsLayer, TlsSession};
-use crate::transmit::Command;
-use crate::wire::{ChunkHeader, OptionReplyHeader};
+use crate::transmit::Transmission;
+
+mod commands;
+mod options;
 
 /// Where a connection is in its life, as libnbd's `aio_is_*` calls see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,52 +64,6 @@ impl Direction {
     }
 }
 
-/// What the byte parser expects next from the server.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Rx {
-    Greeting,
-    OldstyleRest,
-    HandshakeFlags,
-    OptReplyHeader,
-    OptReplyData(OptionReplyHeader),
-    ExportNameReply,
-    ReplyHeader,
-    /// The 8-byte offset at the start of an `OFFSET_DATA` payload.
-    DataOffset(ChunkHeader),
-    /// A non-data chunk payload, buffered whole.
-    ChunkPayload(ChunkHeader),
-    /// A block status payload, gathered in `status_buf`.
-    StatusPayload(ChunkHeader),
-    /// Read data landing in a command's buffer at `pos..end`.
-    ReadData(ReadData),
-    /// Bytes to skip.
-    Discard {
-        left: u64,
-        then: AfterDiscard,
-    },
-    /// Nothing more: the connection is over.
-    Nothing,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ReadData {
-    pub(crate) cookie: Cookie,
-    /// Where this payload starts in the buffer (for the chunk event).
-    pub(crate) start: usize,
-    pub(crate) pos: usize,
-    pub(crate) end: usize,
-    /// Structured chunk: finish the command when done if its DONE flag was set.
-    pub(crate) structured_done: Option<bool>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum AfterDiscard {
-    /// Export name reply padding: transmission starts.
-    Ready,
-    /// A skipped chunk payload: the command finishes if `done`.
-    Chunk { cookie: Cookie, done: bool },
-}
-
 /// Where the adapter's last `recv_buf` pointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecvTarget {
@@ -123,11 +82,13 @@ struct RecvOffer {
 /// Most slices [`Connection::write_to`] offers to one vectored write.
 const WRITE_TO_SLICES: usize = 64;
 
-#[derive(Debug)]
-pub(crate) enum State {
-    Handshake,
-    Negotiating,
-    Ready,
+/// The connection's life. Each live phase owns its own state, so what the
+/// handshake haggled over is gone once transmission starts.
+enum State {
+    /// Greeting and option haggling, including opt mode's wait for the caller.
+    Handshake(Negotiation),
+    /// Transmission: commands may be issued.
+    Ready(Transmission),
     Closed,
     Dead(Error),
 }
@@ -168,75 +129,40 @@ pub(crate) enum State {
 /// assert_eq!(conn.protocol(), Some("newstyle"));
 /// ```
 pub struct Connection {
-    pub(crate) config: Config,
-    pub(crate) state: State,
-    pub(crate) rx: Rx,
-    pub(crate) stage: Stage,
-    pub(crate) output: Output,
-    pub(crate) events: VecDeque<Event>,
-    pub(crate) info: ExportInfo,
-    pub(crate) style: Option<HandshakeStyle>,
-    pub(crate) structured: bool,
-    pub(crate) extended: bool,
-    /// Negotiated meta contexts: id and name.
-    pub(crate) meta: Vec<(u32, String)>,
-    /// Contexts of the list or selection in flight, kept until it succeeds.
-    pub(crate) meta_pending: Vec<(u32, String)>,
-    /// Exports listed by the `NBD_OPT_LIST` in flight.
-    pub(crate) listed: usize,
-    /// Block status payload being gathered.
-    pub(crate) status_buf: Vec<u8>,
-    pub(crate) no_zeroes: bool,
-    pub(crate) client_flags: Option<u32>,
-    pub(crate) commands: Slab<Command>,
-    pub(crate) tls: Option<TlsLayer>,
-    pub(crate) pending_opt: Option<crate::negotiate::PendingOpt>,
-    /// The caller asked to disconnect: no new commands; `NBD_CMD_DISC` goes out
-    /// once nothing is in flight.
-    pub(crate) disconnecting: bool,
-    /// The server sent `ESHUTDOWN`: no new commands; disconnect once nothing
-    /// is in flight.
-    pub(crate) soft_shutdown: bool,
-    /// `NBD_CMD_DISC` is queued: the connection closes once it is written.
-    pub(crate) disc_queued: bool,
-    /// Why the connection ends once the abort sent after `NBD_REP_ERR_SHUTDOWN` completes.
-    pub(crate) shutdown_error: Option<Error>,
+    /// Shared by both phases: bytes in and out, events, negotiated facts.
+    core: Core,
+    state: State,
+    tls: Option<TlsLayer>,
     /// What the last `recv_buf` offered, until `notify_read` reports on it.
     recv_offer: Option<RecvOffer>,
     /// Bytes of the last `output` listing not yet reported written.
     out_offered: usize,
-    /// Most bytes one read into the stage may take (see `READ_AHEAD_LARGE`).
-    pub(crate) read_ahead: usize,
 }
 
 impl std::fmt::Debug for Connection {
     /// What a log line or a failed assertion wants to know: the phase, the
     /// export, what was negotiated and how much is in flight.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let disconnecting = match &self.state {
+            State::Ready(tx) => tx.is_disconnecting(),
+            _ => false,
+        };
         f.debug_struct("Connection")
             .field("phase", &self.phase())
             .field("error", &self.error())
             .field("protocol", &self.protocol())
-            .field("export_name", &self.config.export_name)
-            .field("size", &self.info.size)
-            .field("structured_replies", &self.structured)
-            .field("extended_headers", &self.extended)
-            .field("meta_contexts", &self.meta)
+            .field("export_name", &self.core.config.export_name)
+            .field("size", &self.core.info.size)
+            .field("structured_replies", &self.core.structured)
+            .field("extended_headers", &self.core.extended)
+            .field("meta_contexts", &self.core.meta)
             .field("tls", &self.tls.is_some())
-            .field("in_flight", &self.commands.len())
+            .field("in_flight", &self.in_flight())
             .field("wants_write", &self.wants_write())
-            .field("disconnecting", &self.disconnecting)
+            .field("disconnecting", &disconnecting)
             .finish_non_exhaustive()
     }
 }
-
-/// Read-ahead into the stage while read payloads are large. Bytes read ahead
-/// are copied to the caller's buffer; with large payloads it is cheaper to read
-/// little past a header and let the payload land in place. Small payloads keep
-/// the whole stage, so one read can take many replies.
-pub(crate) const READ_AHEAD_LARGE: usize = 4096;
-/// Payload size from which reads count as large.
-pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
 
 impl Connection {
     /// A connection that will negotiate as `config` says, waiting for the server's greeting.
@@ -257,32 +183,11 @@ impl Connection {
     pub fn new(config: Config) -> Self {
         let invalid = config.validate().err();
         let mut conn = Connection {
-            config,
-            state: State::Handshake,
-            rx: Rx::Greeting,
-            stage: Stage::new(),
-            output: Output::new(),
-            events: VecDeque::new(),
-            info: ExportInfo::default(),
-            style: None,
-            structured: false,
-            extended: false,
-            meta: Vec::new(),
-            meta_pending: Vec::new(),
-            listed: 0,
-            status_buf: Vec::new(),
-            no_zeroes: false,
-            client_flags: None,
-            commands: Slab::new(),
+            core: Core::new(config),
+            state: State::Handshake(Negotiation::new()),
             tls: None,
-            pending_opt: None,
-            disconnecting: false,
-            soft_shutdown: false,
-            disc_queued: false,
-            shutdown_error: None,
             recv_offer: None,
             out_offered: 0,
-            read_ahead: usize::MAX,
         };
         if let Some(error) = invalid {
             conn.kill(error);
@@ -307,26 +212,23 @@ impl Connection {
     /// [`read_from`](Self::read_from) does both in one call.
     #[must_use = "read into the returned buffer, then report with notify_read"]
     pub fn recv_buf(&mut self) -> &mut [u8] {
-        let (target, buf): (RecvTarget, &mut [u8]) = if matches!(self.rx, Rx::Nothing) {
+        let (target, buf): (RecvTarget, &mut [u8]) = if !self.takes_input() {
             (RecvTarget::Stage, &mut [])
         } else if let Some(tls) = self.tls.as_mut() {
-            (RecvTarget::Tls, &mut tls.cipher_in[..])
+            (RecvTarget::Tls, tls.cipher_space())
         } else {
-            let caller = match self.rx {
-                Rx::ReadData(rd) if self.stage.is_empty() => self
-                    .commands
-                    .get_mut(rd.cookie)
-                    .and_then(|c| c.buf.as_mut())
-                    // `rd.pos..rd.end` lies inside the buffer: the reply was
-                    // checked against the request, whose length is the buffer's.
-                    .and_then(|buf| buf.get_mut(rd.pos..rd.end)),
-                _ => None,
+            let (caller, read_ahead) = match &mut self.state {
+                State::Ready(tx) => {
+                    let read_ahead = tx.read_ahead();
+                    (tx.caller_region(self.core.stage.is_empty()), read_ahead)
+                }
+                _ => (None, usize::MAX),
             };
             match caller {
                 Some(region) => (RecvTarget::Caller, region),
                 None => {
-                    let space = self.stage.space();
-                    let n = space.len().min(self.read_ahead);
+                    let space = self.core.stage.space();
+                    let n = space.len().min(read_ahead);
                     (RecvTarget::Stage, &mut space[..n])
                 }
             }
@@ -336,6 +238,11 @@ impl Connection {
             len: buf.len(),
         });
         buf
+    }
+
+    /// Whether server bytes are still expected: the connection is not over.
+    fn takes_input(&self) -> bool {
+        matches!(self.state, State::Handshake(_) | State::Ready(_))
     }
 
     /// Reports that `n` bytes were read into the last [`recv_buf`](Self::recv_buf);
@@ -375,19 +282,15 @@ impl Connection {
         self.recv_offer = None;
         match offer.target {
             RecvTarget::Caller => {
-                // Nothing but input changes `rx`, and no input came since the
-                // offer, so the read payload it pointed into is still current.
-                if let Rx::ReadData(mut rd) = self.rx {
-                    rd.pos += n;
-                    self.rx = Rx::ReadData(rd);
-                    if rd.pos == rd.end {
-                        self.read_data_done(rd);
-                    }
+                // Only transmission offers a caller's region, and nothing but
+                // input changes the phase, so it is still the current one.
+                if let State::Ready(tx) = &mut self.state {
+                    tx.caller_read(&mut self.core, n);
                 }
                 self.process();
             }
             RecvTarget::Stage => {
-                self.stage.commit(n);
+                self.core.stage.commit(n);
                 self.process();
             }
             RecvTarget::Tls => self.tls_input(n),
@@ -431,7 +334,7 @@ impl Connection {
     where
         F: FnOnce(&mut [u8]) -> io::Result<usize>,
     {
-        if matches!(self.rx, Rx::Nothing) {
+        if !self.takes_input() {
             self.check_alive()?;
         }
         let buf = self.recv_buf();
@@ -486,19 +389,13 @@ impl Connection {
     /// and yields none cannot make progress, which is an error, never a silent drop.
     fn tls_input(&mut self, n: usize) {
         let mut taken = 0;
-        while !matches!(self.rx, Rx::Nothing) {
+        while self.takes_input() {
             let Some(tls) = self.tls.as_mut() else { return };
             let mut moved = false;
             if taken < n {
-                // `n` is at most `cipher_in.len()` (notify_read checked it
+                // `n` is at most the ciphertext space (notify_read checked it
                 // against the offer) and `taken <= n` is kept below.
-                let offered = n - taken;
-                match tls.session.read_tls(&tls.cipher_in[taken..n]) {
-                    Ok(k) if k > offered => {
-                        return self.kill(Error::Tls(format!(
-                            "TLS session claims {k} ciphertext bytes taken of {offered}"
-                        )))
-                    }
+                match tls.decrypt_from(taken, n) {
                     Ok(k) => {
                         taken += k;
                         moved |= k > 0;
@@ -506,18 +403,10 @@ impl Connection {
                     Err(e) => return self.kill(e),
                 }
             }
-            let Some(tls) = self.tls.as_mut() else { return };
-            let space = self.stage.space();
-            let room = space.len();
-            match tls.session.read_plaintext(space) {
-                Ok(k) if k > room => {
-                    return self.kill(Error::Tls(format!(
-                        "TLS session claims {k} plaintext bytes written into {room}"
-                    )))
-                }
+            match tls.read_plaintext(self.core.stage.space()) {
                 Ok(k) => {
                     if k > 0 {
-                        self.stage.commit(k);
+                        self.core.stage.commit(k);
                         self.process();
                         moved = true;
                     }
@@ -536,93 +425,29 @@ impl Connection {
         }
     }
 
-    /// Parses everything parseable in the stage.
+    /// Parses everything parseable in the stage, carrying out what each step
+    /// of the current phase asks: a change of phase, or the end.
     fn process(&mut self) {
-        while self.step() {}
-    }
-
-    /// Takes exactly `N` staged bytes, if that many are there.
-    pub(crate) fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        if self.stage.len() < N {
-            return None;
-        }
-        let mut out = [0; N];
-        out.copy_from_slice(&self.stage.data()[..N]);
-        self.stage.consume(N);
-        Some(out)
-    }
-
-    /// Takes exactly `n` staged bytes (`n` at most the stage's bounded payload size).
-    pub(crate) fn take_vec(&mut self, n: usize) -> Option<Vec<u8>> {
-        if self.stage.len() < n {
-            return None;
-        }
-        let out = self.stage.data()[..n].to_vec();
-        self.stage.consume(n);
-        Some(out)
-    }
-
-    /// One parsing step; false when more input is needed or nothing is expected.
-    fn step(&mut self) -> bool {
-        match self.rx {
-            Rx::Nothing => false,
-            Rx::Greeting => self.rx_greeting(),
-            Rx::OldstyleRest => self.rx_oldstyle_rest(),
-            Rx::HandshakeFlags => self.rx_handshake_flags(),
-            Rx::OptReplyHeader => self.rx_opt_reply_header(),
-            Rx::OptReplyData(h) => self.rx_opt_reply_data(h),
-            Rx::ExportNameReply => self.rx_export_name_reply(),
-            Rx::ReplyHeader => self.rx_reply_header(),
-            Rx::DataOffset(h) => self.rx_data_offset(h),
-            Rx::ChunkPayload(h) => self.rx_chunk_payload(h),
-            Rx::StatusPayload(h) => self.rx_status_payload(h),
-            Rx::ReadData(rd) => self.rx_read_data(rd),
-            Rx::Discard { left, then } => {
-                if self.stage.is_empty() {
-                    return false;
-                }
-                let n = (self.stage.len() as u64).min(left);
-                self.stage.consume(n as usize);
-                if n < left {
-                    self.rx = Rx::Discard {
-                        left: left - n,
-                        then,
-                    };
-                    return true;
-                }
-                match then {
-                    AfterDiscard::Ready => self.enter_ready(),
-                    AfterDiscard::Chunk { cookie, done } => {
-                        self.rx = Rx::ReplyHeader;
-                        if done {
-                            self.finish_command(cookie);
-                        }
-                    }
-                }
-                true
+        loop {
+            let step = match &mut self.state {
+                State::Handshake(negotiation) => negotiation.step(&mut self.core),
+                State::Ready(tx) => tx.step(&mut self.core),
+                State::Closed | State::Dead(_) => return,
+            };
+            match step {
+                Step::Blocked => return,
+                Step::Progressed => {}
+                Step::Ready => self.enter_ready(),
+                Step::Close => self.close_clean(),
+                Step::Kill(error) => self.kill(error),
             }
         }
     }
 
-    fn rx_read_data(&mut self, mut rd: ReadData) -> bool {
-        if self.stage.is_empty() {
-            return false;
-        }
-        let n = self.stage.len().min(rd.end - rd.pos);
-        if let Some(buf) = self
-            .commands
-            .get_mut(rd.cookie)
-            .and_then(|c| c.buf.as_mut())
-        {
-            buf[rd.pos..rd.pos + n].copy_from_slice(&self.stage.data()[..n]);
-        }
-        self.stage.consume(n);
-        rd.pos += n;
-        self.rx = Rx::ReadData(rd);
-        if rd.pos == rd.end {
-            self.read_data_done(rd);
-        }
-        true
+    /// Negotiation is over: its state is dropped and transmission starts.
+    fn enter_ready(&mut self) {
+        self.state = State::Ready(Transmission::new());
+        self.core.events.push_back(Event::Ready);
     }
 
     // ------------------------------------------------------------ bytes out
@@ -650,7 +475,7 @@ impl Connection {
             slices[0] = IoSlice::new(pending);
             return 1;
         }
-        let n = self.output.slices(slices);
+        let n = self.core.output.slices(slices);
         self.out_offered = slices[..n].iter().map(|s| s.len()).sum();
         n
     }
@@ -675,7 +500,7 @@ impl Connection {
         self.out_offered -= n;
         match self.tls.as_mut() {
             Some(tls) => tls.consume_cipher(n),
-            None => self.output.consume(n),
+            None => self.core.output.consume(n),
         }
         self.maybe_close_after_disconnect();
         Ok(())
@@ -762,30 +587,7 @@ impl Connection {
 
     fn pump_tls_output(&mut self) {
         let Some(tls) = self.tls.as_mut() else { return };
-        let mut failure = None;
-        while !self.output.is_empty() {
-            let offered = self.output.first().len();
-            match tls.session.write_plaintext(self.output.first()) {
-                Ok(0) => break,
-                Ok(k) if k > offered => {
-                    failure = Some(Error::Tls(format!(
-                        "TLS session claims {k} plaintext bytes taken of {offered}"
-                    )));
-                    break;
-                }
-                Ok(k) => self.output.consume(k),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            if let Err(e) = tls.session.write_tls(&mut tls.cipher_out) {
-                failure = Some(e);
-            }
-        }
-        if let Some(e) = failure {
+        if let Err(e) = tls.encrypt(&mut self.core.output) {
             self.kill(e);
         }
     }
@@ -793,18 +595,14 @@ impl Connection {
     /// Whether bytes are waiting to go out.
     pub fn wants_write(&self) -> bool {
         match &self.tls {
-            Some(tls) => {
-                !self.output.is_empty()
-                    || !tls.pending_cipher().is_empty()
-                    || tls.session.wants_write()
-            }
-            None => !self.output.is_empty(),
+            Some(tls) => !self.core.output.is_empty() || tls.wants_write(),
+            None => !self.core.output.is_empty(),
         }
     }
 
     /// What the event loop should wait for.
     pub fn direction(&self) -> Direction {
-        let read = !matches!(self.rx, Rx::Nothing);
+        let read = self.takes_input();
         match (read, self.wants_write()) {
             (true, true) => Direction::Both,
             (true, false) => Direction::Read,
@@ -818,17 +616,17 @@ impl Connection {
     /// The next event, oldest first. O(1); `None` when nothing happened since.
     #[must_use = "an event polled and dropped is lost"]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.core.events.pop_front()
     }
 
     // ------------------------------------------------------------ phase and errors
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        match self.state {
-            State::Handshake => Phase::Handshake,
-            State::Negotiating => Phase::Negotiating,
-            State::Ready => Phase::Ready,
+        match &self.state {
+            State::Handshake(negotiation) if negotiation.is_caller_turn() => Phase::Negotiating,
+            State::Handshake(_) => Phase::Handshake,
+            State::Ready(_) => Phase::Ready,
             State::Closed => Phase::Closed,
             State::Dead(_) => Phase::Dead,
         }
@@ -836,12 +634,12 @@ impl Connection {
 
     /// Transmission phase: commands may be issued (libnbd's `aio_is_ready`).
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, State::Ready)
+        matches!(self.state, State::Ready(_))
     }
 
     /// Opt mode, waiting for the caller (libnbd's `aio_is_negotiating`).
     pub fn is_negotiating(&self) -> bool {
-        matches!(self.state, State::Negotiating)
+        matches!(&self.state, State::Handshake(negotiation) if negotiation.is_caller_turn())
     }
 
     /// Ended as asked (libnbd's `aio_is_closed`).
@@ -863,7 +661,7 @@ impl Connection {
     }
 
     /// Errors with the sticky error if the connection is dead or closed.
-    pub(crate) fn check_alive(&self) -> Result<()> {
+    fn check_alive(&self) -> Result<()> {
         match &self.state {
             State::Dead(e) => Err(e.clone()),
             State::Closed => Err(Error::NotConnected("connection is closed".into())),
@@ -873,95 +671,69 @@ impl Connection {
 
     /// Kills the connection: the error becomes sticky, every pending command and
     /// option fails exactly once, and a `Closed` event reports why.
-    pub(crate) fn kill(&mut self, error: Error) {
-        if matches!(self.state, State::Dead(_) | State::Closed) {
-            return;
+    fn kill(&mut self, error: Error) {
+        let ended = std::mem::replace(&mut self.state, State::Dead(error.clone()));
+        match ended {
+            State::Handshake(mut negotiation) => negotiation.fail(&error, &mut self.core.events),
+            State::Ready(mut tx) => tx.fail_all(
+                &Error::ConnectionLost(Box::new(error.clone())),
+                &mut self.core.events,
+            ),
+            // Already over: the first end stays.
+            State::Closed | State::Dead(_) => {
+                self.state = ended;
+                return;
+            }
         }
-        self.fail_all(&Error::ConnectionLost(Box::new(error.clone())));
-        // A caller's option fails with the connection; automatic steps have no
-        // caller waiting, so only `Closed` reports them.
-        if let Some(pending) = self.pending_opt.take().filter(|p| !p.is_auto()) {
-            self.events.push_back(Event::OptionDone {
-                option: pending.caller_option(),
-                result: Err(error.clone()),
-            });
-        }
-        self.state = State::Dead(error.clone());
         self.shut_parser();
-        self.events.push_back(Event::Closed { error: Some(error) });
+        self.core
+            .events
+            .push_back(Event::Closed { error: Some(error) });
     }
 
     /// Ends the connection as asked: pending commands fail, `Closed` without error.
-    pub(crate) fn close_clean(&mut self) {
-        if let Some(error) = self.shutdown_error.take() {
-            // The abort that followed a shutdown refusal is done; the refusal,
-            // already reported to any caller, is why the connection ends.
-            self.pending_opt = None;
-            return self.kill(error);
+    fn close_clean(&mut self) {
+        if let State::Handshake(negotiation) = &mut self.state {
+            if let Some(error) = negotiation.take_shutdown_error() {
+                // The abort that followed a shutdown refusal is done; the refusal,
+                // already reported to any caller, is why the connection ends.
+                return self.kill(error);
+            }
         }
-        if matches!(self.state, State::Dead(_) | State::Closed) {
-            return;
+        match std::mem::replace(&mut self.state, State::Closed) {
+            // The option in flight, if any, ends with the connection unreported.
+            State::Handshake(_) => {}
+            State::Ready(mut tx) => tx.fail_all(
+                &Error::NotConnected("connection closed before the reply arrived".into()),
+                &mut self.core.events,
+            ),
+            ended @ (State::Closed | State::Dead(_)) => {
+                self.state = ended;
+                return;
+            }
         }
-        self.fail_all(&Error::NotConnected(
-            "connection closed before the reply arrived".into(),
-        ));
-        self.pending_opt = None;
-        self.state = State::Closed;
         self.shut_parser();
-        self.events.push_back(Event::Closed { error: None });
+        self.core.events.push_back(Event::Closed { error: None });
     }
 
     fn shut_parser(&mut self) {
-        self.rx = Rx::Nothing;
-        self.stage.clear();
-        self.output.clear();
+        self.core.stage.clear();
+        self.core.output.clear();
         self.recv_offer = None;
         self.out_offered = 0;
     }
 
-    /// Completes every command in flight with `error`, each exactly once.
-    fn fail_all(&mut self, error: &Error) {
-        for cookie in self.commands.cookies() {
-            if let Some(cmd) = self.commands.remove(cookie) {
-                self.events.push_back(Event::Completed(Completion {
-                    cookie,
-                    result: Err(error.clone()),
-                    buffer: cmd.buf,
-                }));
-            }
-        }
-    }
-
+    /// The server closed its end: a clean close if the current phase expected
+    /// it, otherwise the connection dies.
     fn on_eof(&mut self) {
-        match self.state {
-            State::Dead(_) | State::Closed => {}
-            State::Handshake | State::Negotiating => {
-                if self.pending_opt.as_ref().is_some_and(|p| p.is_abort()) {
-                    self.close_clean();
-                } else {
-                    let hint = if self
-                        .pending_opt
-                        .as_ref()
-                        .is_some_and(|p| p.is_export_name())
-                    {
-                        " after NBD_OPT_EXPORT_NAME (the export probably does not exist)"
-                    } else {
-                        " during the handshake"
-                    };
-                    self.kill(Error::NotConnected(format!(
-                        "server closed the connection{hint}"
-                    )));
-                }
-            }
-            State::Ready => {
-                // Asked to end: the close itself is what the caller wanted;
-                // commands still unanswered fail with NotConn, each once.
-                if self.disconnecting || self.disc_queued {
-                    self.close_clean();
-                } else {
-                    self.kill(Error::NotConnected("server closed the connection".into()));
-                }
-            }
+        let unexpected = match &self.state {
+            State::Handshake(negotiation) => negotiation.eof_error(),
+            State::Ready(tx) => tx.eof_error(),
+            State::Closed | State::Dead(_) => return,
+        };
+        match unexpected {
+            None => self.close_clean(),
+            Some(error) => self.kill(error),
         }
     }
 
@@ -970,8 +742,8 @@ impl Connection {
     /// `NBD_REP_ERR_SHUTDOWN` refusal. The latter does not wait for the
     /// server's acknowledgement: a server going away need not send one, and
     /// the refusal is known already.
-    pub(crate) fn maybe_close_after_disconnect(&mut self) {
-        let flushed = self.output.is_empty()
+    fn maybe_close_after_disconnect(&mut self) {
+        let flushed = self.core.output.is_empty()
             && self
                 .tls
                 .as_ref()
@@ -979,10 +751,12 @@ impl Connection {
         if !flushed {
             return;
         }
-        let disc_done =
-            self.disc_queued && matches!(self.state, State::Ready) && self.commands.len() == 0;
-        let abort_done = self.shutdown_error.is_some() && matches!(self.state, State::Handshake);
-        if disc_done || abort_done {
+        let last_written = match &self.state {
+            State::Ready(tx) => tx.is_disconnect_queued(),
+            State::Handshake(negotiation) => negotiation.is_aborting_after_shutdown(),
+            State::Closed | State::Dead(_) => false,
+        };
+        if last_written {
             self.close_clean();
         }
     }
@@ -991,45 +765,45 @@ impl Connection {
 
     /// The strict checks in force.
     pub fn strict_mode(&self) -> Strict {
-        self.config.strict
+        self.core.config.strict
     }
 
     /// Changes the strict checks (libnbd's `set_strict_mode`); allowed at any time.
     pub fn set_strict_mode(&mut self, strict: Strict) {
-        self.config.strict = strict;
+        self.core.config.strict = strict;
     }
 
     /// The export name that `opt_go`, `opt_info` or the automatic handshake use.
     pub fn export_name(&self) -> &str {
-        &self.config.export_name
+        &self.core.config.export_name
     }
 
     /// Changes the export name; allowed until transmission starts.
     pub fn set_export_name(&mut self, name: &str) -> Result<()> {
-        if !matches!(self.state, State::Handshake | State::Negotiating) {
+        if !matches!(self.state, State::Handshake(_)) {
             return Err(Error::InvalidState(
                 "the export name can only change before transmission".into(),
             ));
         }
         crate::config::check_export_name(name)?;
-        if self.config.export_name != name {
+        if self.core.config.export_name != name {
             // Contexts belong to an export: a new export needs a new selection.
-            self.meta.clear();
+            self.core.meta.clear();
         }
-        self.config.export_name = name.to_string();
+        self.core.config.export_name = name.to_string();
         Ok(())
     }
 
     /// Changes whether `opt_info` / `opt_go` ask for name and description.
     pub fn set_full_info(&mut self, full: bool) {
-        self.config.full_info = full;
+        self.core.config.full_info = full;
     }
 
     // ------------------------------------------------------------ queries
 
     /// Everything known about the export.
     pub fn export_info(&self) -> &ExportInfo {
-        &self.info
+        &self.core.info
     }
 
     /// Export size in bytes (libnbd's `get_size`).
@@ -1037,6 +811,7 @@ impl Connection {
     /// A size above `i64::MAX` is an [`Error::Overflow`], never a wrapped number.
     pub fn size(&self) -> Result<u64> {
         let size = self
+            .core
             .info
             .size
             .ok_or_else(|| Error::InvalidState("export size is not known yet".into()))?;
@@ -1049,8 +824,8 @@ impl Connection {
     }
 
     fn flag(&self, flag: TransmissionFlags) -> Result<bool> {
-        match self.info.flags {
-            Some(_) => Ok(self.info.has(flag)),
+        match self.core.info.flags {
+            Some(_) => Ok(self.core.info.has(flag)),
             None => Err(Error::InvalidState("export flags are not known yet".into())),
         }
     }
@@ -1085,7 +860,7 @@ impl Connection {
     }
     /// Whether the don't-fragment read flag can be used (it also needs structured replies).
     pub fn can_df(&self) -> Result<bool> {
-        Ok(self.flag(TransmissionFlags::SEND_DF)? && self.structured)
+        Ok(self.flag(TransmissionFlags::SEND_DF)? && self.core.structured)
     }
     /// Whether several connections see one consistent export.
     pub fn can_multi_conn(&self) -> Result<bool> {
@@ -1098,75 +873,81 @@ impl Connection {
 
     /// The server's valid block size constraints, if it sent them.
     pub fn block_sizes(&self) -> Option<BlockSizes> {
-        self.info.block_sizes
+        self.core.info.block_sizes
     }
 
     /// The canonical export name, if the server sent it.
     pub fn canonical_name(&self) -> Option<&str> {
-        self.info.canonical_name.as_deref()
+        self.core.info.canonical_name.as_deref()
     }
 
     /// The export description, if the server sent it.
     pub fn description(&self) -> Option<&str> {
-        self.info.description.as_deref()
+        self.core.info.description.as_deref()
     }
 
     /// `"oldstyle"`, `"newstyle"` or `"newstyle-fixed"` once the greeting arrived.
     pub fn protocol(&self) -> Option<&'static str> {
-        self.style.map(HandshakeStyle::protocol_name)
+        self.core.style.map(HandshakeStyle::protocol_name)
     }
 
     /// Whether structured replies were negotiated (extended headers imply them).
     pub fn structured_replies_negotiated(&self) -> bool {
-        self.structured
+        self.core.structured
     }
 
     /// Whether extended (64-bit) headers were negotiated.
     pub fn extended_headers_negotiated(&self) -> bool {
-        self.extended
+        self.core.extended
     }
 
     /// The negotiated meta contexts with their ids.
     pub fn meta_contexts(&self) -> &[(u32, String)] {
-        &self.meta
+        &self.core.meta
     }
 
     /// Whether the meta context `name` was negotiated (libnbd's `can_meta_context`).
     pub fn can_meta_context(&self, name: &str) -> bool {
-        self.meta.iter().any(|(_, n)| n == name)
+        self.core.meta.iter().any(|(_, n)| n == name)
     }
 
     /// Adds a context to request (libnbd's `add_meta_context`). A name the
     /// protocol cannot carry (see [`Config::validate`]) is refused with EINVAL.
     pub fn add_meta_context(&mut self, name: &str) -> Result<()> {
         crate::config::check_meta_context(name)?;
-        self.config.meta_contexts.push(name.to_string());
+        self.core.config.meta_contexts.push(name.to_string());
         Ok(())
     }
 
     /// Forgets the contexts to request (libnbd's `clear_meta_contexts`).
     pub fn clear_meta_contexts(&mut self) {
-        self.config.meta_contexts.clear();
+        self.core.config.meta_contexts.clear();
     }
 
     /// The contexts to request.
     pub fn requested_meta_contexts(&self) -> &[String] {
-        &self.config.meta_contexts
+        &self.core.config.meta_contexts
     }
 
     /// The client flags sent after a newstyle greeting, if any were sent.
     pub fn handshake_flags_sent(&self) -> Option<u32> {
-        self.client_flags
+        self.core.client_flags
     }
 
     /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
     pub fn in_flight(&self) -> usize {
-        self.commands.len()
+        match &self.state {
+            State::Ready(tx) => tx.in_flight(),
+            _ => 0,
+        }
     }
 
     /// Whether `cookie` names a command still in flight. Once its `Completed`
     /// event has been queued this is false (libnbd's `aio_command_completed`).
     pub fn is_in_flight(&self, cookie: Cookie) -> bool {
-        self.commands.get(cookie).is_some()
+        match &self.state {
+            State::Ready(tx) => tx.is_in_flight(cookie),
+            _ => false,
+        }
     }
 }

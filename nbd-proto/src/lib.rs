@@ -46,6 +46,7 @@
 mod config;
 mod connection;
 pub mod context;
+mod core;
 mod coverage;
 mod error;
 mod event;

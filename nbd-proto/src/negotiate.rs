@@ -6,8 +6,16 @@
 //! the server does not know GO. Opt mode stops after extended headers and
 //! structured replies and lets the caller issue options one by one; its
 //! `opt_go` and `opt_info` still select the requested contexts first, as libnbd's do.
+//!
+//! All of it is [`Negotiation`], owned by the connection only while the
+//! handshake lasts: once transmission starts it is dropped, and nothing of the
+//! option haggling can be touched any more. What outlives it (export info,
+//! structured replies, extended headers, meta contexts, handshake style and
+//! flags) is written to the shared [`Core`].
 
-use crate::connection::{AfterDiscard, Connection, Rx, State};
+use std::collections::VecDeque;
+
+use crate::core::{Core, Step};
 use crate::error::{Error, Result, ServerText};
 use crate::event::Event;
 use crate::flags::{HandshakeFlags, TransmissionFlags};
@@ -21,7 +29,7 @@ use crate::wire::{
 
 /// The option waiting for its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PendingOpt {
+enum PendingOpt {
     /// `auto`: part of the automatic handshake, not an opt-mode call.
     ExtendedHeaders {
         auto: bool,
@@ -50,7 +58,7 @@ pub(crate) enum PendingOpt {
 
 /// An `NBD_OPT_INFO` or `NBD_OPT_GO` waiting for its meta context selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct InfoStep {
+struct InfoStep {
     go: bool,
     auto: bool,
 }
@@ -81,10 +89,10 @@ fn option_reply_limit(pending: PendingOpt, reply: u32) -> Option<usize> {
 
 /// Most replies one option may bring (exports listed, contexts): a bound on
 /// what a hostile server can make the client hold.
-pub(crate) const MAX_OPTION_REPLIES: usize = 65_536;
+const MAX_OPTION_REPLIES: usize = 65_536;
 
 impl PendingOpt {
-    pub(crate) fn option(self) -> u32 {
+    fn option(self) -> u32 {
         match self {
             PendingOpt::ExtendedHeaders { .. } => OPT_EXTENDED_HEADERS,
             PendingOpt::StructuredReply { .. } => OPT_STRUCTURED_REPLY,
@@ -97,15 +105,15 @@ impl PendingOpt {
             PendingOpt::Abort { .. } => OPT_ABORT,
         }
     }
-    pub(crate) fn is_abort(self) -> bool {
+    fn is_abort(self) -> bool {
         matches!(self, PendingOpt::Abort { .. })
     }
-    pub(crate) fn is_export_name(self) -> bool {
+    fn is_export_name(self) -> bool {
         self == PendingOpt::ExportName
     }
     /// The option the caller asked for: an `opt_go` / `opt_info` that is still
     /// selecting its meta contexts is reported as GO / INFO.
-    pub(crate) fn caller_option(self) -> u32 {
+    fn caller_option(self) -> u32 {
         match self {
             PendingOpt::SetMeta { then: Some(step) } if step.go => OPT_GO,
             PendingOpt::SetMeta { then: Some(_) } => OPT_INFO,
@@ -113,7 +121,7 @@ impl PendingOpt {
         }
     }
 
-    pub(crate) fn is_auto(self) -> bool {
+    fn is_auto(self) -> bool {
         matches!(
             self,
             PendingOpt::ExtendedHeaders { auto: true }
@@ -128,47 +136,163 @@ impl PendingOpt {
     }
 }
 
-impl Connection {
-    // ------------------------------------------------------------ greeting
+/// What the handshake parser expects next from the server.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Greeting,
+    OldstyleRest,
+    HandshakeFlags,
+    OptReplyHeader,
+    OptReplyData(OptionReplyHeader),
+    ExportNameReply,
+    /// The zero padding after an `NBD_OPT_EXPORT_NAME` reply; transmission
+    /// starts once it is skipped.
+    ZeroPadding {
+        left: u64,
+    },
+}
 
-    pub(crate) fn rx_greeting(&mut self) -> bool {
-        let Some(bytes) = self.take::<{ GreetingStart::LEN }>() else {
-            return false;
-        };
-        match GreetingStart::decode(&bytes) {
-            Ok(GreetingStart::Oldstyle) => self.rx = Rx::OldstyleRest,
-            Ok(GreetingStart::Newstyle) => self.rx = Rx::HandshakeFlags,
-            Err(e) => self.kill(e.into()),
+/// The handshake's own state: greeting, client flags, option haggling.
+#[derive(Debug)]
+pub(crate) struct Negotiation {
+    expect: Expect,
+    /// Opt mode, waiting for the caller's next option (libnbd's "negotiating").
+    caller_turn: bool,
+    /// The option waiting for its reply.
+    pending: Option<PendingOpt>,
+    /// Contexts of the list or selection in flight, kept until it succeeds.
+    meta_pending: Vec<(u32, String)>,
+    /// Exports listed by the `NBD_OPT_LIST` in flight.
+    listed: usize,
+    /// Both sides agreed to leave out the export name reply's zero padding.
+    no_zeroes: bool,
+    /// Why the connection ends once the abort sent after
+    /// `NBD_REP_ERR_SHUTDOWN` completes.
+    shutdown_error: Option<Error>,
+}
+
+impl Negotiation {
+    /// Waiting for the server's greeting.
+    pub(crate) fn new() -> Self {
+        Negotiation {
+            expect: Expect::Greeting,
+            caller_turn: false,
+            pending: None,
+            meta_pending: Vec::new(),
+            listed: 0,
+            no_zeroes: false,
+            shutdown_error: None,
         }
-        true
     }
 
-    pub(crate) fn rx_oldstyle_rest(&mut self) -> bool {
-        let Some(bytes) = self.take::<{ OldstyleRest::LEN }>() else {
-            return false;
+    /// Opt mode, waiting for the caller's next option.
+    pub(crate) fn is_caller_turn(&self) -> bool {
+        self.caller_turn
+    }
+
+    /// One parsing step over the staged bytes.
+    pub(crate) fn step(&mut self, core: &mut Core) -> Step {
+        match self.expect {
+            Expect::Greeting => self.rx_greeting(core),
+            Expect::OldstyleRest => self.rx_oldstyle_rest(core),
+            Expect::HandshakeFlags => self.rx_handshake_flags(core),
+            Expect::OptReplyHeader => self.rx_opt_reply_header(core),
+            Expect::OptReplyData(h) => self.rx_opt_reply_data(core, h),
+            Expect::ExportNameReply => self.rx_export_name_reply(core),
+            Expect::ZeroPadding { left } => {
+                if core.stage.is_empty() {
+                    return Step::Blocked;
+                }
+                let n = (core.stage.len() as u64).min(left);
+                core.stage.consume(n as usize);
+                if n < left {
+                    self.expect = Expect::ZeroPadding { left: left - n };
+                    return Step::Progressed;
+                }
+                Step::Ready
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ the end of the handshake
+
+    /// Why the server closing its end now ends the connection in error, or
+    /// `None` when an abort expected it.
+    pub(crate) fn eof_error(&self) -> Option<Error> {
+        if self.pending.is_some_and(PendingOpt::is_abort) {
+            return None;
+        }
+        let hint = if self.pending.is_some_and(PendingOpt::is_export_name) {
+            " after NBD_OPT_EXPORT_NAME (the export probably does not exist)"
+        } else {
+            " during the handshake"
+        };
+        Some(Error::NotConnected(format!(
+            "server closed the connection{hint}"
+        )))
+    }
+
+    /// The connection dies with `error`: a caller's option in flight fails
+    /// with it. Automatic steps have no caller waiting; only `Closed` reports them.
+    pub(crate) fn fail(&mut self, error: &Error, events: &mut VecDeque<Event>) {
+        if let Some(pending) = self.pending.take().filter(|p| !p.is_auto()) {
+            events.push_back(Event::OptionDone {
+                option: pending.caller_option(),
+                result: Err(error.clone()),
+            });
+        }
+    }
+
+    /// Whether the abort sent after an `NBD_REP_ERR_SHUTDOWN` refusal is on
+    /// its way: the connection ends once it is written.
+    pub(crate) fn is_aborting_after_shutdown(&self) -> bool {
+        self.shutdown_error.is_some() && !self.caller_turn
+    }
+
+    /// The refusal that made the client abort, if it did: why the connection
+    /// ends. The abort is then over, so no option is pending any more.
+    pub(crate) fn take_shutdown_error(&mut self) -> Option<Error> {
+        let error = self.shutdown_error.take()?;
+        self.pending = None;
+        Some(error)
+    }
+
+    // ------------------------------------------------------------ greeting
+
+    fn rx_greeting(&mut self, core: &mut Core) -> Step {
+        let Some(bytes) = core.stage.take::<{ GreetingStart::LEN }>() else {
+            return Step::Blocked;
+        };
+        match GreetingStart::decode(&bytes) {
+            Ok(GreetingStart::Oldstyle) => self.expect = Expect::OldstyleRest,
+            Ok(GreetingStart::Newstyle) => self.expect = Expect::HandshakeFlags,
+            Err(e) => return Step::Kill(e.into()),
+        }
+        Step::Progressed
+    }
+
+    fn rx_oldstyle_rest(&mut self, core: &mut Core) -> Step {
+        let Some(bytes) = core.stage.take::<{ OldstyleRest::LEN }>() else {
+            return Step::Blocked;
         };
         let rest = match OldstyleRest::decode(&bytes) {
             Ok(rest) => rest,
             // Unreachable: `take` gave exactly the length the decoder needs.
-            Err(e) => {
-                self.kill(e.into());
-                return true;
-            }
+            Err(e) => return Step::Kill(e.into()),
         };
-        self.style = Some(HandshakeStyle::Oldstyle);
-        self.info.size = Some(rest.size);
+        core.style = Some(HandshakeStyle::Oldstyle);
+        core.info.size = Some(rest.size);
         // The low 16 bits are the transmission flags; the high ones are unused.
-        self.info.flags = Some(TransmissionFlags::from_bits_retain(rest.flags as u16));
-        self.enter_ready();
-        true
+        core.info.flags = Some(TransmissionFlags::from_bits_retain(rest.flags as u16));
+        Step::Ready
     }
 
-    pub(crate) fn rx_handshake_flags(&mut self) -> bool {
-        let Some(bytes) = self.take::<2>() else {
-            return false;
+    fn rx_handshake_flags(&mut self, core: &mut Core) -> Step {
+        let Some(bytes) = core.stage.take::<2>() else {
+            return Step::Blocked;
         };
         let server = u16::from_be_bytes(bytes);
-        let wanted = self.config.handshake_flags;
+        let wanted = core.config.handshake_flags;
         let mut sent = 0;
         if server & FLAG_FIXED_NEWSTYLE != 0 && wanted.contains(HandshakeFlags::FIXED_NEWSTYLE) {
             sent |= FLAG_C_FIXED_NEWSTYLE;
@@ -176,57 +300,63 @@ impl Connection {
         if server & FLAG_NO_ZEROES != 0 && wanted.contains(HandshakeFlags::NO_ZEROES) {
             sent |= FLAG_C_NO_ZEROES;
         }
-        self.output
+        core.output
             .push_with(|b| b.extend_from_slice(&sent.to_be_bytes()));
-        self.client_flags = Some(sent);
+        core.client_flags = Some(sent);
         self.no_zeroes = sent & FLAG_C_NO_ZEROES != 0;
         if sent & FLAG_C_FIXED_NEWSTYLE != 0 {
-            self.style = Some(HandshakeStyle::FixedNewstyle);
-            if self.config.request_extended_headers {
+            core.style = Some(HandshakeStyle::FixedNewstyle);
+            if core.config.request_extended_headers {
                 let pending = PendingOpt::ExtendedHeaders { auto: true };
-                self.send_option(OPT_EXTENDED_HEADERS, &[], pending);
-            } else {
-                self.after_extended_headers();
+                self.send_option(core, OPT_EXTENDED_HEADERS, &[], pending);
+            } else if let Err(e) = self.after_extended_headers(core) {
+                return Step::Kill(e);
             }
         } else {
             // Plain newstyle knows only EXPORT_NAME, with no way to report errors.
-            self.style = Some(HandshakeStyle::Newstyle);
-            self.send_export_name();
+            core.style = Some(HandshakeStyle::Newstyle);
+            self.send_export_name(core);
         }
-        true
+        Step::Progressed
     }
 
     /// Extended headers imply structured replies; otherwise ask for those.
-    fn after_extended_headers(&mut self) {
-        if !self.structured && self.config.request_structured_replies {
+    /// An error ends the connection.
+    fn after_extended_headers(&mut self, core: &mut Core) -> Result<()> {
+        if !core.structured && core.config.request_structured_replies {
             self.send_option(
+                core,
                 OPT_STRUCTURED_REPLY,
                 &[],
                 PendingOpt::StructuredReply { auto: true },
             );
+            Ok(())
         } else {
-            self.after_auto_options();
+            self.after_auto_options(core)
         }
     }
 
     /// After the options the client always sends: hand over (opt mode) or GO.
-    fn after_auto_options(&mut self) {
-        if self.config.opt_mode {
-            self.wait_for_caller();
-        } else if let Err(e) = self.start_info(true, true) {
-            self.kill(e);
+    /// An error ends the connection.
+    fn after_auto_options(&mut self, core: &mut Core) -> Result<()> {
+        if core.config.opt_mode {
+            self.wait_for_caller(core);
+            Ok(())
+        } else {
+            self.start_info(core, true, true)
         }
     }
 
     /// INFO or GO, preceded by the meta context selection when one is wanted.
     /// An error means nothing was sent: the selection cannot be encoded.
-    fn start_info(&mut self, go: bool, auto: bool) -> Result<()> {
-        if self.config.request_meta_context
-            && self.structured
-            && !self.config.meta_contexts.is_empty()
+    fn start_info(&mut self, core: &mut Core, go: bool, auto: bool) -> Result<()> {
+        if core.config.request_meta_context
+            && core.structured
+            && !core.config.meta_contexts.is_empty()
         {
-            let queries = self.config.meta_contexts.clone();
+            let queries = core.config.meta_contexts.clone();
             self.send_meta(
+                core,
                 OPT_SET_META_CONTEXT,
                 &queries,
                 PendingOpt::SetMeta {
@@ -234,214 +364,172 @@ impl Connection {
                 },
             )
         } else {
-            self.send_info(go, auto);
+            self.send_info(core, go, auto);
             Ok(())
         }
     }
 
     /// Sends a meta context option, or refuses (sending nothing) when the
     /// queries do not fit the protocol's limits.
-    fn send_meta(&mut self, option: u32, queries: &[String], pending: PendingOpt) -> Result<()> {
-        crate::config::check_meta_queries(&self.config.export_name, queries)?;
+    fn send_meta(
+        &mut self,
+        core: &mut Core,
+        option: u32,
+        queries: &[String],
+        pending: PendingOpt,
+    ) -> Result<()> {
+        crate::config::check_meta_queries(&core.config.export_name, queries)?;
         let mut data = Vec::new();
-        MetaContextRequest::encode(&self.config.export_name, queries, &mut data);
+        MetaContextRequest::encode(&core.config.export_name, queries, &mut data);
         self.meta_pending.clear();
-        self.send_option(option, &data, pending);
+        self.send_option(core, option, &data, pending);
         Ok(())
     }
 
-    fn wait_for_caller(&mut self) {
-        self.state = State::Negotiating;
-        self.rx = Rx::OptReplyHeader;
-        self.events.push_back(Event::Negotiating);
+    fn wait_for_caller(&mut self, core: &mut Core) {
+        self.caller_turn = true;
+        self.expect = Expect::OptReplyHeader;
+        core.events.push_back(Event::Negotiating);
     }
 
     // ------------------------------------------------------------ sending options
 
-    fn send_option(&mut self, option: u32, data: &[u8], pending: PendingOpt) {
+    fn send_option(&mut self, core: &mut Core, option: u32, data: &[u8], pending: PendingOpt) {
         self.listed = 0;
-        self.output
+        core.output
             .push_with(|b| OptionRequest::encode_with(option, data, b));
-        self.pending_opt = Some(pending);
-        self.state = State::Handshake;
-        self.rx = Rx::OptReplyHeader;
+        self.pending = Some(pending);
+        self.caller_turn = false;
+        self.expect = Expect::OptReplyHeader;
     }
 
-    fn send_info(&mut self, go: bool, auto: bool) {
+    fn send_info(&mut self, core: &mut Core, go: bool, auto: bool) {
         let mut requests = Vec::with_capacity(3);
-        if self.config.request_block_size {
+        if core.config.request_block_size {
             requests.push(INFO_BLOCK_SIZE);
         }
-        if self.config.full_info {
+        if core.config.full_info {
             requests.extend([INFO_NAME, INFO_DESCRIPTION]);
         }
         let mut data = Vec::new();
-        InfoRequest::encode(&self.config.export_name, &requests, &mut data);
-        self.info = ExportInfo::default();
+        InfoRequest::encode(&core.config.export_name, &requests, &mut data);
+        core.info = ExportInfo::default();
         let option = if go { OPT_GO } else { OPT_INFO };
-        self.send_option(option, &data, PendingOpt::Info { go, auto });
+        self.send_option(core, option, &data, PendingOpt::Info { go, auto });
     }
 
-    fn send_export_name(&mut self) {
-        let name = self.config.export_name.clone();
-        self.output
-            .push_with(|b| OptionRequest::encode_with(OPT_EXPORT_NAME, name.as_bytes(), b));
-        self.pending_opt = Some(PendingOpt::ExportName);
-        self.state = State::Handshake;
-        self.rx = Rx::ExportNameReply;
+    fn send_export_name(&mut self, core: &mut Core) {
+        let name = core.config.export_name.as_bytes();
+        core.output
+            .push_with(|b| OptionRequest::encode_with(OPT_EXPORT_NAME, name, b));
+        self.pending = Some(PendingOpt::ExportName);
+        self.caller_turn = false;
+        self.expect = Expect::ExportNameReply;
     }
 
-    /// Checks that the caller may start an option now.
-    fn check_negotiating(&self) -> Result<()> {
-        self.check_alive()?;
-        match self.state {
-            State::Negotiating => Ok(()),
-            State::Ready => Err(Error::InvalidState(
-                "negotiation is over: the connection is in transmission; options such as \
-                 opt_list need opt mode (Config::opt_mode, libnbd's set_opt_mode) and must \
-                 come before opt_go"
-                    .into(),
-            )),
-            _ if self.pending_opt.is_some() => {
-                Err(Error::InvalidState("another option is in flight".into()))
-            }
-            _ => Err(Error::InvalidState(
+    // ------------------------------------------------------------ the caller's options
+
+    /// Checks that the caller may start an option now (the connection checked
+    /// that it is alive and not in transmission).
+    pub(crate) fn check_caller_turn(&self) -> Result<()> {
+        if self.caller_turn {
+            Ok(())
+        } else if self.pending.is_some() {
+            Err(Error::InvalidState("another option is in flight".into()))
+        } else {
+            Err(Error::InvalidState(
                 "not negotiating: options can be issued only in opt mode once the greeting arrived"
                     .into(),
-            )),
+            ))
         }
     }
 
-    /// Opt mode: asks for the export list (`NBD_OPT_LIST`). Each export arrives as
-    /// an [`Event::Export`], then an [`Event::OptionDone`].
-    pub fn opt_list(&mut self) -> Result<()> {
-        self.check_negotiating()?;
-        self.send_option(OPT_LIST, &[], PendingOpt::List);
-        Ok(())
+    /// `NBD_OPT_LIST`.
+    pub(crate) fn opt_list(&mut self, core: &mut Core) {
+        self.send_option(core, OPT_LIST, &[], PendingOpt::List);
     }
 
-    /// Opt mode: asks about the current export without entering transmission
-    /// (`NBD_OPT_INFO`). On success the export queries answer.
-    pub fn opt_info(&mut self) -> Result<()> {
-        self.check_negotiating()?;
-        self.start_info(false, false)
+    /// `NBD_OPT_INFO` (`go == false`) or `NBD_OPT_GO`, with the meta context
+    /// selection first when one is wanted.
+    pub(crate) fn opt_info(&mut self, core: &mut Core, go: bool) -> Result<()> {
+        self.start_info(core, go, false)
     }
 
-    /// Opt mode: selects the current export and enters transmission (`NBD_OPT_GO`).
-    /// Success is [`Event::Ready`]; a refusal is an [`Event::OptionDone`] with the
-    /// error, and the connection stays negotiating.
-    pub fn opt_go(&mut self) -> Result<()> {
-        self.check_negotiating()?;
-        self.start_info(true, false)
-    }
-
-    /// Opt mode: asks for extended headers (`NBD_OPT_EXTENDED_HEADERS`).
-    pub fn opt_extended_headers(&mut self) -> Result<()> {
-        self.check_negotiating()?;
+    /// `NBD_OPT_EXTENDED_HEADERS`.
+    pub(crate) fn opt_extended_headers(&mut self, core: &mut Core) {
         self.send_option(
+            core,
             OPT_EXTENDED_HEADERS,
             &[],
             PendingOpt::ExtendedHeaders { auto: false },
         );
-        Ok(())
     }
 
-    /// Opt mode: lists the contexts matching the configured
-    /// [`meta_contexts`](crate::Config::meta_contexts) (all, if none are
-    /// configured) with `NBD_OPT_LIST_META_CONTEXT`. Each arrives as an
-    /// [`Event::MetaContext`], then an [`Event::OptionDone`].
-    pub fn opt_list_meta_context(&mut self) -> Result<()> {
-        let queries = self.config.meta_contexts.clone();
-        self.opt_list_meta_context_queries(&queries)
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    pub(crate) fn opt_structured_reply(&mut self, core: &mut Core) {
+        self.send_option(
+            core,
+            OPT_STRUCTURED_REPLY,
+            &[],
+            PendingOpt::StructuredReply { auto: false },
+        );
     }
 
-    /// Opt mode: lists the contexts matching `queries` (all, if empty).
-    pub fn opt_list_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
-        self.check_meta_allowed(queries)?;
-        self.send_meta(OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta)
+    /// `NBD_OPT_ABORT`.
+    pub(crate) fn opt_abort(&mut self, core: &mut Core) {
+        self.send_option(core, OPT_ABORT, &[], PendingOpt::Abort { auto: false });
     }
 
-    /// Opt mode: selects the configured contexts for the current export with
-    /// `NBD_OPT_SET_META_CONTEXT`; each selected one arrives as an
-    /// [`Event::MetaContext`] with its id, then an [`Event::OptionDone`].
-    pub fn opt_set_meta_context(&mut self) -> Result<()> {
-        let queries = self.config.meta_contexts.clone();
-        self.opt_set_meta_context_queries(&queries)
-    }
-
-    /// Opt mode: selects the contexts matching `queries`.
-    pub fn opt_set_meta_context_queries(&mut self, queries: &[String]) -> Result<()> {
-        self.check_meta_allowed(queries)?;
-        self.send_meta(
-            OPT_SET_META_CONTEXT,
-            queries,
-            PendingOpt::SetMeta { then: None },
-        )
-    }
-
-    fn check_meta_allowed(&self, queries: &[String]) -> Result<()> {
-        self.check_negotiating()?;
-        if !self.structured {
+    /// `NBD_OPT_LIST_META_CONTEXT` (`select == false`) or
+    /// `NBD_OPT_SET_META_CONTEXT` for `queries`.
+    pub(crate) fn opt_meta_context(
+        &mut self,
+        core: &mut Core,
+        queries: &[String],
+        select: bool,
+    ) -> Result<()> {
+        if !core.structured {
             return Err(Error::InvalidState(
                 "meta contexts need structured replies to be negotiated first".into(),
             ));
         }
         // The same limits as Config::validate and add_meta_context.
-        crate::config::check_meta_queries(&self.config.export_name, queries)
-    }
-
-    /// Opt mode: asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
-    pub fn opt_structured_reply(&mut self) -> Result<()> {
-        self.check_negotiating()?;
-        self.send_option(
-            OPT_STRUCTURED_REPLY,
-            &[],
-            PendingOpt::StructuredReply { auto: false },
-        );
-        Ok(())
-    }
-
-    /// Opt mode: ends negotiation without transmission (`NBD_OPT_ABORT`). The
-    /// connection closes cleanly when the server acknowledges or hangs up.
-    pub fn opt_abort(&mut self) -> Result<()> {
-        self.check_negotiating()?;
-        self.send_option(OPT_ABORT, &[], PendingOpt::Abort { auto: false });
-        Ok(())
+        crate::config::check_meta_queries(&core.config.export_name, queries)?;
+        if select {
+            let pending = PendingOpt::SetMeta { then: None };
+            self.send_meta(core, OPT_SET_META_CONTEXT, queries, pending)
+        } else {
+            self.send_meta(core, OPT_LIST_META_CONTEXT, queries, PendingOpt::ListMeta)
+        }
     }
 
     // ------------------------------------------------------------ option replies
 
-    pub(crate) fn rx_opt_reply_header(&mut self) -> bool {
-        let Some(bytes) = self.take::<{ OptionReplyHeader::LEN }>() else {
-            return false;
+    fn rx_opt_reply_header(&mut self, core: &mut Core) -> Step {
+        let Some(bytes) = core.stage.take::<{ OptionReplyHeader::LEN }>() else {
+            return Step::Blocked;
         };
         let header = match OptionReplyHeader::decode(&bytes) {
             Ok(h) => h,
-            Err(e) => {
-                self.kill(e.into());
-                return true;
-            }
+            Err(e) => return Step::Kill(e.into()),
         };
-        let Some(pending) = self.pending_opt else {
-            self.kill(Error::Protocol(format!(
+        let Some(pending) = self.pending else {
+            return Step::Kill(Error::Protocol(format!(
                 "option reply for {} when no option was sent",
                 option_name(header.option)
             )));
-            return true;
         };
         if header.option != pending.option() {
-            self.kill(Error::Protocol(format!(
+            return Step::Kill(Error::Protocol(format!(
                 "reply for {} while waiting for {}",
                 option_name(header.option),
                 option_name(pending.option())
             )));
-            return true;
         }
         if pending.is_abort() {
             // Whatever the server says, the abort is done; its payload is not
             // waited for.
-            self.close_clean();
-            return true;
+            return Step::Close;
         }
         // The length rule of the handshake: judged before any payload byte is
         // read, so a server cannot make the client wait for bytes no legal
@@ -449,44 +537,48 @@ impl Connection {
         let name = option_name(header.option);
         let reply = reply_type_name(header.reply_type);
         let Some(limit) = option_reply_limit(pending, header.reply_type) else {
-            self.kill(Error::Protocol(format!(
+            return Step::Kill(Error::Protocol(format!(
                 "unexpected {reply} reply to {name}"
             )));
-            return true;
         };
         if header.length as usize > limit {
-            self.kill(Error::Protocol(format!(
+            return Step::Kill(Error::Protocol(format!(
                 "{reply} reply to {name} of {} bytes exceeds the {limit} bytes a legal one can have",
                 header.length
             )));
-            return true;
         }
-        self.rx = Rx::OptReplyData(header);
-        true
+        self.expect = Expect::OptReplyData(header);
+        Step::Progressed
     }
 
-    pub(crate) fn rx_opt_reply_data(&mut self, header: OptionReplyHeader) -> bool {
+    fn rx_opt_reply_data(&mut self, core: &mut Core, header: OptionReplyHeader) -> Step {
         // The limit checked with the header keeps this within the stage.
-        let Some(data) = self.take_vec(header.length as usize) else {
-            return false;
+        let Some(data) = core.stage.take_vec(header.length as usize) else {
+            return Step::Blocked;
         };
-        self.rx = Rx::OptReplyHeader;
-        let Some(pending) = self.pending_opt else {
+        self.expect = Expect::OptReplyHeader;
+        let Some(pending) = self.pending else {
             // Unreachable: the header was accepted only with an option pending,
             // and nothing clears it between header and payload.
-            self.kill(Error::Protocol(
+            return Step::Kill(Error::Protocol(
                 "option reply with no option pending".into(),
             ));
-            return true;
         };
-        if let Err(e) = self.on_opt_reply(pending, header.reply_type, &data) {
-            self.kill(e);
+        match self.on_opt_reply(core, pending, header.reply_type, &data) {
+            Ok(step) => step,
+            Err(e) => Step::Kill(e),
         }
-        true
     }
 
-    /// Handles one option reply; an error return kills the connection.
-    fn on_opt_reply(&mut self, pending: PendingOpt, reply: u32, data: &[u8]) -> Result<()> {
+    /// Handles one option reply: `Ready` when transmission starts, an error
+    /// when the connection ends.
+    fn on_opt_reply(
+        &mut self,
+        core: &mut Core,
+        pending: PendingOpt,
+        reply: u32,
+        data: &[u8],
+    ) -> Result<Step> {
         if reply & REP_FLAG_ERROR != 0 {
             let message = ServerText(decode_string("option error message", data)?);
             let error = Error::OptionRefused {
@@ -494,18 +586,19 @@ impl Connection {
                 reply,
                 message,
             };
-            return self.on_opt_error(pending, error);
+            self.on_opt_error(core, pending, error)?;
+            return Ok(Step::Progressed);
         }
         match (pending, reply) {
             (PendingOpt::ExtendedHeaders { auto }, REP_ACK) => {
                 // Extended headers carry structured replies with them.
-                self.extended = true;
-                self.structured = true;
-                self.pending_opt = None;
+                core.extended = true;
+                core.structured = true;
+                self.pending = None;
                 if auto {
-                    self.after_extended_headers();
+                    self.after_extended_headers(core)?;
                 } else {
-                    self.option_done(OPT_EXTENDED_HEADERS, Ok(()));
+                    self.option_done(core, OPT_EXTENDED_HEADERS, Ok(()));
                 }
             }
             (PendingOpt::ListMeta | PendingOpt::SetMeta { .. }, REP_META_CONTEXT) => {
@@ -518,32 +611,32 @@ impl Connection {
                 self.meta_pending.push((ctx.id, ctx.name));
             }
             (PendingOpt::ListMeta, REP_ACK) => {
-                self.pending_opt = None;
+                self.pending = None;
                 for (id, name) in std::mem::take(&mut self.meta_pending) {
-                    self.events.push_back(Event::MetaContext { id, name });
+                    core.events.push_back(Event::MetaContext { id, name });
                 }
-                self.option_done(OPT_LIST_META_CONTEXT, Ok(()));
+                self.option_done(core, OPT_LIST_META_CONTEXT, Ok(()));
             }
             (PendingOpt::SetMeta { then }, REP_ACK) => {
-                self.pending_opt = None;
-                self.meta = std::mem::take(&mut self.meta_pending);
+                self.pending = None;
+                core.meta = std::mem::take(&mut self.meta_pending);
                 match then {
-                    Some(step) => self.send_info(step.go, step.auto),
+                    Some(step) => self.send_info(core, step.go, step.auto),
                     None => {
-                        for (id, name) in self.meta.clone() {
-                            self.events.push_back(Event::MetaContext { id, name });
+                        for (id, name) in core.meta.clone() {
+                            core.events.push_back(Event::MetaContext { id, name });
                         }
-                        self.option_done(OPT_SET_META_CONTEXT, Ok(()));
+                        self.option_done(core, OPT_SET_META_CONTEXT, Ok(()));
                     }
                 }
             }
             (PendingOpt::StructuredReply { auto }, REP_ACK) => {
-                self.structured = true;
-                self.pending_opt = None;
+                core.structured = true;
+                self.pending = None;
                 if auto {
-                    self.after_auto_options();
+                    self.after_auto_options(core)?;
                 } else {
-                    self.option_done(OPT_STRUCTURED_REPLY, Ok(()));
+                    self.option_done(core, OPT_STRUCTURED_REPLY, Ok(()));
                 }
             }
             (PendingOpt::List, REP_SERVER) => {
@@ -554,29 +647,28 @@ impl Connection {
                     )));
                 }
                 let entry = ServerEntry::decode(data)?;
-                self.events.push_back(Event::Export {
+                core.events.push_back(Event::Export {
                     name: entry.name,
                     description: entry.description,
                 });
             }
             (PendingOpt::List, REP_ACK) => {
-                self.pending_opt = None;
-                self.option_done(OPT_LIST, Ok(()));
+                self.pending = None;
+                self.option_done(core, OPT_LIST, Ok(()));
             }
-            (PendingOpt::Info { .. }, REP_INFO) => self.apply_info(Info::decode(data)?),
+            (PendingOpt::Info { .. }, REP_INFO) => apply_info(&mut core.info, Info::decode(data)?),
             (PendingOpt::Info { go, .. }, REP_ACK) => {
-                if self.info.size.is_none() || self.info.flags.is_none() {
+                if core.info.size.is_none() || core.info.flags.is_none() {
                     return Err(Error::Protocol(format!(
                         "{} succeeded without NBD_INFO_EXPORT",
                         option_name(pending.option())
                     )));
                 }
-                self.pending_opt = None;
+                self.pending = None;
                 if go {
-                    self.enter_ready();
-                } else {
-                    self.option_done(OPT_INFO, Ok(()));
+                    return Ok(Step::Ready);
                 }
+                self.option_done(core, OPT_INFO, Ok(()));
             }
             _ => {
                 return Err(Error::Protocol(format!(
@@ -586,24 +678,25 @@ impl Connection {
                 )))
             }
         }
-        Ok(())
+        Ok(Step::Progressed)
     }
 
-    fn on_opt_error(&mut self, pending: PendingOpt, error: Error) -> Result<()> {
+    /// Handles a refusal; an error return ends the connection.
+    fn on_opt_error(&mut self, core: &mut Core, pending: PendingOpt, error: Error) -> Result<()> {
         let Error::OptionRefused { reply, .. } = error else {
             // Only ever called with the refusal built by `on_opt_reply`.
             return Err(error);
         };
-        self.pending_opt = None;
+        self.pending = None;
         if reply == REP_ERR_SHUTDOWN {
             // The server is going away: say goodbye properly, then report why.
             if !pending.is_auto() {
-                self.events.push_back(Event::OptionDone {
+                core.events.push_back(Event::OptionDone {
                     option: pending.caller_option(),
                     result: Err(error.clone()),
                 });
             }
-            self.send_option(OPT_ABORT, &[], PendingOpt::Abort { auto: true });
+            self.send_option(core, OPT_ABORT, &[], PendingOpt::Abort { auto: true });
             self.shutdown_error = Some(error);
             return Ok(());
         }
@@ -611,106 +704,94 @@ impl Connection {
         self.meta_pending.clear();
         match pending {
             PendingOpt::ExtendedHeaders { auto: true } => {
-                self.extended = false;
-                self.after_extended_headers();
-                Ok(())
+                core.extended = false;
+                self.after_extended_headers(core)
             }
             PendingOpt::SetMeta { then: Some(step) } => {
                 // Without contexts the export is still usable: go on.
-                self.meta.clear();
-                self.send_info(step.go, step.auto);
+                core.meta.clear();
+                self.send_info(core, step.go, step.auto);
                 Ok(())
             }
             PendingOpt::SetMeta { then: None } => {
-                self.meta.clear();
-                self.option_done(OPT_SET_META_CONTEXT, Err(error));
+                core.meta.clear();
+                self.option_done(core, OPT_SET_META_CONTEXT, Err(error));
                 Ok(())
             }
             PendingOpt::StructuredReply { auto: true } => {
-                self.structured = false;
-                self.after_auto_options();
-                Ok(())
+                core.structured = false;
+                self.after_auto_options(core)
             }
             PendingOpt::Info {
                 go: true,
                 auto: true,
             } if reply == REP_ERR_UNSUP => {
                 // An old server: select the export the old way.
-                self.send_export_name();
+                self.send_export_name(core);
                 Ok(())
             }
             PendingOpt::Info { auto: true, .. } => Err(error),
             PendingOpt::Info { .. } => {
-                self.info = ExportInfo::default();
-                self.option_done(pending.option(), Err(error));
+                core.info = ExportInfo::default();
+                self.option_done(core, pending.option(), Err(error));
                 Ok(())
             }
             _ => {
-                self.option_done(pending.option(), Err(error));
+                self.option_done(core, pending.option(), Err(error));
                 Ok(())
             }
         }
     }
 
-    fn option_done(&mut self, option: u32, result: Result<()>) {
-        self.events.push_back(Event::OptionDone { option, result });
-        self.state = State::Negotiating;
-        self.rx = Rx::OptReplyHeader;
-    }
-
-    fn apply_info(&mut self, info: Info) {
-        match info {
-            Info::Export { size, flags } => {
-                self.info.size = Some(size);
-                self.info.flags = Some(TransmissionFlags::from_bits_retain(flags));
-            }
-            Info::Name(name) => self.info.canonical_name = Some(name),
-            Info::Description(text) => self.info.description = Some(text),
-            Info::BlockSize {
-                minimum,
-                preferred,
-                maximum,
-            } => {
-                // Invalid constraints are ignored, as the protocol allows.
-                if let Some(sizes) = BlockSizes::validated(minimum, preferred, maximum) {
-                    self.info.block_sizes = Some(sizes);
-                }
-            }
-            Info::Unknown(_) => {}
-        }
+    fn option_done(&mut self, core: &mut Core, option: u32, result: Result<()>) {
+        core.events.push_back(Event::OptionDone { option, result });
+        self.caller_turn = true;
+        self.expect = Expect::OptReplyHeader;
     }
 
     // ------------------------------------------------------------ EXPORT_NAME
 
-    pub(crate) fn rx_export_name_reply(&mut self) -> bool {
-        let Some(bytes) = self.take::<{ ExportNameReply::LEN }>() else {
-            return false;
+    fn rx_export_name_reply(&mut self, core: &mut Core) -> Step {
+        let Some(bytes) = core.stage.take::<{ ExportNameReply::LEN }>() else {
+            return Step::Blocked;
         };
         let reply = match ExportNameReply::decode(&bytes) {
             Ok(reply) => reply,
             // Unreachable: `take` gave exactly the length the decoder needs.
-            Err(e) => {
-                self.kill(e.into());
-                return true;
-            }
+            Err(e) => return Step::Kill(e.into()),
         };
-        self.info.size = Some(reply.size);
-        self.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
-        self.pending_opt = None;
+        core.info.size = Some(reply.size);
+        core.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
+        self.pending = None;
         if self.no_zeroes {
-            self.enter_ready();
-        } else {
-            self.rx = Rx::Discard {
-                left: ZERO_PAD_LEN as u64,
-                then: AfterDiscard::Ready,
-            };
+            return Step::Ready;
         }
-        true
+        self.expect = Expect::ZeroPadding {
+            left: ZERO_PAD_LEN as u64,
+        };
+        Step::Progressed
     }
+}
 
-    pub(crate) fn enter_ready(&mut self) {
-        self.state = State::Ready;
-        self.rx = Rx::ReplyHeader;
-        self.events.push_back(Event::Ready);
+/// Records one `NBD_REP_INFO` in what is known about the export.
+fn apply_info(export: &mut ExportInfo, info: Info) {
+    match info {
+        Info::Export { size, flags } => {
+            export.size = Some(size);
+            export.flags = Some(TransmissionFlags::from_bits_retain(flags));
+        }
+        Info::Name(name) => export.canonical_name = Some(name),
+        Info::Description(text) => export.description = Some(text),
+        Info::BlockSize {
+            minimum,
+            preferred,
+            maximum,
+        } => {
+            // Invalid constraints are ignored, as the protocol allows.
+            if let Some(sizes) = BlockSizes::validated(minimum, preferred, maximum) {
+                export.block_sizes = Some(sizes);
+            }
+        }
+        Info::Unknown(_) => {}
     }
 }

@@ -63,6 +63,27 @@ impl Stage {
         self.end += n.min(self.buf.len() - self.end);
     }
 
+    /// Takes exactly `N` bytes, if that many are there.
+    pub(crate) fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        if self.len() < N {
+            return None;
+        }
+        let mut out = [0; N];
+        out.copy_from_slice(&self.data()[..N]);
+        self.consume(N);
+        Some(out)
+    }
+
+    /// Takes exactly `n` bytes (`n` at most [`MAX_BUFFERED_PAYLOAD`]), if that many are there.
+    pub(crate) fn take_vec(&mut self, n: usize) -> Option<Vec<u8>> {
+        if self.len() < n {
+            return None;
+        }
+        let out = self.data()[..n].to_vec();
+        self.consume(n);
+        Some(out)
+    }
+
     pub(crate) fn clear(&mut self) {
         self.start = 0;
         self.end = 0;

@@ -7,6 +7,7 @@
 //! Without a session the layer costs nothing: the bytes go straight through.
 
 use crate::error::Error;
+use crate::output::Output;
 
 /// A sans-IO TLS client session.
 pub trait TlsSession: Send {
@@ -24,12 +25,12 @@ pub trait TlsSession: Send {
 
 /// Buffers around a session: ciphertext read from and waiting for the socket.
 pub(crate) struct TlsLayer {
-    pub(crate) session: Box<dyn TlsSession>,
+    session: Box<dyn TlsSession>,
     /// Where the adapter reads ciphertext to.
-    pub(crate) cipher_in: Vec<u8>,
+    cipher_in: Vec<u8>,
     /// Ciphertext not yet taken by the socket.
-    pub(crate) cipher_out: Vec<u8>,
-    pub(crate) cipher_out_sent: usize,
+    cipher_out: Vec<u8>,
+    cipher_out_sent: usize,
 }
 
 impl TlsLayer {
@@ -40,6 +41,57 @@ impl TlsLayer {
             cipher_out: Vec::new(),
             cipher_out_sent: 0,
         }
+    }
+
+    /// Where the adapter reads ciphertext to.
+    pub(crate) fn cipher_space(&mut self) -> &mut [u8] {
+        &mut self.cipher_in[..]
+    }
+
+    /// Offers the session the ciphertext read to `cipher_space()[from..to]`;
+    /// returns how much it took. Callers keep `from <= to <= cipher_space().len()`.
+    pub(crate) fn decrypt_from(&mut self, from: usize, to: usize) -> Result<usize, Error> {
+        let offered = to - from;
+        match self.session.read_tls(&self.cipher_in[from..to])? {
+            k if k > offered => Err(Error::Tls(format!(
+                "TLS session claims {k} ciphertext bytes taken of {offered}"
+            ))),
+            k => Ok(k),
+        }
+    }
+
+    /// Moves decrypted plaintext into `space`; returns how much.
+    pub(crate) fn read_plaintext(&mut self, space: &mut [u8]) -> Result<usize, Error> {
+        let room = space.len();
+        match self.session.read_plaintext(space)? {
+            k if k > room => Err(Error::Tls(format!(
+                "TLS session claims {k} plaintext bytes written into {room}"
+            ))),
+            k => Ok(k),
+        }
+    }
+
+    /// Encrypts as much of `output` as the session takes, then collects the
+    /// ciphertext waiting to go out.
+    pub(crate) fn encrypt(&mut self, output: &mut Output) -> Result<(), Error> {
+        while !output.is_empty() {
+            let offered = output.first().len();
+            match self.session.write_plaintext(output.first())? {
+                0 => break,
+                k if k > offered => {
+                    return Err(Error::Tls(format!(
+                        "TLS session claims {k} plaintext bytes taken of {offered}"
+                    )))
+                }
+                k => output.consume(k),
+            }
+        }
+        self.session.write_tls(&mut self.cipher_out)
+    }
+
+    /// Whether ciphertext is waiting to go out, here or in the session.
+    pub(crate) fn wants_write(&self) -> bool {
+        !self.pending_cipher().is_empty() || self.session.wants_write()
     }
 
     pub(crate) fn pending_cipher(&self) -> &[u8] {

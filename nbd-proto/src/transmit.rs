@@ -35,17 +35,24 @@
 //! whatever else is wrong with the chunk (too short, wrong type for the
 //! command, outside the request, malformed) fails only its command. Skipping
 //! such a payload costs no more than a legal reply to that request would.
+//!
+//! # Ownership
+//!
+//! All of this phase's state is [`Transmission`], which exists only once
+//! negotiation is over: commands cannot reach option state, and the
+//! handshake cannot reach commands. What it shares with the connection (bytes
+//! in and out, events, export info, negotiated facts) it borrows as a [`Core`].
 
 use bytes::{Bytes, BytesMut};
 
-use crate::connection::{
-    AfterDiscard, Connection, ReadData, Rx, State, LARGE_PAYLOAD, READ_AHEAD_LARGE,
-};
+use std::collections::VecDeque;
+
+use crate::core::{Core, Step};
 use crate::coverage::Coverage;
 use crate::error::{Errno, Error, Result, ServerText};
 use crate::event::{BlockStatus, Completion, Event, ReadChunk};
 use crate::flags::{CmdFlags, Strict, TransmissionFlags};
-use crate::slab::Cookie;
+use crate::slab::{Cookie, Slab};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
 use crate::wire::consts::*;
 use crate::wire::{
@@ -57,24 +64,24 @@ pub const MAX_REQUEST_SIZE: u64 = 64 * 1024 * 1024;
 
 /// A command in flight.
 #[derive(Debug)]
-pub(crate) struct Command {
-    pub(crate) command: u16,
-    pub(crate) offset: u64,
-    pub(crate) length: u64,
+struct Command {
+    command: u16,
+    offset: u64,
+    length: u64,
     /// The caller's read buffer.
-    pub(crate) buf: Option<BytesMut>,
+    buf: Option<BytesMut>,
     /// Report each chunk as an event.
-    pub(crate) chunk_events: bool,
+    chunk_events: bool,
     /// The first error seen; the command fails with it when done.
-    pub(crate) error: Option<Error>,
+    error: Option<Error>,
     /// What a structured read reply has covered.
-    pub(crate) coverage: Option<Coverage>,
+    coverage: Option<Coverage>,
     /// Block status: the contexts asked about (all negotiated ones, or a filter).
-    pub(crate) contexts: Vec<u32>,
+    contexts: Vec<u32>,
     /// Block status: the contexts already reported.
-    pub(crate) contexts_seen: Vec<u32>,
+    contexts_seen: Vec<u32>,
     /// Block status: `REQ_ONE` was set.
-    pub(crate) req_one: bool,
+    req_one: bool,
 }
 
 impl Command {
@@ -85,38 +92,230 @@ impl Command {
     }
 }
 
-impl Connection {
+/// What the reply parser expects next from the server.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    ReplyHeader,
+    /// The 8-byte offset at the start of an `OFFSET_DATA` payload.
+    DataOffset(ChunkHeader),
+    /// A non-data chunk payload, buffered whole.
+    ChunkPayload(ChunkHeader),
+    /// A block status payload, gathered in `status_buf`.
+    StatusPayload(ChunkHeader),
+    /// Read data landing in a command's buffer at `pos..end`.
+    ReadData(ReadData),
+    /// A chunk payload to skip; then the command finishes if `done`.
+    Skip {
+        left: u64,
+        cookie: Cookie,
+        done: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReadData {
+    cookie: Cookie,
+    /// Where this payload starts in the buffer (for the chunk event).
+    start: usize,
+    pos: usize,
+    end: usize,
+    /// Structured chunk: finish the command when done if its DONE flag was set.
+    structured_done: Option<bool>,
+}
+
+/// Read-ahead into the stage while read payloads are large. Bytes read ahead
+/// are copied to the caller's buffer; with large payloads it is cheaper to read
+/// little past a header and let the payload land in place. Small payloads keep
+/// the whole stage, so one read can take many replies.
+const READ_AHEAD_LARGE: usize = 4096;
+/// Payload size from which reads count as large.
+const LARGE_PAYLOAD: usize = 64 * 1024;
+
+/// The transmission phase's own state: commands in flight, the reply parser,
+/// and the way to a graceful end.
+pub(crate) struct Transmission {
+    expect: Expect,
+    commands: Slab<Command>,
+    /// Block status payload being gathered.
+    status_buf: Vec<u8>,
+    /// The caller asked to disconnect: no new commands; `NBD_CMD_DISC` goes out
+    /// once nothing is in flight.
+    disconnecting: bool,
+    /// The server sent `ESHUTDOWN`: no new commands; disconnect once nothing
+    /// is in flight.
+    soft_shutdown: bool,
+    /// `NBD_CMD_DISC` is queued: the connection closes once it is written.
+    disc_queued: bool,
+    /// Most bytes one read into the stage may take (see `READ_AHEAD_LARGE`).
+    read_ahead: usize,
+}
+
+impl Transmission {
+    /// Nothing in flight, waiting for commands.
+    pub(crate) fn new() -> Self {
+        Transmission {
+            expect: Expect::ReplyHeader,
+            commands: Slab::new(),
+            status_buf: Vec::new(),
+            disconnecting: false,
+            soft_shutdown: false,
+            disc_queued: false,
+            read_ahead: usize::MAX,
+        }
+    }
+
+    // ------------------------------------------------------------ queries
+
+    /// Commands issued and not yet completed.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Whether `cookie` names a command still in flight.
+    pub(crate) fn is_in_flight(&self, cookie: Cookie) -> bool {
+        self.commands.get(cookie).is_some()
+    }
+
+    /// Whether the caller asked to disconnect.
+    pub(crate) fn is_disconnecting(&self) -> bool {
+        self.disconnecting
+    }
+
+    /// Whether `NBD_CMD_DISC` is queued with nothing in flight: the connection
+    /// closes once it is written.
+    pub(crate) fn is_disconnect_queued(&self) -> bool {
+        self.disc_queued && self.commands.len() == 0
+    }
+
+    // ------------------------------------------------------------ bytes in
+
+    /// The unfilled region of the caller's buffer the current read payload
+    /// lands in, when the next bytes can go straight there (nothing staged).
+    pub(crate) fn caller_region(&mut self, stage_empty: bool) -> Option<&mut [u8]> {
+        match self.expect {
+            Expect::ReadData(rd) if stage_empty => self
+                .commands
+                .get_mut(rd.cookie)
+                .and_then(|c| c.buf.as_mut())
+                // `rd.pos..rd.end` lies inside the buffer: the reply was
+                // checked against the request, whose length is the buffer's.
+                .and_then(|buf| buf.get_mut(rd.pos..rd.end)),
+            _ => None,
+        }
+    }
+
+    /// Most bytes one read into the stage may take.
+    pub(crate) fn read_ahead(&self) -> usize {
+        self.read_ahead
+    }
+
+    /// `n` bytes were read into the region [`caller_region`](Self::caller_region) offered.
+    pub(crate) fn caller_read(&mut self, core: &mut Core, n: usize) {
+        // Nothing but input changes `expect`, and no input came since the
+        // offer, so the read payload it pointed into is still current.
+        if let Expect::ReadData(mut rd) = self.expect {
+            rd.pos += n;
+            self.expect = Expect::ReadData(rd);
+            if rd.pos == rd.end {
+                self.read_data_done(core, rd);
+            }
+        }
+    }
+
+    /// One parsing step over the staged bytes.
+    pub(crate) fn step(&mut self, core: &mut Core) -> Step {
+        match self.expect {
+            Expect::ReplyHeader => self.rx_reply_header(core),
+            Expect::DataOffset(h) => self.rx_data_offset(core, h),
+            Expect::ChunkPayload(h) => self.rx_chunk_payload(core, h),
+            Expect::StatusPayload(h) => self.rx_status_payload(core, h),
+            Expect::ReadData(rd) => self.rx_read_data(core, rd),
+            Expect::Skip { left, cookie, done } => {
+                if core.stage.is_empty() {
+                    return Step::Blocked;
+                }
+                let n = (core.stage.len() as u64).min(left);
+                core.stage.consume(n as usize);
+                if n < left {
+                    self.expect = Expect::Skip {
+                        left: left - n,
+                        cookie,
+                        done,
+                    };
+                    return Step::Progressed;
+                }
+                self.expect = Expect::ReplyHeader;
+                if done {
+                    self.finish_command(core, cookie);
+                }
+                Step::Progressed
+            }
+        }
+    }
+
+    fn rx_read_data(&mut self, core: &mut Core, mut rd: ReadData) -> Step {
+        if core.stage.is_empty() {
+            return Step::Blocked;
+        }
+        let n = core.stage.len().min(rd.end - rd.pos);
+        if let Some(buf) = self
+            .commands
+            .get_mut(rd.cookie)
+            .and_then(|c| c.buf.as_mut())
+        {
+            buf[rd.pos..rd.pos + n].copy_from_slice(&core.stage.data()[..n]);
+        }
+        core.stage.consume(n);
+        rd.pos += n;
+        self.expect = Expect::ReadData(rd);
+        if rd.pos == rd.end {
+            self.read_data_done(core, rd);
+        }
+        Step::Progressed
+    }
+
+    // ------------------------------------------------------------ the end
+
+    /// Why the server closing its end now ends the connection in error, or
+    /// `None` when a disconnect was asked for.
+    pub(crate) fn eof_error(&self) -> Option<Error> {
+        // Asked to end: the close itself is what the caller wanted;
+        // commands still unanswered fail with NotConn, each once.
+        if self.disconnecting || self.disc_queued {
+            None
+        } else {
+            Some(Error::NotConnected("server closed the connection".into()))
+        }
+    }
+
+    /// Completes every command in flight with `error`, each exactly once.
+    pub(crate) fn fail_all(&mut self, error: &Error, events: &mut VecDeque<Event>) {
+        for cookie in self.commands.cookies() {
+            if let Some(cmd) = self.commands.remove(cookie) {
+                events.push_back(Event::Completed(Completion {
+                    cookie,
+                    result: Err(error.clone()),
+                    buffer: cmd.buf,
+                }));
+            }
+        }
+    }
+
     // ------------------------------------------------------------ issuing
 
-    /// Reads `buf.len()` bytes at `offset` into `buf` (libnbd's `aio_pread`).
-    ///
-    /// The buffer comes back in the [`Completion`]. Server bytes land straight in
-    /// it; holes are zero-filled. Allowed flag: `DF`.
-    pub fn pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.submit_read(buf, offset, flags, false)
-    }
-
-    /// Like [`pread`](Self::pread), and also reports each reply chunk as an
-    /// [`Event::ReadChunk`] before the completion (libnbd's `pread_structured`).
-    pub fn pread_structured(
+    /// A read into `buf` (`NBD_CMD_READ`), reporting each chunk if `chunk_events`.
+    pub(crate) fn read(
         &mut self,
-        buf: BytesMut,
-        offset: u64,
-        flags: CmdFlags,
-    ) -> Result<Cookie> {
-        self.submit_read(buf, offset, flags, true)
-    }
-
-    fn submit_read(
-        &mut self,
+        core: &mut Core,
         buf: BytesMut,
         offset: u64,
         flags: CmdFlags,
         chunk_events: bool,
     ) -> Result<Cookie> {
         let length = buf.len() as u64;
-        self.check_request(CMD_READ, offset, length, flags)?;
+        self.check_request(core, CMD_READ, offset, length, flags)?;
         Ok(self.submit(
+            core,
             CMD_READ,
             flags,
             offset,
@@ -127,71 +326,53 @@ impl Connection {
         ))
     }
 
-    /// Writes `data` at `offset` (libnbd's `aio_pwrite`). The payload goes out as
-    /// a slice of `data`, never copied. Allowed flag: `FUA`.
-    pub fn pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
+    /// A write of `data` (`NBD_CMD_WRITE`), sent as a slice of it.
+    pub(crate) fn write(
+        &mut self,
+        core: &mut Core,
+        data: Bytes,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie> {
         let length = data.len() as u64;
-        self.check_request(CMD_WRITE, offset, length, flags)?;
-        Ok(self.submit(CMD_WRITE, flags, offset, length, None, Some(data), false))
+        self.check_request(core, CMD_WRITE, offset, length, flags)?;
+        Ok(self.submit(
+            core,
+            CMD_WRITE,
+            flags,
+            offset,
+            length,
+            None,
+            Some(data),
+            false,
+        ))
     }
 
-    /// Flushes written data to stable storage (libnbd's `aio_flush`).
-    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        self.check_request(CMD_FLUSH, 0, 0, flags)?;
-        Ok(self.submit(CMD_FLUSH, flags, 0, 0, None, None, false))
+    /// A command without payload in either direction (flush, trim, cache,
+    /// write zeroes, block status over every negotiated context).
+    pub(crate) fn command(
+        &mut self,
+        core: &mut Core,
+        command: u16,
+        count: u64,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie> {
+        self.check_request(core, command, offset, count, flags)?;
+        Ok(self.submit(core, command, flags, offset, count, None, None, false))
     }
 
-    /// Discards `count` bytes at `offset` (libnbd's `aio_trim`). Allowed flag: `FUA`.
-    pub fn trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_request(CMD_TRIM, offset, count, flags)?;
-        Ok(self.submit(CMD_TRIM, flags, offset, count, None, None, false))
-    }
-
-    /// Asks the server to prefetch `count` bytes at `offset` (libnbd's `aio_cache`).
-    pub fn cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_request(CMD_CACHE, offset, count, flags)?;
-        Ok(self.submit(CMD_CACHE, flags, offset, count, None, None, false))
-    }
-
-    /// Writes `count` zero bytes at `offset` (libnbd's `aio_zero`).
-    /// Allowed flags: `FUA`, `NO_HOLE`, `FAST_ZERO`.
-    pub fn zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_request(CMD_WRITE_ZEROES, offset, count, flags)?;
-        Ok(self.submit(CMD_WRITE_ZEROES, flags, offset, count, None, None, false))
-    }
-
-    /// Asks the server to end the connection gracefully (`NBD_CMD_DISC`,
-    /// libnbd's `aio_disconnect`).
-    ///
-    /// New commands are refused at once (with [`Error::Shutdown`]). The
-    /// commands in flight are not cut short: `NBD_CMD_DISC` is queued only once
-    /// every one of them has completed (a server may fail or drop commands that
-    /// are still running when it sees the request), so no write is lost to the
-    /// shutdown. Once the request is written the connection closes with
-    /// [`Event::Closed`] without error. If the server hangs up first, the
-    /// connection still closes cleanly and any command left unanswered fails
-    /// with `ENOTCONN`, each exactly once. A server's `ESHUTDOWN` starts the
-    /// same sequence by itself. Calling it again is harmless.
-    pub fn disconnect(&mut self) -> Result<()> {
-        self.check_alive()?;
-        if !matches!(self.state, State::Ready) {
-            return Err(Error::InvalidState(
-                "disconnect needs the transmission phase; use opt_abort while negotiating".into(),
-            ));
-        }
+    /// The caller asks to end the connection gracefully.
+    pub(crate) fn disconnect(&mut self, core: &mut Core) {
         self.disconnecting = true;
-        self.maybe_queue_disconnect();
-        Ok(())
+        self.maybe_queue_disconnect(core);
     }
 
     /// Queues `NBD_CMD_DISC` once a disconnect is wanted (asked by the caller,
     /// or after the server's `ESHUTDOWN`) and nothing is in flight.
-    fn maybe_queue_disconnect(&mut self) {
+    fn maybe_queue_disconnect(&mut self, core: &mut Core) {
         let wanted = self.disconnecting || self.soft_shutdown;
         if !wanted || self.disc_queued || self.commands.len() != 0 {
-            return;
-        }
-        if !matches!(self.state, State::Ready) {
             return;
         }
         self.disc_queued = true;
@@ -202,40 +383,20 @@ impl Connection {
             offset: 0,
             length: 0,
         };
-        self.push_request(&header);
+        push_request(core, &header);
     }
 
-    /// Queues a request header in the negotiated form.
-    fn push_request(&mut self, header: &RequestHeader) {
-        if self.extended {
-            self.output.push_with(|b| header.encode_extended(b));
-        } else {
-            self.output.push_with(|b| header.encode_compact(b));
-        }
-    }
-
-    /// Asks for the status of `count` bytes at `offset` in every negotiated meta
-    /// context (`NBD_CMD_BLOCK_STATUS`, libnbd's `aio_block_status_64`). Each
-    /// context's extents arrive as an [`Event::BlockStatus`] before the
-    /// completion. Allowed flag: `REQ_ONE`. With extended headers `count` may
-    /// exceed 4 GiB.
-    pub fn block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.check_request(CMD_BLOCK_STATUS, offset, count, flags)?;
-        Ok(self.submit(CMD_BLOCK_STATUS, flags, offset, count, None, None, false))
-    }
-
-    /// Like [`block_status`](Self::block_status), asking only about the named
-    /// contexts (libnbd's `aio_block_status_filter`). Needs extended headers and
-    /// a server advertising `NBD_FLAG_BLOCK_STATUS_PAYLOAD`.
-    pub fn block_status_filter(
+    /// Block status for the named contexts only, with the filter as payload.
+    pub(crate) fn block_status_filter(
         &mut self,
+        core: &mut Core,
         count: u64,
         offset: u64,
         flags: CmdFlags,
         contexts: &[&str],
     ) -> Result<Cookie> {
-        self.check_request(CMD_BLOCK_STATUS, offset, count, flags)?;
-        if !self.extended || !self.info.has(TransmissionFlags::BLOCK_STATUS_PAYLOAD) {
+        self.check_request(core, CMD_BLOCK_STATUS, offset, count, flags)?;
+        if !core.extended || !core.info.has(TransmissionFlags::BLOCK_STATUS_PAYLOAD) {
             return Err(Error::NotSupported(
                 "a block status filter needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD"
                     .into(),
@@ -248,7 +409,7 @@ impl Connection {
         }
         let mut ids = Vec::with_capacity(contexts.len());
         for name in contexts {
-            match self.meta.iter().find(|(_, n)| n == name) {
+            match core.meta.iter().find(|(_, n)| n == name) {
                 Some((id, _)) => ids.push(*id),
                 None => {
                     return Err(Error::InvalidArgument(format!(
@@ -283,14 +444,15 @@ impl Connection {
             offset,
             length: payload.len() as u64,
         };
-        self.push_request(&header);
-        self.output.push_payload(payload);
+        push_request(core, &header);
+        core.output.push_payload(payload);
         Ok(cookie)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &mut self,
+        core: &mut Core,
         command: u16,
         flags: CmdFlags,
         offset: u64,
@@ -301,7 +463,7 @@ impl Connection {
     ) -> Cookie {
         let coverage = (command == CMD_READ).then(|| Coverage::new(offset, length));
         let contexts = if command == CMD_BLOCK_STATUS {
-            self.meta.iter().map(|(id, _)| *id).collect()
+            core.meta.iter().map(|(id, _)| *id).collect()
         } else {
             Vec::new()
         };
@@ -324,24 +486,26 @@ impl Connection {
             offset,
             length,
         };
-        self.push_request(&header);
+        push_request(core, &header);
         if let Some(data) = payload {
-            self.output.push_payload(data);
+            core.output.push_payload(data);
         }
         cookie
     }
 
     /// Every check made before a command is sent; nothing is sent on error.
-    fn check_request(&self, command: u16, offset: u64, length: u64, flags: CmdFlags) -> Result<()> {
-        self.check_alive()?;
+    /// (The connection checked that it is alive and in transmission.)
+    fn check_request(
+        &self,
+        core: &Core,
+        command: u16,
+        offset: u64,
+        length: u64,
+        flags: CmdFlags,
+    ) -> Result<()> {
         if self.disconnecting || self.soft_shutdown {
             return Err(Error::Shutdown(
                 "the connection is disconnecting; no new commands".into(),
-            ));
-        }
-        if !matches!(self.state, State::Ready) {
-            return Err(Error::InvalidState(
-                "commands need the transmission phase".into(),
             ));
         }
         let name = command_name(command);
@@ -351,7 +515,7 @@ impl Connection {
                 "{name} of {length} bytes exceeds {MAX_REQUEST_SIZE}"
             )));
         }
-        if !self.extended && length > u64::from(u32::MAX) {
+        if !core.extended && length > u64::from(u32::MAX) {
             return Err(Error::TooLarge(format!(
                 "{name} of {length} bytes does not fit in 32 bits without extended headers"
             )));
@@ -362,9 +526,8 @@ impl Connection {
                 "{name} of {length} bytes at {offset} overflows the offset space"
             )));
         }
-        let strict = self.config.strict;
-        let has = |f: TransmissionFlags| self.info.has(f);
-
+        let strict = core.config.strict;
+        let has = |f: TransmissionFlags| core.info.has(f);
         if strict.contains(Strict::COMMANDS) {
             let writes = matches!(command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
             if writes && has(TransmissionFlags::READ_ONLY) {
@@ -386,7 +549,7 @@ impl Connection {
                     )));
                 }
             }
-            if command == CMD_BLOCK_STATUS && self.meta.is_empty() {
+            if command == CMD_BLOCK_STATUS && core.meta.is_empty() {
                 return Err(Error::NotSupported(format!(
                     "block status needs a negotiated meta context: request one before \
                      connecting, such as {:?} (nbd_proto::context::BASE_ALLOCATION), in \
@@ -416,7 +579,7 @@ impl Connection {
                     "the server does not advertise FUA".into(),
                 ));
             }
-            if flags.contains(CmdFlags::DF) && !(has(TransmissionFlags::SEND_DF) && self.structured)
+            if flags.contains(CmdFlags::DF) && !(has(TransmissionFlags::SEND_DF) && core.structured)
             {
                 return Err(Error::NotSupported(
                     "DF needs structured replies and the server's SEND_DF".into(),
@@ -436,14 +599,14 @@ impl Connection {
             return Err(Error::InvalidArgument(format!("{name} of length 0")));
         }
         if strict.contains(Strict::BOUNDS) {
-            let size = self.info.size.unwrap_or(0);
+            let size = core.info.size.unwrap_or(0);
             if offset.checked_add(length).is_none_or(|end| end > size) {
                 return Err(Error::InvalidArgument(format!(
                     "{name} of {length} bytes at {offset} is beyond the export size {size}"
                 )));
             }
         }
-        if let Some(sizes) = self.info.block_sizes {
+        if let Some(sizes) = core.info.block_sizes {
             let min = u64::from(sizes.minimum);
             if strict.contains(Strict::ALIGN) && (offset % min != 0 || length % min != 0) {
                 return Err(Error::InvalidArgument(format!(
@@ -465,73 +628,62 @@ impl Connection {
 
     // ------------------------------------------------------------ replies
 
-    pub(crate) fn rx_reply_header(&mut self) -> bool {
-        if self.stage.len() < 4 {
-            return false;
+    fn rx_reply_header(&mut self, core: &mut Core) -> Step {
+        if core.stage.len() < 4 {
+            return Step::Blocked;
         }
-        let data = self.stage.data();
+        let data = core.stage.data();
         let magic = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-        if self.extended {
+        if core.extended {
             // With extended headers every reply is an extended chunk.
             if magic != EXTENDED_REPLY_MAGIC {
-                self.kill(Error::Protocol(format!(
+                return Step::Kill(Error::Protocol(format!(
                     "reply magic {magic:#x} where extended headers were negotiated: framing lost"
                 )));
-                return true;
             }
-            let Some(bytes) = self.take::<EXTENDED_REPLY_LEN>() else {
-                return false;
+            let Some(bytes) = core.stage.take::<EXTENDED_REPLY_LEN>() else {
+                return Step::Blocked;
             };
             // The magic and length are checked, so decoding cannot fail; if it
             // did, framing would be lost.
-            match ChunkHeader::decode_extended(&bytes) {
-                Ok(header) => self.on_chunk_header(header),
-                Err(e) => self.kill(e.into()),
-            }
-            return true;
+            return match ChunkHeader::decode_extended(&bytes) {
+                Ok(header) => self.on_chunk_header(core, header),
+                Err(e) => Step::Kill(e.into()),
+            };
         }
         match magic {
             SIMPLE_REPLY_MAGIC => {
-                let Some(bytes) = self.take::<SIMPLE_REPLY_LEN>() else {
-                    return false;
+                let Some(bytes) = core.stage.take::<SIMPLE_REPLY_LEN>() else {
+                    return Step::Blocked;
                 };
                 match SimpleReply::decode(&bytes) {
-                    Ok(reply) => self.on_simple_reply(reply),
-                    Err(e) => self.kill(e.into()),
+                    Ok(reply) => self.on_simple_reply(core, reply),
+                    Err(e) => Step::Kill(e.into()),
                 }
             }
-            STRUCTURED_REPLY_MAGIC if self.structured => {
-                let Some(bytes) = self.take::<STRUCTURED_REPLY_LEN>() else {
-                    return false;
+            STRUCTURED_REPLY_MAGIC if core.structured => {
+                let Some(bytes) = core.stage.take::<STRUCTURED_REPLY_LEN>() else {
+                    return Step::Blocked;
                 };
                 match ChunkHeader::decode_structured(&bytes) {
-                    Ok(header) => self.on_chunk_header(header),
-                    Err(e) => self.kill(e.into()),
+                    Ok(header) => self.on_chunk_header(core, header),
+                    Err(e) => Step::Kill(e.into()),
                 }
             }
-            STRUCTURED_REPLY_MAGIC => self.kill(Error::Protocol(
+            STRUCTURED_REPLY_MAGIC => Step::Kill(Error::Protocol(
                 "structured reply chunk, but structured replies were not negotiated".into(),
             )),
-            other => self.kill(Error::Protocol(format!(
+            other => Step::Kill(Error::Protocol(format!(
                 "bad reply magic {other:#x}: framing lost"
             ))),
         }
-        true
     }
 
-    fn unknown_cookie(&mut self, cookie: u64) {
-        // The reply cannot be attributed: a server that confuses cookies cannot be
-        // trusted with any command's data, and a simple reply's framing is unknown.
-        self.kill(Error::Protocol(format!(
-            "reply for unknown or finished cookie {cookie:#x}"
-        )));
-    }
-
-    fn on_simple_reply(&mut self, reply: SimpleReply) {
+    fn on_simple_reply(&mut self, core: &mut Core, reply: SimpleReply) -> Step {
         let cookie = Cookie::from_raw(reply.cookie);
-        let structured = self.structured;
+        let structured = core.structured;
         let Some(cmd) = self.commands.get_mut(cookie) else {
-            return self.unknown_cookie(reply.cookie);
+            return unknown_cookie(reply.cookie);
         };
         let is_read = cmd.command == CMD_READ;
         if is_read && structured {
@@ -544,7 +696,8 @@ impl Connection {
                 errno: Errno::from_nbd(reply.error),
                 message: None,
             });
-            return self.finish_command(cookie);
+            self.finish_command(core, cookie);
+            return Step::Progressed;
         }
         if is_read {
             let end = cmd.length as usize;
@@ -558,19 +711,31 @@ impl Connection {
                 end,
                 structured_done: None,
             };
-            self.rx = Rx::ReadData(rd);
+            self.expect = Expect::ReadData(rd);
             if end == 0 {
-                self.read_data_done(rd);
+                self.read_data_done(core, rd);
             }
-            return;
+            return Step::Progressed;
         }
-        self.finish_command(cookie)
+        self.finish_command(core, cookie);
+        Step::Progressed
     }
 
-    fn on_chunk_header(&mut self, header: ChunkHeader) {
+    /// Fails the command `cookie` with `error` and skips the chunk's payload.
+    fn skip_chunk(&mut self, core: &mut Core, header: &ChunkHeader, error: Error) -> Step {
+        let cookie = Cookie::from_raw(header.cookie);
+        let done = header.flags & REPLY_FLAG_DONE != 0;
+        if let Some(cmd) = self.commands.get_mut(cookie) {
+            cmd.fail(error);
+        }
+        self.skip_payload(core, header.length, cookie, done);
+        Step::Progressed
+    }
+
+    fn on_chunk_header(&mut self, core: &mut Core, header: ChunkHeader) -> Step {
         let cookie = Cookie::from_raw(header.cookie);
         let Some(cmd) = self.commands.get_mut(cookie) else {
-            return self.unknown_cookie(header.cookie);
+            return unknown_cookie(header.cookie);
         };
         let done = header.flags & REPLY_FLAG_DONE != 0;
         let is_read = cmd.command == CMD_READ;
@@ -580,21 +745,16 @@ impl Connection {
         if header.length > limit {
             let name = command_name(command);
             let chunk = chunk_type_name(header.chunk_type);
-            return self.kill(Error::Protocol(format!(
+            return Step::Kill(Error::Protocol(format!(
                 "{chunk} chunk of {} bytes in a reply to {name} that allows at most {limit}: \
                  framing cannot be trusted",
                 header.length
             )));
         }
-        let skip = |conn: &mut Connection, error: Error| {
-            if let Some(cmd) = conn.commands.get_mut(cookie) {
-                cmd.fail(error);
-            }
-            conn.skip_payload(header.length, cookie, done);
-        };
-        if self.extended && header.offset != request_offset {
-            return skip(
-                self,
+        if core.extended && header.offset != request_offset {
+            return self.skip_chunk(
+                core,
+                &header,
                 Error::Protocol(format!(
                     "reply offset {} differs from the request offset {request_offset}",
                     header.offset
@@ -606,108 +766,118 @@ impl Connection {
                 let ext = header.chunk_type == REPLY_TYPE_BLOCK_STATUS_EXT;
                 if command != CMD_BLOCK_STATUS {
                     let name = command_name(command);
-                    return skip(
-                        self,
+                    return self.skip_chunk(
+                        core,
+                        &header,
                         Error::Protocol(format!("block status chunk in a reply to {name}")),
                     );
                 }
-                if ext != self.extended {
+                if ext != core.extended {
                     let why = if ext {
                         "64-bit block status without extended headers"
                     } else {
                         "32-bit block status where extended headers were negotiated"
                     };
-                    return skip(self, Error::Protocol(why.into()));
+                    return self.skip_chunk(core, &header, Error::Protocol(why.into()));
                 }
                 self.status_buf.clear();
-                self.rx = Rx::StatusPayload(header);
+                self.expect = Expect::StatusPayload(header);
             }
             REPLY_TYPE_NONE => {
                 // The length rule left only an empty payload.
                 if !done {
                     // NONE is only valid as the last chunk: end the command here.
                     cmd.fail(Error::Protocol("NONE chunk without the DONE flag".into()));
-                    return self.finish_command(cookie);
                 }
-                self.finish_command(cookie)
+                self.finish_command(core, cookie);
             }
             REPLY_TYPE_OFFSET_DATA => {
                 if !is_read {
-                    let name = command_name(cmd.command);
-                    return skip(
-                        self,
+                    let name = command_name(command);
+                    return self.skip_chunk(
+                        core,
+                        &header,
                         Error::Protocol(format!("OFFSET_DATA chunk in a reply to {name}")),
                     );
                 }
                 if header.length <= 8 {
-                    return skip(
-                        self,
+                    return self.skip_chunk(
+                        core,
+                        &header,
                         Error::Protocol(format!("OFFSET_DATA chunk of length {}", header.length)),
                     );
                 }
-                self.rx = Rx::DataOffset(header);
+                self.expect = Expect::DataOffset(header);
             }
             REPLY_TYPE_OFFSET_HOLE if !is_read => {
-                let name = command_name(cmd.command);
-                skip(
-                    self,
+                let name = command_name(command);
+                return self.skip_chunk(
+                    core,
+                    &header,
                     Error::Protocol(format!("OFFSET_HOLE chunk in a reply to {name}")),
-                )
+                );
             }
             // Longer holes were refused by the length rule; this one is short.
-            REPLY_TYPE_OFFSET_HOLE if header.length != HoleChunk::LEN as u64 => skip(
-                self,
-                Error::Protocol(format!("OFFSET_HOLE chunk of length {}", header.length)),
-            ),
+            REPLY_TYPE_OFFSET_HOLE if header.length != HoleChunk::LEN as u64 => {
+                return self.skip_chunk(
+                    core,
+                    &header,
+                    Error::Protocol(format!("OFFSET_HOLE chunk of length {}", header.length)),
+                );
+            }
             t if t & REPLY_TYPE_FLAG_ERROR != 0 || t == REPLY_TYPE_OFFSET_HOLE => {
                 if header.length > MAX_BUFFERED_PAYLOAD as u64 {
                     // Legal in form (the message length field allows it) but far
                     // beyond any message worth showing: skipped, not buffered.
-                    return skip(
-                        self,
+                    return self.skip_chunk(
+                        core,
+                        &header,
                         Error::Protocol(format!(
                             "error chunk of {} bytes exceeds the buffered limit of {MAX_BUFFERED_PAYLOAD}",
                             header.length
                         )),
                     );
                 }
-                self.rx = Rx::ChunkPayload(header);
+                self.expect = Expect::ChunkPayload(header);
             }
-            other => skip(
-                self,
-                Error::Protocol(format!("unexpected chunk type {other} in a reply")),
-            ),
+            other => {
+                return self.skip_chunk(
+                    core,
+                    &header,
+                    Error::Protocol(format!("unexpected chunk type {other} in a reply")),
+                );
+            }
         }
+        Step::Progressed
     }
 
     /// Gathers a block status payload, then checks and reports it.
-    pub(crate) fn rx_status_payload(&mut self, header: ChunkHeader) -> bool {
+    fn rx_status_payload(&mut self, core: &mut Core, header: ChunkHeader) -> Step {
         let want = header.length as usize - self.status_buf.len();
         // An empty payload is complete at once: waiting for input would stall it.
-        if want > 0 && self.stage.is_empty() {
-            return false;
+        if want > 0 && core.stage.is_empty() {
+            return Step::Blocked;
         }
-        let n = want.min(self.stage.len());
-        self.status_buf.extend_from_slice(&self.stage.data()[..n]);
-        self.stage.consume(n);
+        let n = want.min(core.stage.len());
+        self.status_buf.extend_from_slice(&core.stage.data()[..n]);
+        core.stage.consume(n);
         if n < want {
-            return true;
+            return Step::Progressed;
         }
-        self.rx = Rx::ReplyHeader;
+        self.expect = Expect::ReplyHeader;
         let cookie = Cookie::from_raw(header.cookie);
         let done = header.flags & REPLY_FLAG_DONE != 0;
-        let decoded = BlockStatusChunk::decode(self.extended, &self.status_buf);
+        let decoded = BlockStatusChunk::decode(core.extended, &self.status_buf);
         let Some(cmd) = self.commands.get_mut(cookie) else {
-            self.unknown_cookie(header.cookie);
-            return true;
+            return unknown_cookie(header.cookie);
         };
         let checked = decoded
             .map_err(|e| e.to_string())
-            .and_then(|chunk| check_status(cmd, &self.meta, chunk));
+            .and_then(|chunk| check_status(cmd, &core.meta, chunk));
         match checked {
             Ok((chunk, context)) => {
                 cmd.contexts_seen.push(chunk.context_id);
-                self.events.push_back(Event::BlockStatus(BlockStatus {
+                core.events.push_back(Event::BlockStatus(BlockStatus {
                     cookie,
                     context_id: chunk.context_id,
                     context,
@@ -717,36 +887,36 @@ impl Connection {
             Err(why) => cmd.fail(Error::Protocol(why)),
         }
         if done {
-            self.finish_command(cookie);
+            self.finish_command(core, cookie);
         }
-        true
+        Step::Progressed
     }
 
-    fn skip_payload(&mut self, length: u64, cookie: Cookie, done: bool) {
+    fn skip_payload(&mut self, core: &mut Core, length: u64, cookie: Cookie, done: bool) {
         if length == 0 {
-            self.rx = Rx::ReplyHeader;
+            self.expect = Expect::ReplyHeader;
             if done {
-                self.finish_command(cookie);
+                self.finish_command(core, cookie);
             }
         } else {
-            self.rx = Rx::Discard {
+            self.expect = Expect::Skip {
                 left: length,
-                then: AfterDiscard::Chunk { cookie, done },
+                cookie,
+                done,
             };
         }
     }
 
-    pub(crate) fn rx_data_offset(&mut self, header: ChunkHeader) -> bool {
-        let Some(bytes) = self.take::<8>() else {
-            return false;
+    fn rx_data_offset(&mut self, core: &mut Core, header: ChunkHeader) -> Step {
+        let Some(bytes) = core.stage.take::<8>() else {
+            return Step::Blocked;
         };
         let offset = u64::from_be_bytes(bytes);
         let cookie = Cookie::from_raw(header.cookie);
         let done = header.flags & REPLY_FLAG_DONE != 0;
         let length = header.length - 8;
         let Some(cmd) = self.commands.get_mut(cookie) else {
-            self.unknown_cookie(header.cookie);
-            return true;
+            return unknown_cookie(header.cookie);
         };
         let checked = cmd
             .coverage
@@ -764,19 +934,19 @@ impl Connection {
                     end,
                     structured_done: Some(done),
                 };
-                self.rx = Rx::ReadData(rd);
+                self.expect = Expect::ReadData(rd);
             }
             Err(why) => {
                 cmd.fail(Error::Protocol(why));
-                self.skip_payload(length, cookie, done);
+                self.skip_payload(core, length, cookie, done);
             }
         }
-        true
+        Step::Progressed
     }
 
     /// A read payload is complete in the caller's buffer.
-    pub(crate) fn read_data_done(&mut self, rd: ReadData) {
-        self.rx = Rx::ReplyHeader;
+    fn read_data_done(&mut self, core: &mut Core, rd: ReadData) {
+        self.expect = Expect::ReplyHeader;
         self.read_ahead = if rd.end - rd.start >= LARGE_PAYLOAD {
             READ_AHEAD_LARGE
         } else {
@@ -793,25 +963,24 @@ impl Connection {
                     offset,
                     length,
                 };
-                self.events.push_back(Event::ReadChunk(chunk));
+                core.events.push_back(Event::ReadChunk(chunk));
             }
         }
         // A simple reply is always the last; a chunk is if it carried DONE.
         if rd.structured_done.unwrap_or(true) {
-            self.finish_command(rd.cookie);
+            self.finish_command(core, rd.cookie);
         }
     }
 
-    pub(crate) fn rx_chunk_payload(&mut self, header: ChunkHeader) -> bool {
-        let Some(data) = self.take_vec(header.length as usize) else {
-            return false;
+    fn rx_chunk_payload(&mut self, core: &mut Core, header: ChunkHeader) -> Step {
+        let Some(data) = core.stage.take_vec(header.length as usize) else {
+            return Step::Blocked;
         };
-        self.rx = Rx::ReplyHeader;
+        self.expect = Expect::ReplyHeader;
         let cookie = Cookie::from_raw(header.cookie);
         let done = header.flags & REPLY_FLAG_DONE != 0;
         let Some(cmd) = self.commands.get_mut(cookie) else {
-            self.unknown_cookie(header.cookie);
-            return true;
+            return unknown_cookie(header.cookie);
         };
         if header.chunk_type == REPLY_TYPE_OFFSET_HOLE {
             // The length was checked to be exactly a hole's, so this decodes.
@@ -843,7 +1012,7 @@ impl Connection {
                             offset,
                             length,
                         };
-                        self.events.push_back(Event::ReadChunk(chunk));
+                        core.events.push_back(Event::ReadChunk(chunk));
                     }
                 }
                 Err(why) => cmd.fail(Error::Protocol(why)),
@@ -873,24 +1042,25 @@ impl Connection {
                                 offset: chunk.offset,
                                 error: error.clone(),
                             };
-                            self.events.push_back(Event::ReadChunk(event));
+                            core.events.push_back(Event::ReadChunk(event));
                         }
-                        if let Some(cmd) = self.commands.get_mut(cookie) {
-                            cmd.fail(error);
-                        }
+                        cmd.fail(error);
                     }
                 }
                 Err(e) => cmd.fail(e.into()),
             }
         }
         if done {
-            self.finish_command(cookie);
+            self.finish_command(core, cookie);
         }
-        true
+        Step::Progressed
     }
 
     /// The last reply of a command arrived: complete it exactly once.
-    pub(crate) fn finish_command(&mut self, cookie: Cookie) {
+    ///
+    /// This never ends the connection: a disconnect it queues is still to be
+    /// written, and once one is queued no command is left to finish.
+    fn finish_command(&mut self, core: &mut Core, cookie: Cookie) {
         let Some(mut cmd) = self.commands.remove(cookie) else {
             return;
         };
@@ -924,14 +1094,30 @@ impl Connection {
             // The server is going away: finish what is in flight, then disconnect.
             self.soft_shutdown = true;
         }
-        self.events.push_back(Event::Completed(Completion {
+        core.events.push_back(Event::Completed(Completion {
             cookie,
             result,
             buffer: cmd.buf,
         }));
-        self.maybe_queue_disconnect();
-        self.maybe_close_after_disconnect();
+        self.maybe_queue_disconnect(core);
     }
+}
+
+/// Queues a request header in the negotiated form.
+fn push_request(core: &mut Core, header: &RequestHeader) {
+    if core.extended {
+        core.output.push_with(|b| header.encode_extended(b));
+    } else {
+        core.output.push_with(|b| header.encode_compact(b));
+    }
+}
+
+/// A reply that cannot be attributed: a server that confuses cookies cannot
+/// be trusted with any command's data, and a simple reply's framing is unknown.
+fn unknown_cookie(cookie: u64) -> Step {
+    Step::Kill(Error::Protocol(format!(
+        "reply for unknown or finished cookie {cookie:#x}"
+    )))
 }
 
 /// Largest block status payload accepted: 512 Ki extended or 1 Mi compact extents.
