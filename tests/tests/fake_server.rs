@@ -290,7 +290,9 @@ fn nbdcopy_reads_the_image_exactly_from_a_chaotic_server() {
             copied == want,
             "{name}, seed {seed}: nbdcopy got other bytes"
         );
-        assert!(listener.connections() >= 1 + usize::from(i == 0), "{name}");
+        // The multi-conn variant is read over several connections at once.
+        let least = if i == 0 { 2 } else { 1 };
+        assert!(listener.connections() >= least, "{name}");
         // Reading changed nothing.
         assert!(lock(&image).to_vec() == want);
     }
