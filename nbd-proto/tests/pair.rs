@@ -721,3 +721,62 @@ fn the_servers_refusals_reach_the_caller_as_errors() {
         assert!(!pair.server.is_closed());
     }
 }
+
+#[test]
+fn a_bad_region_fails_only_the_commands_that_touch_it() {
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let what = format!("structured={structured} extended={extended}");
+        let server = FakeServer::builder()
+            .size(64 * 1024)
+            .contents(&[0x11; 64 * 1024])
+            .structured(structured)
+            .extended(extended)
+            .fail(20_000..20_100, EIO)
+            .build();
+        let mut pair = Pair::new(Config::default(), server);
+        pair.handshake().unwrap();
+
+        let r = pair
+            .client
+            .pread_structured(BytesMut::zeroed(8192), 16384, CmdFlags::empty())
+            .unwrap();
+        let done = pair.wait(r).unwrap();
+        let err = done.result.unwrap_err();
+        assert_eq!(err.errno(), Errno::Io, "{what}: {err}");
+        if structured {
+            let offsets: Vec<Option<u64>> = pair
+                .events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::ReadChunk(ReadChunk::Error { offset, .. }) => Some(offset),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(offsets, [Some(20_000)], "{what}");
+        }
+
+        let w = pair
+            .client
+            .pwrite(Bytes::from(vec![0x22; 200]), 19_950, CmdFlags::empty())
+            .unwrap();
+        assert_eq!(
+            pair.wait(w).unwrap().result.unwrap_err().errno(),
+            Errno::Io,
+            "{what}"
+        );
+        let image = pair.server.image_bytes();
+        assert!(
+            image.iter().all(|b| *b == 0x11),
+            "{what}: a failed write changed the image"
+        );
+
+        // Everything around the bad region still works.
+        let r = pair
+            .client
+            .pread(BytesMut::zeroed(4096), 24_000, CmdFlags::empty())
+            .unwrap();
+        let done = pair.wait(r).unwrap();
+        assert!(done.result.is_ok(), "{what}");
+        assert!(done.buffer.unwrap().iter().all(|b| *b == 0x11), "{what}");
+    }
+}

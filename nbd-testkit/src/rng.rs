@@ -3,6 +3,10 @@
 //! Tests that draw random workloads or byte-stream splits take a seed, print it
 //! when they fail, and can be replayed exactly with that seed. Nothing here is
 //! meant for cryptography.
+//!
+//! Two older generators (`XorShift` in `fuzz/src/rng.rs` and in
+//! `tests/src/testkit.rs`) predate this one; new tests use [`Rng`], and those
+//! move to it.
 
 use std::ops::Range;
 

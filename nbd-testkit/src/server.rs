@@ -9,6 +9,7 @@
 //! request that keeps framing gets an NBD error reply.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 use nbd_proto::context::BASE_ALLOCATION;
 use nbd_proto::wire::consts::*;
@@ -88,6 +89,7 @@ pub struct Builder {
     holes: bool,
     reorder: bool,
     no_zeroes: bool,
+    bad: Vec<(Range<u64>, u32)>,
 }
 
 impl Default for Builder {
@@ -107,6 +109,7 @@ impl Default for Builder {
             holes: false,
             reorder: false,
             no_zeroes: true,
+            bad: Vec::new(),
         }
     }
 }
@@ -208,6 +211,15 @@ impl Builder {
     /// Offers `NBD_FLAG_NO_ZEROES` in a newstyle greeting (default on).
     pub fn no_zeroes(mut self, no_zeroes: bool) -> Self {
         self.no_zeroes = no_zeroes;
+        self
+    }
+
+    /// Makes `range` a bad region: a command touching it fails with the NBD
+    /// error `errno` (such as `EIO`) and changes nothing. A structured read
+    /// gets the data before the first bad byte, then an `ERROR_OFFSET` chunk
+    /// naming that byte; a simple read gets the error alone.
+    pub fn fail(mut self, range: Range<u64>, errno: u32) -> Self {
+        self.bad.push((range, errno));
         self
     }
 
@@ -866,6 +878,13 @@ impl FakeServer {
         if let Err((errno, why)) = self.check(&h) {
             return self.reply_error(&h, errno, &why);
         }
+        if let Some((at, errno)) = self.first_bad(&h) {
+            return if h.command == CMD_READ && self.structured {
+                self.read_until_bad(&h, at, errno)
+            } else {
+                self.reply_error(&h, errno, &format!("bad region at {at}"))
+            };
+        }
         match h.command {
             CMD_READ => self.read(&h),
             CMD_WRITE => {
@@ -973,6 +992,43 @@ impl FakeServer {
         } else if let Some(last) = frames.last_mut() {
             set_done(last);
         }
+        self.queue(frames);
+    }
+
+    /// The first bad byte a data command touches, and its error.
+    fn first_bad(&self, h: &RequestHeader) -> Option<(u64, u32)> {
+        if !matches!(
+            h.command,
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES
+        ) {
+            return None;
+        }
+        let end = h.offset.saturating_add(h.length);
+        self.settings
+            .bad
+            .iter()
+            .filter(|(r, _)| r.start < end && h.offset < r.end)
+            .map(|(r, errno)| (r.start.max(h.offset), *errno))
+            .min_by_key(|(at, _)| *at)
+    }
+
+    /// A structured read that fails at `at`: the good data first, then the error.
+    fn read_until_bad(&mut self, h: &RequestHeader, at: u64, errno: u32) {
+        let mut frames = Vec::new();
+        if at > h.offset {
+            let data = lock(&self.image).read(h.offset, (at - h.offset) as usize);
+            let mut payload = h.offset.to_be_bytes().to_vec();
+            payload.extend_from_slice(&data);
+            frames.push(self.chunk(h, 0, REPLY_TYPE_OFFSET_DATA, &payload));
+        }
+        let mut body = Vec::new();
+        ErrorChunk {
+            error: errno,
+            message: format!("bad region at {at}"),
+            offset: Some(at),
+        }
+        .encode(&mut body);
+        frames.push(self.chunk(h, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, &body));
         self.queue(frames);
     }
 

@@ -330,3 +330,27 @@ fn nbdcopy_writes_the_image_exactly_into_the_server() {
         }
     }
 }
+
+#[test]
+fn nbdcopy_fails_on_a_bad_region_rather_than_copying_stale_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.sock");
+    let server = FakeServer::builder()
+        .contents(&vec![0x5a; 1 << 20])
+        .fail(300_000..300_512, nbd_proto::wire::consts::EIO)
+        .chaotic()
+        .build();
+    let listener = UnixServer::bind(&path, server).unwrap();
+    let out = dir.path().join("bad-copy.img");
+    let status = Command::new(require_tool("nbdcopy"))
+        .args([&listener.uri(""), out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success(),
+        "nbdcopy succeeded over a bad region: {stderr}"
+    );
+    // It failed for the server's error, not for a protocol violation.
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+}
