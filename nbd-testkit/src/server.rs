@@ -10,6 +10,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use nbd_proto::context::BASE_ALLOCATION;
 use nbd_proto::wire::consts::*;
@@ -234,7 +236,7 @@ impl Builder {
             .image
             .clone()
             .unwrap_or_else(|| Image::new(self.size).shared());
-        FakeServer::start(self, image, 0)
+        FakeServer::start(self, image, Arc::new(AtomicU64::new(0)))
     }
 }
 
@@ -266,8 +268,8 @@ enum Rx {
 pub struct FakeServer {
     settings: Builder,
     image: SharedImage,
-    /// Which connection of the image this is (varies the seed).
-    serial: u64,
+    /// How many connections were made from the first one (shared by all).
+    connections: Arc<AtomicU64>,
     rng: Rng,
     rx: Rx,
     input: Vec<u8>,
@@ -300,12 +302,14 @@ impl FakeServer {
         Builder::default().build()
     }
 
-    fn start(settings: Builder, image: SharedImage, serial: u64) -> Self {
+    fn start(settings: Builder, image: SharedImage, connections: Arc<AtomicU64>) -> Self {
+        // Each connection makes its own random choices.
+        let serial = connections.fetch_add(1, Ordering::Relaxed);
         let rng = Rng::new(settings.seed ^ serial.wrapping_mul(0xa076_1d64_78bd_642f));
         let mut server = FakeServer {
             settings,
             image,
-            serial,
+            connections,
             rng,
             rx: Rx::ClientFlags,
             input: Vec::new(),
@@ -332,7 +336,7 @@ impl FakeServer {
         FakeServer::start(
             self.settings.clone(),
             self.image.clone(),
-            self.serial.wrapping_add(1),
+            self.connections.clone(),
         )
     }
 
