@@ -780,3 +780,26 @@ fn a_bad_region_fails_only_the_commands_that_touch_it() {
         assert!(done.buffer.unwrap().iter().all(|b| *b == 0x11), "{what}");
     }
 }
+
+#[test]
+fn two_connections_to_one_multi_conn_image_see_each_others_writes() {
+    let first = FakeServer::builder().size(1 << 16).multi_conn(true).build();
+    let second = first.new_connection();
+    let mut a = Pair::new(Config::default(), first);
+    let mut b = Pair::new(Config::default(), second).with_splits(1, 5);
+    a.handshake().unwrap();
+    b.handshake().unwrap();
+    assert!(a.client.can_multi_conn().unwrap() && b.client.can_multi_conn().unwrap());
+    let w = a
+        .client
+        .pwrite(Bytes::from_static(b"from a"), 512, CmdFlags::empty())
+        .unwrap();
+    a.wait(w).unwrap().result.unwrap();
+    let f = a.client.flush(CmdFlags::empty()).unwrap();
+    a.wait(f).unwrap().result.unwrap();
+    let r = b
+        .client
+        .pread(BytesMut::zeroed(6), 512, CmdFlags::empty())
+        .unwrap();
+    assert_eq!(&b.wait(r).unwrap().buffer.unwrap()[..], b"from a");
+}
