@@ -413,9 +413,11 @@ impl FakeServer {
         !self.output.is_empty()
     }
 
-    /// Feeds client bytes; any split of the client's stream gives the same
-    /// conversation (except for the order of reordered replies). Bytes after
-    /// the end of the conversation are ignored.
+    /// Feeds client bytes. Without [`Builder::reorder`], any split of the
+    /// client's stream gives the same replies byte for byte; with it, the
+    /// commands held back together (and so the reply order and the random
+    /// choices after them) follow how the input was split. Bytes after the
+    /// end of the conversation are ignored.
     pub fn handle_input(&mut self, bytes: &[u8]) {
         if self.is_closed() {
             return;

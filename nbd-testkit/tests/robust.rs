@@ -308,3 +308,34 @@ fn pure_garbage_never_panics_the_server_in_any_style() {
         }
     }
 }
+
+#[test]
+fn without_reordering_any_input_split_gives_the_same_bytes() {
+    let base = Rng::seed_from_env(55);
+    for seed in base..base + 10 {
+        let stream = recorded_client_stream(seed);
+        let build = || {
+            FakeServer::builder()
+                .size(65536)
+                .seed(seed)
+                .split_reads(true)
+                .holes(true)
+                .build()
+        };
+        let mut whole = build();
+        whole.handle_input(&stream);
+        let want = whole.take_output();
+        assert!(whole.closed_cleanly(), "seed {seed}");
+        let mut split = build();
+        let mut got = Vec::new();
+        let mut rng = Rng::new(seed);
+        let mut rest = &stream[..];
+        while !rest.is_empty() {
+            let n = rng.range_usize(1..rest.len().min(40) + 1);
+            split.handle_input(&rest[..n]);
+            got.extend(split.take_output());
+            rest = &rest[n..];
+        }
+        assert!(got == want, "seed {seed}: the split changed the replies");
+    }
+}
