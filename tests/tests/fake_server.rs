@@ -354,3 +354,45 @@ fn nbdcopy_fails_on_a_bad_region_rather_than_copying_stale_bytes() {
     // It failed for the server's error, not for a protocol violation.
     assert!(stderr.contains("Input/output error"), "{stderr}");
 }
+
+#[test]
+fn nbdinfo_maps_the_allocation_the_image_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.sock");
+    let seed = Rng::seed_from_env(0x3a9);
+    let size = 8 << 20;
+    let mut image = sparse_image(size, seed);
+    // Trimmed and zeroed ranges are holes too; zeroes written with NO_HOLE are not.
+    image.zero(1 << 20, 100_000, true);
+    image.zero(3 << 20, 50_000, false);
+    let want: Vec<(u64, u64)> = image
+        .allocation_runs(0, size, usize::MAX)
+        .into_iter()
+        .map(|(len, allocated)| (len, if allocated { 0 } else { 3 }))
+        .collect();
+    let server = FakeServer::builder()
+        .image(image.shared())
+        .chaotic()
+        .build();
+    let listener = UnixServer::bind(&path, server).unwrap();
+    let json = nbdinfo_json(&["--map", "--json", &listener.uri("")]);
+    // nbdinfo may cut runs where its requests end: join equal neighbours.
+    let mut got: Vec<(u64, u64)> = Vec::new();
+    let mut next = 0;
+    for extent in json.as_array().unwrap_or_else(|| panic!("{json}")) {
+        let (offset, length) = (
+            extent["offset"].as_u64().unwrap(),
+            extent["length"].as_u64().unwrap(),
+        );
+        let kind = extent["type"].as_u64().unwrap();
+        assert_eq!(offset, next, "{json}");
+        next += length;
+        match got.last_mut() {
+            Some((len, k)) if *k == kind => *len += length,
+            _ => got.push((length, kind)),
+        }
+    }
+    assert_eq!(next, size);
+    assert_eq!(got, want, "seed {seed}");
+    assert!(want.len() > 4, "the image should have several runs");
+}
