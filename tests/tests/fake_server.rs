@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_blocking::{Client, Stream};
+use nbd_blocking::{Client, Socket};
 use nbd_proto::{CmdFlags, Config};
 use nbd_testkit::{lock, spawn_unix, FakeServer, Image, Rng, Style, UnixServer};
 use nbd_tests::require_tool;
@@ -107,8 +107,9 @@ fn blocking_client_over_a_socketpair_agrees_with_the_image() {
         let image = server.image();
         let (client_end, thread) = spawn_unix(server).unwrap();
         client_end.set_nonblocking(true).unwrap();
-        let mut client = Client::handshake(Stream::Unix(client_end), Config::default())
-            .unwrap_or_else(|err| panic!("{name}: handshake: {err}"));
+        let mut client =
+            Client::connect_socket(Socket::from_fd(client_end.into(), name), Config::default())
+                .unwrap_or_else(|err| panic!("{name}: handshake: {err}"));
         let mut model = vec![0u8; size as usize];
         random_workload(&mut client, &mut model, seed);
         client
