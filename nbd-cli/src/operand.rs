@@ -12,8 +12,6 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use nbd_blocking::{Client, Error, Target, UriPolicy};
 use nbd_proto::Config;
@@ -66,12 +64,7 @@ impl Operand {
     pub fn connect(&self, config: Config) -> Result<Client, Error> {
         let result = match self {
             Operand::Word(uri) => Client::connect_uri_with_policy(uri, config, &cli_policy()),
-            Operand::Command(argv) => {
-                if let Some(program) = argv.first() {
-                    find_program(program)?;
-                }
-                Client::connect(&Target::activation(argv), config)
-            }
+            Operand::Command(argv) => Client::connect(&Target::activation(argv), config),
         };
         result.map_err(|e| self.name_in(e))
     }
@@ -91,31 +84,6 @@ impl Operand {
             }
         }
     }
-}
-
-/// Checks that `program` can be run before it is started by socket
-/// activation. `nbd-io` starts it through `/bin/sh` (which sets
-/// `LISTEN_PID`), so a missing program would otherwise show only as the
-/// shell's own message and a connection reset.
-fn find_program(program: &str) -> Result<(), Error> {
-    let runnable = |path: &Path| {
-        path.metadata()
-            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-    };
-    let found = if program.contains('/') {
-        runnable(Path::new(program))
-    } else {
-        std::env::var_os("PATH").is_some_and(|path| {
-            std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)))
-        })
-    };
-    if found {
-        return Ok(());
-    }
-    Err(Error::Spawn {
-        program: program.to_string(),
-        source: io::Error::new(io::ErrorKind::NotFound, "no such program"),
-    })
 }
 
 /// The URIs the `nbd` command accepts: every transport, and local files,

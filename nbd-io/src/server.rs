@@ -111,6 +111,14 @@ pub(crate) fn connect_activation(
     name: Option<&str>,
 ) -> Result<Socket> {
     check_argv(argv)?;
+    // The shell that sets LISTEN_PID would report a missing program only as
+    // its own message and a reset connection: look first.
+    if !is_runnable(&argv[0]) {
+        return Err(spawn_error(
+            argv,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such program"),
+        ));
+    }
     let dir = private_dir().map_err(|e| spawn_error(argv, e))?;
     let path = dir.join("nbd.sock");
     let started = (|| {
@@ -183,6 +191,22 @@ fn spawn_activated(
         });
     }
     command.spawn()
+}
+
+/// Whether `program` names an executable file: as a path if it has a `/`,
+/// else somewhere on `PATH`, as the shell's `exec` would look for it.
+fn is_runnable(program: &OsString) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    let runnable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if program.as_encoded_bytes().contains(&b'/') {
+        return runnable(Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))))
 }
 
 /// A new directory only this user can enter, for an activation socket.

@@ -286,3 +286,19 @@ fn vsock_where_the_kernel_loops_it_back() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn a_missing_activation_program_is_a_spawn_error() {
+    let target = Target::activation(["/nonexistent/nbd-server-program", "arg"]);
+    let err = connect(&target).unwrap_err();
+    assert!(matches!(err, Error::Spawn { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("/nonexistent/nbd-server-program"),
+        "{err}"
+    );
+    let on_path = Target::activation(["no-such-nbd-server-program-on-path"]);
+    assert!(matches!(
+        connect(&on_path).unwrap_err(),
+        Error::Spawn { .. }
+    ));
+}
