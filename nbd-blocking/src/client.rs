@@ -411,7 +411,7 @@ impl Client {
 
     /// Starts a read into `buf` (its length is the read's length); returns at once.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.pread(buf, offset, flags)?)
     }
 
@@ -422,55 +422,54 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.pread_structured(buf, offset, flags)?)
     }
 
     /// Starts a write of `data`; returns at once. The payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.pwrite(data, offset, flags)?)
     }
 
     /// Starts a flush.
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.flush(flags)?)
     }
 
     /// Starts a trim of `count` bytes at `offset`.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.trim(count, offset, flags)?)
     }
 
     /// Starts a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.cache(count, offset, flags)?)
     }
 
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.zero(count, offset, flags)?)
     }
 
     /// Starts a block status query over every negotiated meta context; the
     /// extents are taken with [`Client::take_block_status`].
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle()?;
+        self.restart_stall_clock_if_idle();
         Ok(self.conn.block_status(count, offset, flags)?)
     }
 
     /// Before a command is issued: starts the stall clock afresh if the
     /// client was idle. (Once the caller asked to disconnect, the core itself
     /// refuses new commands with ESHUTDOWN.)
-    fn restart_stall_clock_if_idle(&mut self) -> Result<()> {
+    fn restart_stall_clock_if_idle(&mut self) {
         if self.nothing_to_wait_for() {
             self.last_progress = Instant::now();
         }
-        Ok(())
     }
 
     /// Takes the block status reports that arrived for `cookie`, one per context.
