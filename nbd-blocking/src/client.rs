@@ -223,20 +223,7 @@ impl Client {
     /// [`Client::next_completion`]); [`Error::TimedOut`] when the timeout of
     /// [`Client::set_timeout`] passed without progress while something is pending.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<bool> {
-        if self.try_io()? {
-            return Ok(true);
-        }
-        self.check_dead()?;
-        if self.nothing_to_wait_for() {
-            return Ok(false);
-        }
-        let wait = self.wait_limit(timeout);
-        if self.wait_ready(wait)? && self.try_io()? {
-            return Ok(true);
-        }
-        self.check_dead()?;
-        self.check_stalled()?;
-        Ok(false)
+        Self::poll_many(&mut [self], timeout)
     }
 
     /// Drives several clients at once: each moves what it can, and if none could,
