@@ -36,8 +36,9 @@ impl Harness {
 
     /// Sends what is queued and drives until every queued byte is on the
     /// socket, or the connection ended. Replies that arrive meanwhile wait in
-    /// the client's completion queue. A failure here ends the connection, and
-    /// its commands then complete with errors, which the callers check.
+    /// the client's completion queue. Errors seen here only go into the
+    /// message of a timeout: one that ends the connection completes its
+    /// commands with errors, which the callers check.
     fn send_all(&mut self) {
         let mut errors = Vec::new();
         if let Err(e) = self.send() {
@@ -142,10 +143,10 @@ impl Harness {
         let cookies: Vec<Cookie> = reads
             .iter()
             .map(|&(offset, len)| {
-                let issued =
-                    self.client
-                        .aio_pread(BytesMut::zeroed(len), offset, CmdFlags::empty());
-                issued.unwrap_or_else(|e| panic!("{NAME}: pread of {len} at {offset}: {e}"))
+                let read = self
+                    .client
+                    .aio_pread(BytesMut::zeroed(len), offset, CmdFlags::empty());
+                issued(read, &format!("pread of {len} at {offset}"))
             })
             .collect();
         self.collect(&cookies)
