@@ -24,7 +24,6 @@
 //! The [`clients`] helpers run libnbd's `nbdinfo` / `nbdcopy` and
 //! `qemu-img compare` for differential tests.
 
-pub mod adapters;
 pub mod clients;
 mod endpoint;
 mod handle;
