@@ -36,6 +36,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Settings are a [`Config`], built from its default with one chained call
+//! per setting (`Config::default().export_name("disk").opt_mode(true)`).
+//! Option results name the option as an [`NbdOption`], and a server's refusal
+//! its reason as an [`OptionReplyError`]; [`Event`], [`ReadChunk`] and the
+//! structs only the connection builds are `#[non_exhaustive]`, so new
+//! kinds can be added without breaking a caller's `match`.
+//!
 //! The byte calls can also be made separately (`recv_buf` then `notify_read`,
 //! `output` then `notify_write`) for adapters that need the regions
 //! themselves; a report that does not match what was offered is an
