@@ -20,8 +20,8 @@ use nbd_proto::wire::consts::{
 };
 use nbd_proto::wire::{OptionRequest, RequestHeader};
 use nbd_proto::{
-    BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Error, Event, Phase, ReadChunk,
-    Strict, MAX_REQUEST_SIZE,
+    BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Error, Event, NbdOption, Phase,
+    ReadChunk, Strict, MAX_REQUEST_SIZE,
 };
 
 use crate::rng::Splitter;
@@ -293,7 +293,9 @@ enum Digest {
     Export(String, String),
     MetaContext(u32, String),
     BlockStatus(BlockStatus),
-    OptionDone(u32, Result<(), Error>),
+    OptionDone(NbdOption, Result<(), Error>),
+    /// An event kind this digest does not know, by its debug text.
+    Other(String),
     Chunk(ReadChunk),
     Completed {
         cookie: Cookie,
@@ -336,6 +338,7 @@ fn digest(event: &Event) -> Digest {
             },
         },
         Event::Closed { error } => Digest::Closed(error.clone()),
+        other => Digest::Other(format!("{other:?}")),
     }
 }
 
@@ -787,12 +790,12 @@ impl Driver {
                     assert!(
                         matches!(
                             option,
-                            OPT_LIST
-                                | OPT_INFO
-                                | OPT_STRUCTURED_REPLY
-                                | OPT_EXTENDED_HEADERS
-                                | OPT_LIST_META_CONTEXT
-                                | OPT_SET_META_CONTEXT
+                            NbdOption::List
+                                | NbdOption::Info
+                                | NbdOption::StructuredReply
+                                | NbdOption::ExtendedHeaders
+                                | NbdOption::ListMetaContext
+                                | NbdOption::SetMetaContext
                         ),
                         "OptionDone Ok for option {option}"
                     );
@@ -803,18 +806,14 @@ impl Driver {
                 // selecting meta contexts.
                 assert_eq!(
                     t.pending_opt,
-                    Some(option),
+                    Some(option.code()),
                     "OptionDone for option {option} ({result:?}), which is not the caller's option in flight"
                 );
                 t.pending_opt = None;
             }
             Event::ReadChunk(chunk) => {
                 self.report.read_chunks += 1;
-                let cookie = match &chunk {
-                    ReadChunk::Data { cookie, .. }
-                    | ReadChunk::Hole { cookie, .. }
-                    | ReadChunk::Error { cookie, .. } => *cookie,
-                };
+                let cookie = chunk.cookie();
                 let live = t
                     .live
                     .get(&cookie)
@@ -852,12 +851,14 @@ impl Driver {
                             );
                         }
                     }
+                    other => panic!("a read chunk this checker does not know: {other:?}"),
                 }
             }
             Event::Completed(Completion {
                 cookie,
                 result,
                 buffer,
+                ..
             }) => {
                 let live = t.live.remove(&cookie).unwrap_or_else(|| {
                     panic!(
@@ -889,6 +890,7 @@ impl Driver {
                 t.pending_opt = None;
                 t.closed = Some(error);
             }
+            other => panic!("an event this checker does not know: {other:?}"),
         }
     }
 

@@ -214,22 +214,17 @@ impl<'a> ServerBytesInput<'a> {
         if c2 & cfg2::DIRTY_BITMAP != 0 {
             meta_contexts.push("qemu:dirty-bitmap:b0".to_string());
         }
-        let config = Config {
-            export_name: if c & cfg::NAMED != 0 {
-                "disk".into()
-            } else {
-                String::new()
-            },
-            opt_mode: c & cfg::OPT_MODE != 0,
-            request_structured_replies: c & cfg::STRUCTURED != 0,
-            request_extended_headers: c2 & cfg2::EXTENDED != 0,
-            request_meta_context: c2 & cfg2::META != 0,
-            meta_contexts,
-            request_block_size: c & cfg::BLOCK_SIZE != 0,
-            full_info: c & cfg::FULL_INFO != 0,
-            handshake_flags,
-            strict: Strict::from_bits_truncate(u32::from(s & 0x3f)),
-        };
+        let config = Config::default()
+            .export_name(if c & cfg::NAMED != 0 { "disk" } else { "" })
+            .opt_mode(c & cfg::OPT_MODE != 0)
+            .request_structured_replies(c & cfg::STRUCTURED != 0)
+            .request_extended_headers(c2 & cfg2::EXTENDED != 0)
+            .request_meta_context(c2 & cfg2::META != 0)
+            .meta_contexts(meta_contexts)
+            .request_block_size(c & cfg::BLOCK_SIZE != 0)
+            .full_info(c & cfg::FULL_INFO != 0)
+            .handshake_flags(handshake_flags)
+            .strict(Strict::from_bits_truncate(u32::from(s & 0x3f)));
         ServerBytesInput {
             config,
             eof: c & cfg::EOF != 0,

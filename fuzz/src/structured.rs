@@ -413,10 +413,8 @@ impl Setup {
     /// The client's configuration, everything the server says up to
     /// transmission, and whether extended headers were agreed.
     pub fn handshake(&self) -> (Config, Vec<u8>, bool) {
-        let mut config = Config {
-            strict: Strict::from_bits_truncate(u32::from(!self.strict_off)),
-            ..Config::default()
-        };
+        let mut config =
+            Config::default().strict(Strict::from_bits_truncate(u32::from(!self.strict_off)));
         let (size, flags) = (self.export_size(), self.tflags());
         let mut s = Vec::new();
         let mut extended_agreed = false;

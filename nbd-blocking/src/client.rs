@@ -356,7 +356,8 @@ impl Client {
                 }
                 Event::OptionDone { result, .. } => self.option_result = Some(result),
                 Event::Closed { .. } => self.closed = true,
-                Event::Ready | Event::Negotiating => {}
+                // Ready, Negotiating, and kinds this client does not use.
+                _ => {}
             }
         }
     }
@@ -545,7 +546,7 @@ impl Client {
         let done = self.wait_for(cookie)?;
         let mut mine = Vec::new();
         self.chunks.retain(|c| {
-            let keep = chunk_cookie(c) != cookie;
+            let keep = c.cookie() != cookie;
             if !keep {
                 mine.push(c.clone());
             }
@@ -806,12 +807,4 @@ impl Drop for Client {
 struct Moved {
     wrote: bool,
     read: bool,
-}
-
-fn chunk_cookie(chunk: &ReadChunk) -> Cookie {
-    match chunk {
-        ReadChunk::Data { cookie, .. }
-        | ReadChunk::Hole { cookie, .. }
-        | ReadChunk::Error { cookie, .. } => *cookie,
-    }
 }

@@ -79,11 +79,7 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     // Opt mode, so the meta contexts can be listed before the export is selected.
-    let config = Config {
-        opt_mode: true,
-        full_info: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true).full_info(true);
     let mut client = server.connect(config)?;
     let mut contexts = None;
     if client.connection().is_negotiating() {
@@ -162,11 +158,7 @@ fn answer_feature(server: &Operand, feature: &str) -> Result<ExitCode, Failure> 
 
 /// Lists every export through opt mode, asking about each in turn.
 fn list(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
-    let mut client = server.connect(Config {
-        opt_mode: true,
-        full_info: true,
-        ..Config::default()
-    })?;
+    let mut client = server.connect(Config::default().opt_mode(true).full_info(true))?;
     let base: Option<NbdUri> = server.uri().map(str::parse).transpose()?;
     if !client.connection().is_negotiating() {
         return Err(nbd_proto::Error::NotSupported(

@@ -18,10 +18,7 @@ pub fn run(
     totals: bool,
     as_json: bool,
 ) -> Result<ExitCode, Failure> {
-    let config = Config {
-        meta_contexts: vec![context.to_string()],
-        ..Config::default()
-    };
+    let config = Config::default().meta_context(context.to_string());
     let mut client = server.connect(config)?;
     if !client.connection().can_meta_context(context) {
         return Err(nbd_proto::Error::NotSupported(format!(

@@ -16,13 +16,37 @@ use crate::wire::consts::MAX_STRING_LEN;
 /// that error (EINVAL) and sends nothing; call `validate` first to find out
 /// before connecting a socket.
 ///
+/// # Building one
+///
+/// More settings may be added, so a `Config` is not built with a struct
+/// literal: start from [`Config::default`] and chain the builder methods.
+/// Each builder method has the name of the field it sets, which is libnbd's
+/// setter without `set_` (`export_name` for `set_export_name`, `opt_mode` for
+/// `set_opt_mode`); [`meta_context`](Config::meta_context) adds one context
+/// as libnbd's `add_meta_context` does. The fields stay public, so reading
+/// them and assigning them works as before.
+///
 /// ```
-/// use nbd_proto::{Config, Connection};
-/// let config = Config { export_name: "disk0".into(), full_info: true, ..Config::default() };
+/// use nbd_proto::{context, Config, Connection, Strict};
+/// let config = Config::default()
+///     .export_name("disk0")
+///     .opt_mode(true)
+///     .meta_context(context::BASE_ALLOCATION)
+///     .full_info(true)
+///     .strict(Strict::default() - Strict::BOUNDS);
+/// assert_eq!(config.export_name, "disk0");
+/// assert_eq!(config.meta_contexts, [context::BASE_ALLOCATION]);
+///
+/// // Fields may still be set one by one.
+/// let mut other = Config::default();
+/// other.opt_mode = true;
+/// assert!(other.opt_mode);
+///
 /// let conn = Connection::new(config);
 /// assert!(!conn.is_ready());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Config {
     /// Export to select (`set_export_name`).
     pub export_name: String,
@@ -60,13 +84,112 @@ impl Config {
     ///
     /// ```
     /// use nbd_proto::{Config, Errno};
-    /// let config = Config { export_name: "x".repeat(5000), ..Config::default() };
+    /// let config = Config::default().export_name("x".repeat(5000));
     /// assert_eq!(config.validate().unwrap_err().errno(), Errno::Inval);
     /// assert!(Config::default().validate().is_ok());
     /// ```
     pub fn validate(&self) -> Result<()> {
         check_export_name(&self.export_name)?;
         check_meta_queries(&self.export_name, &self.meta_contexts)
+    }
+}
+
+/// Builder methods: each sets one field and returns the configuration, so calls
+/// chain. None of them checks its value; [`Config::validate`] does.
+impl Config {
+    /// Sets [`export_name`](Self::export_name) (libnbd's `set_export_name`).
+    #[must_use]
+    pub fn export_name(mut self, name: impl Into<String>) -> Self {
+        self.export_name = name.into();
+        self
+    }
+
+    /// Sets [`opt_mode`](Self::opt_mode) (libnbd's `set_opt_mode`).
+    #[must_use]
+    pub fn opt_mode(mut self, on: bool) -> Self {
+        self.opt_mode = on;
+        self
+    }
+
+    /// Sets [`request_structured_replies`](Self::request_structured_replies)
+    /// (libnbd's `set_request_structured_replies`).
+    #[must_use]
+    pub fn request_structured_replies(mut self, on: bool) -> Self {
+        self.request_structured_replies = on;
+        self
+    }
+
+    /// Sets [`request_extended_headers`](Self::request_extended_headers)
+    /// (libnbd's `set_request_extended_headers`).
+    #[must_use]
+    pub fn request_extended_headers(mut self, on: bool) -> Self {
+        self.request_extended_headers = on;
+        self
+    }
+
+    /// Sets [`request_meta_context`](Self::request_meta_context)
+    /// (libnbd's `set_request_meta_context`).
+    #[must_use]
+    pub fn request_meta_context(mut self, on: bool) -> Self {
+        self.request_meta_context = on;
+        self
+    }
+
+    /// Adds one context to [`meta_contexts`](Self::meta_contexts) (libnbd's
+    /// `add_meta_context`), after those already there.
+    #[must_use]
+    pub fn meta_context(mut self, name: impl Into<String>) -> Self {
+        self.meta_contexts.push(name.into());
+        self
+    }
+
+    /// Replaces [`meta_contexts`](Self::meta_contexts) with `names`, in order.
+    ///
+    /// ```
+    /// use nbd_proto::{context, Config};
+    /// let config = Config::default()
+    ///     .meta_context("dropped")
+    ///     .meta_contexts([context::BASE_ALLOCATION, context::QEMU_ALLOCATION_DEPTH]);
+    /// assert_eq!(config.meta_contexts, ["base:allocation", "qemu:allocation-depth"]);
+    /// ```
+    #[must_use]
+    pub fn meta_contexts<I>(mut self, names: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.meta_contexts = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`request_block_size`](Self::request_block_size)
+    /// (libnbd's `set_request_block_size`).
+    #[must_use]
+    pub fn request_block_size(mut self, on: bool) -> Self {
+        self.request_block_size = on;
+        self
+    }
+
+    /// Sets [`full_info`](Self::full_info) (libnbd's `set_full_info`).
+    #[must_use]
+    pub fn full_info(mut self, on: bool) -> Self {
+        self.full_info = on;
+        self
+    }
+
+    /// Sets [`handshake_flags`](Self::handshake_flags)
+    /// (libnbd's `set_handshake_flags`).
+    #[must_use]
+    pub fn handshake_flags(mut self, flags: HandshakeFlags) -> Self {
+        self.handshake_flags = flags;
+        self
+    }
+
+    /// Sets [`strict`](Self::strict) (libnbd's `set_strict_mode`).
+    #[must_use]
+    pub fn strict(mut self, strict: Strict) -> Self {
+        self.strict = strict;
+        self
     }
 }
 
@@ -125,5 +248,84 @@ impl Default for Config {
             handshake_flags: HandshakeFlags::default(),
             strict: Strict::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each builder method changes its own field to the value given, and
+    /// nothing else: the result equals the default with that one field assigned.
+    #[test]
+    fn each_builder_method_sets_its_field_only() {
+        let base = Config::default();
+        let with = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            assert_ne!(c, base, "the case must change something");
+            c
+        };
+        let flags = HandshakeFlags::FIXED_NEWSTYLE;
+        let strict = Strict::BOUNDS | Strict::ALIGN;
+        let cases = [
+            (
+                base.clone().export_name("disk"),
+                with(|c| c.export_name = "disk".into()),
+            ),
+            (base.clone().opt_mode(true), with(|c| c.opt_mode = true)),
+            (
+                base.clone().request_structured_replies(false),
+                with(|c| c.request_structured_replies = false),
+            ),
+            (
+                base.clone().request_extended_headers(false),
+                with(|c| c.request_extended_headers = false),
+            ),
+            (
+                base.clone().request_meta_context(false),
+                with(|c| c.request_meta_context = false),
+            ),
+            (
+                base.clone().meta_context("base:allocation"),
+                with(|c| c.meta_contexts = vec!["base:allocation".into()]),
+            ),
+            (
+                base.clone().meta_contexts(["a", "b"]),
+                with(|c| c.meta_contexts = vec!["a".into(), "b".into()]),
+            ),
+            (
+                base.clone().request_block_size(false),
+                with(|c| c.request_block_size = false),
+            ),
+            (base.clone().full_info(true), with(|c| c.full_info = true)),
+            (
+                base.clone().handshake_flags(flags),
+                with(|c| c.handshake_flags = HandshakeFlags::FIXED_NEWSTYLE),
+            ),
+            (
+                base.clone().strict(strict),
+                with(|c| c.strict = Strict::BOUNDS | Strict::ALIGN),
+            ),
+        ];
+        for (i, (built, assigned)) in cases.into_iter().enumerate() {
+            assert_eq!(built, assigned, "case {i}");
+        }
+    }
+
+    #[test]
+    fn builder_calls_chain_and_accumulate() {
+        let config = Config::default()
+            .export_name(String::from("disk"))
+            .meta_context("one")
+            .meta_context(String::from("two"))
+            .opt_mode(true)
+            .opt_mode(false);
+        assert_eq!(config.export_name, "disk");
+        assert_eq!(config.meta_contexts, ["one", "two"]);
+        assert!(!config.opt_mode, "the last call wins");
+        let replaced = config.clone().meta_contexts(Vec::<String>::new());
+        assert!(replaced.meta_contexts.is_empty());
+        assert_eq!(replaced.export_name, config.export_name);
     }
 }

@@ -173,7 +173,7 @@ impl Connection {
     ///
     /// ```
     /// use nbd_proto::{Config, Connection, Direction, Errno, Event};
-    /// let config = Config { export_name: "x".repeat(5000), ..Config::default() };
+    /// let config = Config::default().export_name("x".repeat(5000));
     /// let mut conn = Connection::new(config);
     /// assert!(conn.is_dead());
     /// assert_eq!(conn.error().unwrap().errno(), Errno::Inval);

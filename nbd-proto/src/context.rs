@@ -5,10 +5,7 @@
 //!
 //! ```
 //! use nbd_proto::{context, Config};
-//! let config = Config {
-//!     meta_contexts: vec![context::BASE_ALLOCATION.into()],
-//!     ..Config::default()
-//! };
+//! let config = Config::default().meta_context(context::BASE_ALLOCATION);
 //! # let _ = config;
 //! let flags = 3; // as a block status extent reports it
 //! assert!(flags & context::STATE_HOLE != 0 && flags & context::STATE_ZERO != 0);

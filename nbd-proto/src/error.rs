@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::opt::{NbdOption, OptionReplyError};
 use crate::wire::consts;
 
 /// The errno-like kind of an [`Error`], as libnbd's `nbd_get_errno` would report it.
@@ -156,12 +157,23 @@ pub enum Error {
         message: Option<ServerText>,
     },
     /// The server refused an option with an `NBD_REP_ERR_*` reply.
-    #[error("server refused {}: {}{}", consts::option_name(*.option), consts::reply_type_name(*.reply), if .message.0.is_empty() { String::new() } else { format!(": {}", .message) })]
+    ///
+    /// ```
+    /// use nbd_proto::{Errno, Error, NbdOption, OptionReplyError, ServerText};
+    /// let e = Error::OptionRefused {
+    ///     option: NbdOption::Go,
+    ///     reply: OptionReplyError::Unknown,
+    ///     message: ServerText("no such export".into()),
+    /// };
+    /// assert_eq!(e.errno(), Errno::NoEnt);
+    /// assert_eq!(e.to_string(), "server refused NBD_OPT_GO: NBD_REP_ERR_UNKNOWN: \"no such export\"");
+    /// ```
+    #[error("server refused {option}: {reply}{}", if .message.0.is_empty() { String::new() } else { format!(": {}", .message) })]
     OptionRefused {
-        /// The option (`OPT_*`).
-        option: u32,
-        /// The error reply type (`REP_ERR_*`).
-        reply: u32,
+        /// The option refused.
+        option: NbdOption,
+        /// The error reply the server sent (`NBD_REP_ERR_*`).
+        reply: OptionReplyError,
         /// The server's message.
         message: ServerText,
     },
@@ -212,17 +224,7 @@ impl Error {
             Error::TooLarge(_) => Errno::Range,
             Error::Overflow(_) => Errno::Overflow,
             Error::Server { errno, .. } => *errno,
-            Error::OptionRefused { reply, .. } => match *reply {
-                consts::REP_ERR_UNSUP => Errno::NotSup,
-                consts::REP_ERR_POLICY => Errno::Perm,
-                consts::REP_ERR_UNKNOWN => Errno::NoEnt,
-                consts::REP_ERR_SHUTDOWN => Errno::Shutdown,
-                consts::REP_ERR_PLATFORM => Errno::NotSup,
-                consts::REP_ERR_TLS_REQD => Errno::NotSup,
-                consts::REP_ERR_EXT_HEADER_REQD => Errno::NotSup,
-                consts::REP_ERR_TOO_BIG => Errno::Range,
-                _ => Errno::Inval,
-            },
+            Error::OptionRefused { reply, .. } => reply.errno(),
             Error::Protocol(_) => Errno::Proto,
             Error::NotConnected(_) | Error::ConnectionLost(_) => Errno::NotConn,
             Error::Shutdown(_) => Errno::Shutdown,

@@ -3,11 +3,28 @@
 use bytes::BytesMut;
 
 use crate::error::Error;
+use crate::opt::NbdOption;
 use crate::slab::Cookie;
 use crate::wire::Extent;
 
 /// Something the caller should know about, in the order it happened.
+///
+/// New kinds of event may be added, so a `match` needs a wildcard arm for the
+/// events it does not handle.
+///
+/// ```
+/// use nbd_proto::{Event, NbdOption};
+/// fn describe(event: &Event) -> String {
+///     match event {
+///         Event::OptionDone { option: NbdOption::Go, result } => format!("GO: {result:?}"),
+///         Event::Closed { error } => format!("closed: {error:?}"),
+///         _ => String::from("something else"),
+///     }
+/// }
+/// assert_eq!(describe(&Event::Ready), "something else");
+/// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// Opt mode: the connection waits for the caller's next `opt_*` call.
     Negotiating,
@@ -32,8 +49,8 @@ pub enum Event {
     BlockStatus(BlockStatus),
     /// An `opt_*` call finished.
     OptionDone {
-        /// Which option (`wire::consts::OPT_*`).
-        option: u32,
+        /// Which option.
+        option: NbdOption,
         /// Its outcome; the server's refusal arrives as [`Error::OptionRefused`].
         result: Result<(), Error>,
     },
@@ -50,7 +67,11 @@ pub enum Event {
 }
 
 /// Extents reported for one meta context by a block status command.
+///
+/// Only the connection makes these; more fields may be added, so build
+/// patterns with `..`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BlockStatus {
     /// The command's cookie.
     pub cookie: Cookie,
@@ -63,7 +84,11 @@ pub struct BlockStatus {
 }
 
 /// A finished command.
+///
+/// Only the connection makes these; more fields may be added, so build
+/// patterns with `..`.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Completion {
     /// The cookie its call returned.
     pub cookie: Cookie,
@@ -74,7 +99,10 @@ pub struct Completion {
 }
 
 /// One chunk of a structured read reply, as libnbd's `pread_structured` callback sees it.
+///
+/// New kinds of chunk may be added, so a `match` needs a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadChunk {
     /// Data for `offset..offset + length` is in the buffer.
     Data {
@@ -103,4 +131,15 @@ pub enum ReadChunk {
         /// The error.
         error: Error,
     },
+}
+
+impl ReadChunk {
+    /// The cookie of the read this chunk belongs to; every kind of chunk has one.
+    pub fn cookie(&self) -> Cookie {
+        match self {
+            ReadChunk::Data { cookie, .. }
+            | ReadChunk::Hole { cookie, .. }
+            | ReadChunk::Error { cookie, .. } => *cookie,
+        }
+    }
 }

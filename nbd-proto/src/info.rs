@@ -60,7 +60,12 @@ impl HandshakeStyle {
 }
 
 /// Everything known about the export being negotiated or in use.
+///
+/// Only the connection fills this in; more fields may be added, so build
+/// patterns with `..` (and, for a value of your own, start from
+/// `ExportInfo::default()`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExportInfo {
     /// Export size in bytes, once known.
     pub size: Option<u64>,

@@ -36,6 +36,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Settings are a [`Config`], built from its default with one chained call
+//! per setting (`Config::default().export_name("disk").opt_mode(true)`).
+//! Option results name the option as an [`NbdOption`], and a server's refusal
+//! its reason as an [`OptionReplyError`]; [`Event`], [`ReadChunk`] and the
+//! structs only the connection builds are `#[non_exhaustive]`, so new
+//! kinds can be added without breaking a caller's `match`.
+//!
 //! The byte calls can also be made separately (`recv_buf` then `notify_read`,
 //! `output` then `notify_write`) for adapters that need the regions
 //! themselves; a report that does not match what was offered is an
@@ -53,6 +60,7 @@ mod event;
 mod flags;
 mod info;
 mod negotiate;
+mod opt;
 mod output;
 mod slab;
 mod stage;
@@ -67,6 +75,7 @@ pub use error::{Errno, Error, Result, ServerText};
 pub use event::{BlockStatus, Completion, Event, ReadChunk};
 pub use flags::{CmdFlags, HandshakeFlags, Strict, TransmissionFlags};
 pub use info::{BlockSizes, ExportInfo, HandshakeStyle};
+pub use opt::{NbdOption, OptionReplyError};
 pub use slab::Cookie;
 pub use tls::TlsSession;
 pub use transmit::{MAX_ERROR_PAYLOAD, MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};

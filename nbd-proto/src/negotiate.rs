@@ -20,6 +20,7 @@ use crate::error::{Error, Result, ServerText};
 use crate::event::Event;
 use crate::flags::{HandshakeFlags, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
+use crate::opt::{NbdOption, OptionReplyError};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
 use crate::wire::consts::*;
 use crate::wire::{
@@ -92,17 +93,17 @@ fn option_reply_limit(pending: PendingOpt, reply: u32) -> Option<usize> {
 const MAX_OPTION_REPLIES: usize = 65_536;
 
 impl PendingOpt {
-    fn option(self) -> u32 {
+    fn option(self) -> NbdOption {
         match self {
-            PendingOpt::ExtendedHeaders { .. } => OPT_EXTENDED_HEADERS,
-            PendingOpt::StructuredReply { .. } => OPT_STRUCTURED_REPLY,
-            PendingOpt::List => OPT_LIST,
-            PendingOpt::ListMeta => OPT_LIST_META_CONTEXT,
-            PendingOpt::SetMeta { .. } => OPT_SET_META_CONTEXT,
-            PendingOpt::Info { go: true, .. } => OPT_GO,
-            PendingOpt::Info { go: false, .. } => OPT_INFO,
-            PendingOpt::ExportName => OPT_EXPORT_NAME,
-            PendingOpt::Abort { .. } => OPT_ABORT,
+            PendingOpt::ExtendedHeaders { .. } => NbdOption::ExtendedHeaders,
+            PendingOpt::StructuredReply { .. } => NbdOption::StructuredReply,
+            PendingOpt::List => NbdOption::List,
+            PendingOpt::ListMeta => NbdOption::ListMetaContext,
+            PendingOpt::SetMeta { .. } => NbdOption::SetMetaContext,
+            PendingOpt::Info { go: true, .. } => NbdOption::Go,
+            PendingOpt::Info { go: false, .. } => NbdOption::Info,
+            PendingOpt::ExportName => NbdOption::ExportName,
+            PendingOpt::Abort { .. } => NbdOption::Abort,
         }
     }
     fn is_abort(self) -> bool {
@@ -113,10 +114,10 @@ impl PendingOpt {
     }
     /// The option the caller asked for: an `opt_go` / `opt_info` that is still
     /// selecting its meta contexts is reported as GO / INFO.
-    fn caller_option(self) -> u32 {
+    fn caller_option(self) -> NbdOption {
         match self {
-            PendingOpt::SetMeta { then: Some(step) } if step.go => OPT_GO,
-            PendingOpt::SetMeta { then: Some(_) } => OPT_INFO,
+            PendingOpt::SetMeta { then: Some(step) } if step.go => NbdOption::Go,
+            PendingOpt::SetMeta { then: Some(_) } => NbdOption::Info,
             other => other.option(),
         }
     }
@@ -519,11 +520,11 @@ impl Negotiation {
                 option_name(header.option)
             )));
         };
-        if header.option != pending.option() {
+        if header.option != pending.option().code() {
             return Step::Kill(Error::Protocol(format!(
                 "reply for {} while waiting for {}",
                 option_name(header.option),
-                option_name(pending.option())
+                pending.option().name()
             )));
         }
         if pending.is_abort() {
@@ -583,7 +584,7 @@ impl Negotiation {
             let message = ServerText(decode_string("option error message", data)?);
             let error = Error::OptionRefused {
                 option: pending.option(),
-                reply,
+                reply: OptionReplyError::from_code(reply),
                 message,
             };
             self.on_opt_error(core, pending, error)?;
@@ -598,7 +599,7 @@ impl Negotiation {
                 if auto {
                     self.after_extended_headers(core)?;
                 } else {
-                    self.option_done(core, OPT_EXTENDED_HEADERS, Ok(()));
+                    self.option_done(core, NbdOption::ExtendedHeaders, Ok(()));
                 }
             }
             (PendingOpt::ListMeta | PendingOpt::SetMeta { .. }, REP_META_CONTEXT) => {
@@ -615,7 +616,7 @@ impl Negotiation {
                 for (id, name) in std::mem::take(&mut self.meta_pending) {
                     core.events.push_back(Event::MetaContext { id, name });
                 }
-                self.option_done(core, OPT_LIST_META_CONTEXT, Ok(()));
+                self.option_done(core, NbdOption::ListMetaContext, Ok(()));
             }
             (PendingOpt::SetMeta { then }, REP_ACK) => {
                 self.pending = None;
@@ -626,7 +627,7 @@ impl Negotiation {
                         for (id, name) in core.meta.clone() {
                             core.events.push_back(Event::MetaContext { id, name });
                         }
-                        self.option_done(core, OPT_SET_META_CONTEXT, Ok(()));
+                        self.option_done(core, NbdOption::SetMetaContext, Ok(()));
                     }
                 }
             }
@@ -636,7 +637,7 @@ impl Negotiation {
                 if auto {
                     self.after_auto_options(core)?;
                 } else {
-                    self.option_done(core, OPT_STRUCTURED_REPLY, Ok(()));
+                    self.option_done(core, NbdOption::StructuredReply, Ok(()));
                 }
             }
             (PendingOpt::List, REP_SERVER) => {
@@ -654,27 +655,27 @@ impl Negotiation {
             }
             (PendingOpt::List, REP_ACK) => {
                 self.pending = None;
-                self.option_done(core, OPT_LIST, Ok(()));
+                self.option_done(core, NbdOption::List, Ok(()));
             }
             (PendingOpt::Info { .. }, REP_INFO) => apply_info(&mut core.info, Info::decode(data)?),
             (PendingOpt::Info { go, .. }, REP_ACK) => {
                 if core.info.size.is_none() || core.info.flags.is_none() {
                     return Err(Error::Protocol(format!(
                         "{} succeeded without NBD_INFO_EXPORT",
-                        option_name(pending.option())
+                        pending.option().name()
                     )));
                 }
                 self.pending = None;
                 if go {
                     return Ok(Step::Ready);
                 }
-                self.option_done(core, OPT_INFO, Ok(()));
+                self.option_done(core, NbdOption::Info, Ok(()));
             }
             _ => {
                 return Err(Error::Protocol(format!(
                     "unexpected {} reply to {}",
                     reply_type_name(reply),
-                    option_name(pending.option())
+                    pending.option().name()
                 )))
             }
         }
@@ -688,7 +689,7 @@ impl Negotiation {
             return Err(error);
         };
         self.pending = None;
-        if reply == REP_ERR_SHUTDOWN {
+        if reply == OptionReplyError::Shutdown {
             // The server is going away: say goodbye properly, then report why.
             if !pending.is_auto() {
                 core.events.push_back(Event::OptionDone {
@@ -715,7 +716,7 @@ impl Negotiation {
             }
             PendingOpt::SetMeta { then: None } => {
                 core.meta.clear();
-                self.option_done(core, OPT_SET_META_CONTEXT, Err(error));
+                self.option_done(core, NbdOption::SetMetaContext, Err(error));
                 Ok(())
             }
             PendingOpt::StructuredReply { auto: true } => {
@@ -725,7 +726,7 @@ impl Negotiation {
             PendingOpt::Info {
                 go: true,
                 auto: true,
-            } if reply == REP_ERR_UNSUP => {
+            } if reply == OptionReplyError::Unsup => {
                 // An old server: select the export the old way.
                 self.send_export_name(core);
                 Ok(())
@@ -743,7 +744,7 @@ impl Negotiation {
         }
     }
 
-    fn option_done(&mut self, core: &mut Core, option: u32, result: Result<()>) {
+    fn option_done(&mut self, core: &mut Core, option: NbdOption, result: Result<()>) {
         core.events.push_back(Event::OptionDone { option, result });
         self.caller_turn = true;
         self.expect = Expect::OptReplyHeader;

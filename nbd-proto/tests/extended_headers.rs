@@ -8,7 +8,8 @@ use bytes::{Bytes, BytesMut};
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::RequestHeader;
 use nbd_proto::{
-    CmdFlags, Config, Connection, Cookie, Errno, Error, Event, ReadChunk, Strict, MAX_REQUEST_SIZE,
+    CmdFlags, Config, Connection, Cookie, Errno, Error, Event, NbdOption, ReadChunk, Strict,
+    MAX_REQUEST_SIZE,
 };
 use proptest::prelude::*;
 use support::*;
@@ -72,10 +73,7 @@ fn automatic_negotiation_asks_for_extended_headers_first() {
 }
 
 fn opt_mode(config: Config) -> (Connection, Vec<SentOption>) {
-    let mut conn = Connection::new(Config {
-        opt_mode: true,
-        ..config
-    });
+    let mut conn = Connection::new(config.opt_mode(true));
     feed(
         &mut conn,
         &Script::new()
@@ -124,11 +122,11 @@ fn opt_mode_waits_after_extended_headers_or_their_fallback() {
 
 #[test]
 fn opt_extended_headers_reports_its_outcome() {
-    let (mut conn, options) = opt_mode(Config {
-        request_extended_headers: false,
-        request_structured_replies: false,
-        ..Config::default()
-    });
+    let (mut conn, options) = opt_mode(
+        Config::default()
+            .request_extended_headers(false)
+            .request_structured_replies(false),
+    );
     assert!(options.is_empty());
     assert!(matches!(drain(&mut conn).as_slice(), [Event::Negotiating]));
 
@@ -150,7 +148,7 @@ fn opt_extended_headers_reports_its_outcome() {
     let events = drain(&mut conn);
     match events.as_slice() {
         [Event::OptionDone {
-            option: OPT_EXTENDED_HEADERS,
+            option: NbdOption::ExtendedHeaders,
             result: Err(e),
         }] => assert_eq!(e.errno(), Errno::NotSup),
         other => panic!("{other:?}"),
@@ -167,7 +165,7 @@ fn opt_extended_headers_reports_its_outcome() {
         matches!(
             events.as_slice(),
             [Event::OptionDone {
-                option: OPT_EXTENDED_HEADERS,
+                option: NbdOption::ExtendedHeaders,
                 result: Ok(())
             }]
         ),
@@ -249,10 +247,7 @@ fn extended_headers_lift_the_32_bit_limit_except_for_reads_and_writes() {
     let size = 1u64 << 40;
     let big = 5u64 << 30;
     let mut conn = handshake_meta(
-        Config {
-            meta_contexts: vec![BASE.into()],
-            ..Config::default()
-        },
+        Config::default().meta_context(BASE),
         extended_export(size),
         &[(BASE_ID, BASE)],
     );
@@ -303,10 +298,7 @@ fn extended_headers_lift_the_32_bit_limit_except_for_reads_and_writes() {
 fn compact_headers_refuse_lengths_over_32_bits() {
     let size = 1u64 << 40;
     let mut conn = handshake_meta(
-        Config {
-            meta_contexts: vec![BASE.into()],
-            ..compact()
-        },
+        compact().meta_context(BASE),
         Export {
             size,
             ..Export::default()
@@ -494,10 +486,7 @@ fn a_reply_offset_other_than_the_request_offset_fails_only_that_command() {
 #[test]
 fn a_wrong_offset_on_a_status_chunk_fails_that_command() {
     let mut conn = handshake_meta(
-        Config {
-            meta_contexts: vec![BASE.into()],
-            ..Config::default()
-        },
+        Config::default().meta_context(BASE),
         extended_export(1 << 30),
         &[(BASE_ID, BASE)],
     );
@@ -571,11 +560,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn split_config() -> Config {
-    Config {
-        export_name: "split".into(),
-        meta_contexts: vec![BASE.into(), DIRTY.into()],
-        ..Config::default()
-    }
+    Config::default()
+        .export_name("split")
+        .meta_context(BASE)
+        .meta_context(DIRTY)
 }
 
 fn handshake_bytes() -> Vec<u8> {

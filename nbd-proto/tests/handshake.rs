@@ -6,8 +6,8 @@ mod support;
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::Info;
 use nbd_proto::{
-    BlockSizes, Config, Connection, Direction, Errno, Error, Event, HandshakeFlags, Phase,
-    ServerText, TransmissionFlags,
+    BlockSizes, Config, Connection, Direction, Errno, Error, Event, HandshakeFlags, NbdOption,
+    OptionReplyError, Phase, ServerText, TransmissionFlags,
 };
 use support::*;
 
@@ -70,10 +70,7 @@ fn oldstyle_greeting_needs_no_client_bytes_and_gives_size_and_flags() {
 
 #[test]
 fn plain_newstyle_sends_only_export_name_with_zero_client_flags_and_skips_124_zeroes() {
-    let config = Config {
-        export_name: "disk0".into(),
-        ..compact()
-    };
+    let config = compact().export_name("disk0");
     let mut conn = Connection::new(config);
     let mut s = Script::new();
     feed(&mut conn, &s.newstyle(0).take());
@@ -195,10 +192,7 @@ fn client_flags_are_sent_only_when_the_server_offers_them() {
 
 #[test]
 fn client_flags_are_masked_by_config_handshake_flags() {
-    let config = Config {
-        handshake_flags: HandshakeFlags::FIXED_NEWSTYLE,
-        ..compact()
-    };
+    let config = compact().handshake_flags(HandshakeFlags::FIXED_NEWSTYLE);
     let mut conn = Connection::new(config);
     feed(
         &mut conn,
@@ -211,11 +205,9 @@ fn client_flags_are_masked_by_config_handshake_flags() {
     assert_eq!(conn.handshake_flags_sent(), Some(FLAG_C_FIXED_NEWSTYLE));
 
     // Without FIXED_NEWSTYLE the client speaks plain newstyle even to a fixed server.
-    let config = Config {
-        handshake_flags: HandshakeFlags::empty(),
-        export_name: "x".into(),
-        ..compact()
-    };
+    let config = compact()
+        .handshake_flags(HandshakeFlags::empty())
+        .export_name("x");
     let mut conn = Connection::new(config);
     let mut s = Script::new();
     feed(
@@ -259,10 +251,7 @@ fn structured_reply_refusal_continues_with_go_and_simple_replies() {
 
 #[test]
 fn structured_replies_are_not_requested_when_disabled() {
-    let config = Config {
-        request_structured_replies: false,
-        ..compact()
-    };
+    let config = compact().request_structured_replies(false);
     // `handshake` checks that GO is the first option.
     let conn = handshake(config, Export::default());
     assert!(!conn.structured_replies_negotiated());
@@ -270,11 +259,7 @@ fn structured_replies_are_not_requested_when_disabled() {
 
 #[test]
 fn go_with_info_replies_sets_export_name_description_and_block_sizes() {
-    let config = Config {
-        export_name: "vm-disk".into(),
-        full_info: true,
-        ..compact()
-    };
+    let config = compact().export_name("vm-disk").full_info(true);
     let (mut conn, go) = up_to_go(config);
     let request = go.info_request();
     assert_eq!(request.name, "vm-disk");
@@ -328,10 +313,7 @@ fn go_with_info_replies_sets_export_name_description_and_block_sizes() {
 
 #[test]
 fn go_without_full_info_or_block_size_requests_nothing_extra() {
-    let config = Config {
-        request_block_size: false,
-        ..compact()
-    };
+    let config = compact().request_block_size(false);
     let (_, go) = up_to_go(config);
     assert_eq!(go.info_request().requests, Vec::<u16>::new());
     assert_eq!(go.info_request().name, "");
@@ -411,10 +393,7 @@ fn invalid_block_sizes_are_ignored() {
 
 #[test]
 fn go_refused_unsup_falls_back_to_export_name() {
-    let config = Config {
-        export_name: "old".into(),
-        ..compact()
-    };
+    let config = compact().export_name("old");
     let (mut conn, _) = up_to_go(config);
     let mut s = Script::new();
     feed(
@@ -454,8 +433,8 @@ fn go_refused_unknown_kills_the_connection_with_the_escaped_server_message() {
     assert_eq!(
         error,
         Error::OptionRefused {
-            option: OPT_GO,
-            reply: REP_ERR_UNKNOWN,
+            option: NbdOption::Go,
+            reply: OptionReplyError::Unknown,
             message: ServerText(message.into()),
         }
     );
@@ -492,8 +471,8 @@ fn every_rep_err_maps_to_its_errno() {
     ];
     for (reply, errno) in table {
         let error = Error::OptionRefused {
-            option: OPT_GO,
-            reply,
+            option: NbdOption::Go,
+            reply: OptionReplyError::from_code(reply),
             message: ServerText::default(),
         };
         assert_eq!(error.errno(), errno, "{}", reply_type_name(reply));
@@ -501,10 +480,7 @@ fn every_rep_err_maps_to_its_errno() {
         if reply == REP_ERR_SHUTDOWN {
             continue; // has its own tests
         }
-        let mut conn = Connection::new(Config {
-            opt_mode: true,
-            ..compact()
-        });
+        let mut conn = Connection::new(compact().opt_mode(true));
         let mut s = Script::new();
         feed(&mut conn, &s.newstyle(FLAG_FIXED_NEWSTYLE).take());
         feed(&mut conn, &s.ack(OPT_STRUCTURED_REPLY).take());
@@ -515,11 +491,13 @@ fn every_rep_err_maps_to_its_errno() {
         let events = drain(&mut conn);
         match events.as_slice() {
             [Event::OptionDone {
-                option: OPT_INFO,
+                option: NbdOption::Info,
                 result: Err(e),
             }] => {
                 assert_eq!(e.errno(), errno);
-                assert!(matches!(e, Error::OptionRefused { reply: r, .. } if *r == reply));
+                assert!(
+                    matches!(e, Error::OptionRefused { reply: r, .. } if *r == OptionReplyError::from_code(reply))
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -552,7 +530,7 @@ fn rep_err_shutdown_sends_abort_and_ends_the_connection() {
     assert!(matches!(
         conn.error(),
         Some(Error::OptionRefused {
-            reply: REP_ERR_SHUTDOWN,
+            reply: OptionReplyError::Shutdown,
             ..
         })
     ));

@@ -17,7 +17,7 @@ mod support;
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::OptionReplyHeader;
 use nbd_proto::{
-    CmdFlags, Config, Connection, Cookie, Errno, Event, MAX_ERROR_PAYLOAD, MAX_STATUS_PAYLOAD,
+    CmdFlags, Connection, Cookie, Errno, Event, MAX_ERROR_PAYLOAD, MAX_STATUS_PAYLOAD,
 };
 use support::*;
 
@@ -666,10 +666,7 @@ fn scenarios() -> Vec<Scenario> {
 
 /// A connection in opt mode, negotiating, structured replies acknowledged.
 fn negotiating() -> Connection {
-    let mut conn = Connection::new(Config {
-        opt_mode: true,
-        ..compact()
-    });
+    let mut conn = Connection::new(compact().opt_mode(true));
     feed(
         &mut conn,
         &s().newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
@@ -704,10 +701,7 @@ fn start(at: Start) -> (Connection, Vec<Cookie>) {
             (conn, vec![flush, read])
         }
         Start::BlockStatus => {
-            let config = Config {
-                meta_contexts: vec![BASE.into()],
-                ..compact()
-            };
+            let config = compact().meta_context(BASE);
             let mut conn = handshake_meta(config, Export::default(), &[(BASE_ID, BASE)]);
             let status = conn.block_status(4096, 0, CmdFlags::empty()).unwrap();
             let flush = conn.flush(CmdFlags::empty()).unwrap();

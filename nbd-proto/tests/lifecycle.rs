@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use nbd_proto::wire::consts::*;
-use nbd_proto::{CmdFlags, Config, Connection, Cookie, Direction, Errno, Error, Event};
+use nbd_proto::{CmdFlags, Connection, Cookie, Direction, Errno, Error, Event};
 use support::*;
 
 /// Every cookie of `issued` has exactly one `Completed` event, and no other does.
@@ -389,10 +389,7 @@ fn eof_in_transmission_without_disconnect_is_an_error() {
 
 #[test]
 fn disconnect_is_refused_before_transmission() {
-    let mut conn = Connection::new(Config {
-        opt_mode: true,
-        ..compact()
-    });
+    let mut conn = Connection::new(compact().opt_mode(true));
     assert!(matches!(conn.disconnect(), Err(Error::InvalidState(_))));
     feed(
         &mut conn,

@@ -6,7 +6,7 @@ mod support;
 
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::MetaContextRequest;
-use nbd_proto::{Config, Connection, Errno, Error, Event};
+use nbd_proto::{Config, Connection, Errno, Error, Event, NbdOption, OptionReplyError};
 use support::*;
 
 const BASE: &str = "base:allocation";
@@ -73,12 +73,11 @@ fn negotiating(extended: bool) -> Connection {
     } else {
         compact()
     };
-    let (mut conn, first) = greeted(Config {
-        opt_mode: true,
-        export_name: "disk".into(),
-        meta_contexts: queries(),
-        ..base
-    });
+    let (mut conn, first) = greeted(
+        base.opt_mode(true)
+            .export_name("disk")
+            .meta_contexts(queries()),
+    );
     let option = if extended {
         OPT_EXTENDED_HEADERS
     } else {
@@ -112,7 +111,7 @@ fn contexts_then_done(events: Vec<Event>, option: u32) -> (Vec<(u32, String)>, R
                 contexts.push((id, name));
             }
             Event::OptionDone { option: o, result } => {
-                assert_eq!(o, option, "OptionDone for {}", option_name(o));
+                assert_eq!(o.code(), option, "OptionDone for {o}");
                 assert!(done.is_none(), "second OptionDone");
                 done = Some(result);
             }
@@ -130,11 +129,9 @@ fn owned(list: &[(u32, &str)]) -> Vec<(u32, String)> {
 
 #[test]
 fn auto_handshake_selects_the_contexts_right_after_extended_headers() {
-    let config = Config {
-        export_name: "disk".into(),
-        meta_contexts: queries(),
-        ..Config::default()
-    };
+    let config = Config::default()
+        .export_name("disk")
+        .meta_contexts(queries());
     let (mut conn, first) = greeted(config);
     assert_eq!(first.option, OPT_EXTENDED_HEADERS);
     assert!(first.data.is_empty());
@@ -182,11 +179,7 @@ fn any_refusal_of_extended_headers_falls_back_to_structured_replies() {
         REP_FLAG_ERROR | 0x77,
     ];
     for refusal in refusals {
-        let config = Config {
-            export_name: "disk".into(),
-            meta_contexts: vec![BASE.into()],
-            ..Config::default()
-        };
+        let config = Config::default().export_name("disk").meta_context(BASE);
         let (mut conn, first) = greeted(config);
         assert_eq!(first.option, OPT_EXTENDED_HEADERS);
         feed(
@@ -229,10 +222,7 @@ fn a_refused_selection_still_goes_with_no_contexts() {
         REP_ERR_INVALID,
         REP_ERR_UNKNOWN,
     ] {
-        let config = Config {
-            meta_contexts: queries(),
-            ..compact()
-        };
+        let config = compact().meta_contexts(queries());
         let (mut conn, first) = greeted(config);
         assert_eq!(first.option, OPT_STRUCTURED_REPLY);
         feed(&mut conn, &Script::new().ack(OPT_STRUCTURED_REPLY).take());
@@ -264,20 +254,17 @@ fn no_selection_without_contexts_request_or_structured_replies() {
     assert!(conn.meta_contexts().is_empty());
 
     // Contexts configured, but request_meta_context off.
-    let (mut conn, _) = greeted(Config {
-        meta_contexts: queries(),
-        request_meta_context: false,
-        ..Config::default()
-    });
+    let (mut conn, _) = greeted(
+        Config::default()
+            .meta_contexts(queries())
+            .request_meta_context(false),
+    );
     feed(&mut conn, &Script::new().ack(OPT_EXTENDED_HEADERS).take());
     finish_go(&mut conn);
     assert!(conn.meta_contexts().is_empty());
 
     // Contexts configured, but neither extended headers nor structured replies.
-    let (mut conn, first) = greeted(Config {
-        meta_contexts: queries(),
-        ..Config::default()
-    });
+    let (mut conn, first) = greeted(Config::default().meta_contexts(queries()));
     assert_eq!(first.option, OPT_EXTENDED_HEADERS);
     feed(
         &mut conn,
@@ -299,10 +286,7 @@ fn no_selection_without_contexts_request_or_structured_replies() {
 
 #[test]
 fn the_handshake_helper_negotiates_both_header_styles() {
-    let config = Config {
-        meta_contexts: vec![BASE.into()],
-        ..Config::default()
-    };
+    let config = Config::default().meta_context(BASE);
     let conn = handshake_meta(
         config.clone(),
         Export {
@@ -337,10 +321,7 @@ fn shutdown_refusals_in_the_automatic_handshake_report_only_the_end() {
     assert_dead(&conn, &events, Errno::Shutdown);
 
     // The selection refused with SHUTDOWN: the same.
-    let (mut conn, _) = greeted(Config {
-        meta_contexts: queries(),
-        ..Config::default()
-    });
+    let (mut conn, _) = greeted(Config::default().meta_contexts(queries()));
     feed(&mut conn, &Script::new().ack(OPT_EXTENDED_HEADERS).take());
     assert_eq!(one_option(&mut conn).option, OPT_SET_META_CONTEXT);
     feed(
@@ -464,7 +445,7 @@ fn a_list_ending_in_an_error_reports_no_context() {
     let err = result.unwrap_err();
     assert!(matches!(
         &err,
-        Error::OptionRefused { option: OPT_LIST_META_CONTEXT, reply: REP_ERR_INVALID, message }
+        Error::OptionRefused { option: NbdOption::ListMetaContext, reply: OptionReplyError::Invalid, message }
             if message.0 == "bad query"
     ));
     assert_eq!(err.errno(), Errno::Inval);
@@ -582,8 +563,8 @@ fn a_selection_ending_in_an_error_keeps_nothing() {
     assert!(matches!(
         err,
         Error::OptionRefused {
-            option: OPT_SET_META_CONTEXT,
-            reply: REP_ERR_UNKNOWN,
+            option: NbdOption::SetMetaContext,
+            reply: OptionReplyError::Unknown,
             ..
         }
     ));
@@ -595,13 +576,13 @@ fn a_selection_ending_in_an_error_keeps_nothing() {
 
 #[test]
 fn meta_context_calls_need_structured_replies() {
-    let mut conn = Connection::new(Config {
-        opt_mode: true,
-        meta_contexts: queries(),
-        request_extended_headers: false,
-        request_structured_replies: false,
-        ..Config::default()
-    });
+    let mut conn = Connection::new(
+        Config::default()
+            .opt_mode(true)
+            .meta_contexts(queries())
+            .request_extended_headers(false)
+            .request_structured_replies(false),
+    );
     feed(
         &mut conn,
         &Script::new().newstyle(FLAG_FIXED_NEWSTYLE).take(),
@@ -712,7 +693,7 @@ fn opt_go_and_opt_info_select_the_contexts_first() {
         matches!(
             events.as_slice(),
             [Event::OptionDone {
-                option: OPT_INFO,
+                option: NbdOption::Info,
                 result: Ok(())
             }]
         ),
@@ -836,10 +817,7 @@ fn one_context_over_the_limit_kills_the_connection() {
     assert!(matches!(conn.error(), Some(Error::Protocol(_))));
 
     // The automatic selection.
-    let (mut conn, _) = greeted(Config {
-        meta_contexts: queries(),
-        ..Config::default()
-    });
+    let (mut conn, _) = greeted(Config::default().meta_contexts(queries()));
     feed(&mut conn, &Script::new().ack(OPT_EXTENDED_HEADERS).take());
     let _ = conn.take_output();
     feed(
@@ -875,7 +853,7 @@ fn the_export_list_is_limited_per_option() {
         assert!(matches!(
             events.last(),
             Some(Event::OptionDone {
-                option: OPT_LIST,
+                option: NbdOption::List,
                 result: Ok(())
             })
         ));

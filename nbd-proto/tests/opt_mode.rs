@@ -4,15 +4,11 @@ mod support;
 
 use nbd_proto::wire::consts::*;
 use nbd_proto::wire::Info;
-use nbd_proto::{Config, Connection, Direction, Errno, Error, Event, Phase};
+use nbd_proto::{Config, Connection, Direction, Errno, Error, Event, NbdOption, Phase};
 use support::*;
 
 fn opt_config() -> Config {
-    Config {
-        opt_mode: true,
-        export_name: "a".into(),
-        ..compact()
-    }
+    compact().opt_mode(true).export_name("a")
 }
 
 /// A connection in opt mode, negotiating, with structured replies acknowledged.
@@ -56,10 +52,7 @@ fn opt_mode_stops_at_negotiating_after_the_greeting() {
 
 #[test]
 fn opt_mode_without_structured_request_hands_over_right_after_the_flags() {
-    let mut conn = Connection::new(Config {
-        request_structured_replies: false,
-        ..opt_config()
-    });
+    let mut conn = Connection::new(opt_config().request_structured_replies(false));
     feed(
         &mut conn,
         &Script::new().newstyle(FLAG_FIXED_NEWSTYLE).take(),
@@ -107,7 +100,7 @@ fn opt_list_reports_each_export_then_option_done() {
     assert!(matches!(
         events[3],
         Event::OptionDone {
-            option: OPT_LIST,
+            option: NbdOption::List,
             result: Ok(())
         }
     ));
@@ -130,7 +123,7 @@ fn opt_list_with_a_malformed_entry_kills_the_connection() {
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(matches!(
         &events[0],
-        Event::OptionDone { option: OPT_LIST, result: Err(e) } if e.errno() == Errno::Proto
+        Event::OptionDone { option: NbdOption::List, result: Err(e) } if e.errno() == Errno::Proto
     ));
     assert_dead(&conn, &events, Errno::Proto);
 }
@@ -148,7 +141,7 @@ fn opt_list_refused_is_option_done_with_the_error() {
     );
     match drain(&mut conn).as_slice() {
         [Event::OptionDone {
-            option: OPT_LIST,
+            option: NbdOption::List,
             result: Err(e),
         }] => {
             assert_eq!(e.errno(), Errno::Perm);
@@ -185,7 +178,7 @@ fn opt_info_answers_the_export_queries_without_entering_transmission() {
     assert!(matches!(
         drain(&mut conn).as_slice(),
         [Event::OptionDone {
-            option: OPT_INFO,
+            option: NbdOption::Info,
             result: Ok(())
         }]
     ));
@@ -215,7 +208,7 @@ fn opt_info_refused_forgets_partial_information() {
     );
     match drain(&mut conn).as_slice() {
         [Event::OptionDone {
-            option: OPT_INFO,
+            option: NbdOption::Info,
             result: Err(e),
         }] => assert_eq!(e.errno(), Errno::NoEnt),
         other => panic!("{other:?}"),
@@ -236,11 +229,17 @@ fn opt_go_refused_stays_negotiating_then_opt_go_succeeds() {
     );
     match drain(&mut conn).as_slice() {
         [Event::OptionDone {
-            option: OPT_GO,
+            option: NbdOption::Go,
             result: Err(e),
         }] => {
             assert_eq!(e.errno(), Errno::NoEnt);
-            assert!(matches!(e, Error::OptionRefused { option: OPT_GO, .. }));
+            assert!(matches!(
+                e,
+                Error::OptionRefused {
+                    option: NbdOption::Go,
+                    ..
+                }
+            ));
         }
         other => panic!("{other:?}"),
     }
@@ -276,7 +275,7 @@ fn opt_go_refused_unsup_does_not_fall_back_in_opt_mode() {
     );
     assert!(matches!(
         drain(&mut conn).as_slice(),
-        [Event::OptionDone { option: OPT_GO, result: Err(e) }] if e.errno() == Errno::NotSup
+        [Event::OptionDone { option: NbdOption::Go, result: Err(e) }] if e.errno() == Errno::NotSup
     ));
     assert!(
         conn.take_output().is_empty(),
@@ -287,10 +286,7 @@ fn opt_go_refused_unsup_does_not_fall_back_in_opt_mode() {
 
 #[test]
 fn opt_structured_reply_ack_and_refusal() {
-    let mut conn = Connection::new(Config {
-        request_structured_replies: false,
-        ..opt_config()
-    });
+    let mut conn = Connection::new(opt_config().request_structured_replies(false));
     let mut s = Script::new();
     feed(&mut conn, &s.newstyle(FLAG_FIXED_NEWSTYLE).take());
     let _ = conn.take_output();
@@ -307,7 +303,7 @@ fn opt_structured_reply_ack_and_refusal() {
     );
     assert!(matches!(
         drain(&mut conn).as_slice(),
-        [Event::OptionDone { option: OPT_STRUCTURED_REPLY, result: Err(e) }] if e.errno() == Errno::Perm
+        [Event::OptionDone { option: NbdOption::StructuredReply, result: Err(e) }] if e.errno() == Errno::Perm
     ));
     assert!(!conn.structured_replies_negotiated());
 
@@ -317,7 +313,7 @@ fn opt_structured_reply_ack_and_refusal() {
     assert!(matches!(
         drain(&mut conn).as_slice(),
         [Event::OptionDone {
-            option: OPT_STRUCTURED_REPLY,
+            option: NbdOption::StructuredReply,
             result: Ok(())
         }]
     ));
@@ -374,7 +370,7 @@ fn a_second_option_while_one_is_in_flight_is_invalid_state() {
     assert!(matches!(
         drain(&mut conn).as_slice(),
         [Event::OptionDone {
-            option: OPT_LIST,
+            option: NbdOption::List,
             result: Ok(())
         }]
     ));
@@ -418,7 +414,7 @@ fn opt_mode_rep_err_shutdown_reports_option_done_then_aborts() {
     );
     let events = drain(&mut conn);
     assert!(
-        matches!(events.as_slice(), [Event::OptionDone { option: OPT_INFO, result: Err(e) }] if e.errno() == Errno::Shutdown),
+        matches!(events.as_slice(), [Event::OptionDone { option: NbdOption::Info, result: Err(e) }] if e.errno() == Errno::Shutdown),
         "{events:?}"
     );
     // No new option while the abort waits to be written.
@@ -449,7 +445,7 @@ fn opt_go_failing_while_it_selects_contexts_is_reported_as_go() {
     );
     let events = drain(&mut conn);
     assert!(
-        matches!(events.as_slice(), [Event::OptionDone { option: OPT_GO, result: Err(e) }] if e.errno() == Errno::Shutdown),
+        matches!(events.as_slice(), [Event::OptionDone { option: NbdOption::Go, result: Err(e) }] if e.errno() == Errno::Shutdown),
         "{events:?}"
     );
     assert_eq!(sent_option(&mut conn).option, OPT_ABORT);
@@ -467,7 +463,7 @@ fn opt_go_failing_while_it_selects_contexts_is_reported_as_go() {
     conn.handle_input(&[]).unwrap();
     let events = drain(&mut conn);
     assert!(
-        matches!(&events[0], Event::OptionDone { option: OPT_GO, result: Err(e) } if e.errno() == Errno::NotConn),
+        matches!(&events[0], Event::OptionDone { option: NbdOption::Go, result: Err(e) } if e.errno() == Errno::NotConn),
         "{events:?}"
     );
 }
@@ -495,7 +491,7 @@ fn connection_death_fails_the_pending_option_once() {
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(matches!(
         &events[0],
-        Event::OptionDone { option: OPT_LIST, result: Err(e) } if e.errno() == Errno::NotConn
+        Event::OptionDone { option: NbdOption::List, result: Err(e) } if e.errno() == Errno::NotConn
     ));
     assert_dead(&conn, &events, Errno::NotConn);
 }

@@ -11,14 +11,13 @@ use std::collections::HashMap;
 use bytes::{Bytes, BytesMut};
 use nbd_proto::context::{BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
 use nbd_proto::wire::consts::*;
-use nbd_proto::{CmdFlags, Config, Cookie, Errno, Error, Event, ReadChunk, Strict};
+use nbd_proto::{
+    CmdFlags, Config, Cookie, Errno, Error, Event, OptionReplyError, ReadChunk, Strict,
+};
 use nbd_testkit::{Builder, FakeServer, Pair, Rng, Style};
 
 fn config_with_allocation() -> Config {
-    Config {
-        meta_contexts: vec![BASE_ALLOCATION.into()],
-        ..Config::default()
-    }
+    Config::default().meta_context(BASE_ALLOCATION)
 }
 
 fn base_seed() -> u64 {
@@ -52,11 +51,9 @@ fn handshake_in_every_style_and_feature_combination() {
                 .multi_conn(bits % 3 == 0)
                 .seed(u64::from(bits))
                 .build();
-            let config = Config {
-                request_structured_replies: cli_structured,
-                request_extended_headers: cli_extended,
-                ..config_with_allocation()
-            };
+            let config = config_with_allocation()
+                .request_structured_replies(cli_structured)
+                .request_extended_headers(cli_extended);
             // Half the runs deliver the streams in small random pieces.
             let mut pair = Pair::new(config, server);
             if bits % 2 == 1 {
@@ -126,11 +123,7 @@ fn go_asks_for_everything_and_gets_it() {
         .exports([("disk", "the test disk"), ("other", "")])
         .block_sizes(512, 4096, 1 << 20)
         .build();
-    let config = Config {
-        export_name: "disk".into(),
-        full_info: true,
-        ..config_with_allocation()
-    };
+    let config = config_with_allocation().export_name("disk").full_info(true);
     let mut pair = Pair::new(config, server);
     pair.handshake().unwrap();
     let c = &pair.client;
@@ -149,14 +142,11 @@ fn go_asks_for_everything_and_gets_it() {
 #[test]
 fn an_unknown_export_is_refused_by_go() {
     let server = FakeServer::builder().exports(["disk"]).build();
-    let config = Config {
-        export_name: "nope".into(),
-        ..Config::default()
-    };
+    let config = Config::default().export_name("nope");
     let mut pair = Pair::new(config, server);
     let err = pair.handshake().unwrap_err();
     assert!(
-        matches!(err, Error::OptionRefused { reply, .. } if reply == REP_ERR_UNKNOWN),
+        matches!(err, Error::OptionRefused { reply, .. } if reply == OptionReplyError::Unknown),
         "{err:?}"
     );
 }
@@ -166,11 +156,7 @@ fn opt_mode_lists_exports_and_contexts_then_goes() {
     let server = FakeServer::builder()
         .exports([("a", "first"), ("b", "second")])
         .build();
-    let config = Config {
-        opt_mode: true,
-        export_name: "b".into(),
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true).export_name("b");
     let mut pair = Pair::new(config, server);
     pair.handshake().unwrap();
     assert!(pair.client.is_negotiating());
@@ -218,10 +204,7 @@ fn opt_mode_lists_exports_and_contexts_then_goes() {
 
 #[test]
 fn opt_abort_ends_cleanly_on_both_sides() {
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let mut pair = Pair::new(config, FakeServer::new());
     pair.handshake().unwrap();
     pair.client.opt_abort().unwrap();
@@ -664,10 +647,7 @@ fn the_servers_refusals_reach_the_caller_as_errors() {
             .extended(false)
             .block_sizes(512, 4096, 4096)
             .build();
-        let config = Config {
-            strict: Strict::empty(),
-            ..Config::default()
-        };
+        let config = Config::default().strict(Strict::empty());
         let mut pair = Pair::new(config, server);
         pair.handshake().unwrap();
         let cases: Vec<(Cookie, Errno, &str)> = vec![

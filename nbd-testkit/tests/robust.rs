@@ -194,10 +194,7 @@ fn unframeable_requests_end_the_conversation() {
 fn recorded_client_stream(seed: u64) -> Vec<u8> {
     let builder = || FakeServer::builder().size(65536).seed(seed).chaotic();
     let mut server = builder().build();
-    let config = Config {
-        meta_contexts: vec![nbd_proto::context::BASE_ALLOCATION.into()],
-        ..Config::default()
-    };
+    let config = Config::default().meta_context(nbd_proto::context::BASE_ALLOCATION);
     let mut client = Connection::new(config);
     let mut log = Vec::new();
     let step = |client: &mut Connection, server: &mut FakeServer, log: &mut Vec<u8>| {

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
+use nbd_proto::{CmdFlags, Config, Connection, Cookie, Event};
 use nbd_testkit::{lock, spawn_unix, FakeServer, UnixServer};
 
 /// Drives `conn` over a blocking socket until `done` says so.
@@ -31,15 +31,16 @@ fn run_until(
     panic!("no end in sight");
 }
 
-fn wait(conn: &mut Connection, sock: &mut UnixStream, cookie: Cookie) -> Completion {
+/// The result and buffer of the completion of `cookie`.
+fn wait(
+    conn: &mut Connection,
+    sock: &mut UnixStream,
+    cookie: Cookie,
+) -> (nbd_proto::Result<()>, Option<BytesMut>) {
     let mut found = None;
     run_until(conn, sock, |_, e| match e {
         Event::Completed(c) if c.cookie == cookie => {
-            found = Some(Completion {
-                cookie: c.cookie,
-                result: c.result.clone(),
-                buffer: c.buffer.clone(),
-            });
+            found = Some((c.result.clone(), c.buffer.clone()));
             true
         }
         _ => false,
@@ -61,11 +62,11 @@ fn the_core_talks_to_a_spawned_server_over_a_socketpair() {
     let w = conn
         .pwrite(Bytes::from(vec![9u8; 5000]), 1000, CmdFlags::FUA)
         .unwrap();
-    assert!(wait(&mut conn, &mut sock, w).result.is_ok());
+    assert!(wait(&mut conn, &mut sock, w).0.is_ok());
     let r = conn
         .pread(BytesMut::zeroed(7000), 0, CmdFlags::empty())
         .unwrap();
-    let got = wait(&mut conn, &mut sock, r).buffer.unwrap();
+    let got = wait(&mut conn, &mut sock, r).1.unwrap();
     assert!(got[..1000].iter().all(|b| *b == 0));
     assert!(got[1000..6000].iter().all(|b| *b == 9));
     assert!(got[6000..].iter().all(|b| *b == 0));

@@ -64,10 +64,7 @@ fn nbdinfo_list(uri: &str) -> Vec<(String, u64, bool)> {
 #[test]
 fn opt_mode_lists_every_export_and_goes_to_one() {
     let server = four_exports();
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert!(client.connection().is_negotiating());
     assert_eq!(client.connection().protocol(), Some("newstyle-fixed"));
@@ -228,10 +225,7 @@ fn random_io_matches_model_file_and_nbdcopy() {
         Ok(_) => panic!("nbd-server has no export named \"\""),
         Err(err) => assert_eq!(err.errno(), Some(Errno::NoEnt), "{err}"),
     }
-    let config = Config {
-        export_name: "disk".into(),
-        ..Config::default()
-    };
+    let config = Config::default().export_name("disk");
     let mut client = Client::connect_tcp_with(&addr.ip().to_string(), addr.port(), config).unwrap();
     assert_eq!(client.size().unwrap(), 2 * MIB);
     let mut work = Workload::new(61, vec![0; 2 * MIB as usize], 1, 200 * KIB);
@@ -313,10 +307,7 @@ fn read_only_export_refuses_writes_with_eperm() {
 
 fn opt_abort_tolerates_a_server_that_just_closes() {
     let server = four_exports();
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let client = Client::connect_uri_with(&server.uri(), config.clone()).unwrap();
     if let Err(e) = client.opt_abort() {
         panic!("opt_abort right after the greeting: {e:?}");

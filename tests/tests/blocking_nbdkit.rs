@@ -275,7 +275,7 @@ fn pattern_plugin_reads_its_pattern() {
                 assert_eq!(*offset, covered, "{chunks:?}");
                 covered += length;
             }
-            ReadChunk::Error { .. } => panic!("error chunk: {chunks:?}"),
+            other => panic!("not a data or hole chunk: {other:?} in {chunks:?}"),
         }
     }
     assert_eq!(covered, 12_345 + 100_000, "{chunks:?}");
@@ -607,20 +607,14 @@ fn handshake_styles_and_structured_reply_choices() {
 
     // The client may decline structured replies, or fixed newstyle altogether.
     let server = NbdkitBuilder::pattern(64 * KIB).start();
-    let config = Config {
-        request_structured_replies: false,
-        ..Config::default()
-    };
+    let config = Config::default().request_structured_replies(false);
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert!(!client.connection().structured_replies_negotiated());
     assert_eq!(client.connection().protocol(), Some("newstyle-fixed"));
     assert_eq!(read(&mut client, 100, 1000), pattern_at(100, 1000));
     client.shutdown().unwrap();
 
-    let config = Config {
-        handshake_flags: HandshakeFlags::empty(),
-        ..Config::default()
-    };
+    let config = Config::default().handshake_flags(HandshakeFlags::empty());
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert_eq!(client.connection().handshake_flags_sent(), Some(0));
     assert!(!client.connection().structured_replies_negotiated());
@@ -640,11 +634,7 @@ fn opt_mode_list_info_and_go_with_named_exports() {
         .param("exportdesc", "fixed:a memory disk")
         .export_name("alpha")
         .start();
-    let config = Config {
-        opt_mode: true,
-        full_info: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true).full_info(true);
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert!(client.connection().is_negotiating());
     assert!(!client.connection().is_ready());
@@ -698,10 +688,7 @@ fn opt_mode_list_info_and_go_with_named_exports() {
     client.shutdown().unwrap();
 
     // opt_abort ends a negotiation cleanly.
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let client = Client::connect_uri_with(&server.uri(), config).unwrap();
     client.opt_abort().unwrap();
 }
@@ -709,10 +696,7 @@ fn opt_mode_list_info_and_go_with_named_exports() {
 #[test]
 fn opt_list_default_export_matches_nbdinfo() {
     let server = NbdkitBuilder::memory(MIB).start();
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     let list = client.opt_list().unwrap();
     let theirs = nbdinfo_list_json(&server.uri());

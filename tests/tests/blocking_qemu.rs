@@ -205,11 +205,7 @@ fn opt_mode_description_missing_export_then_good_one() {
         .arg("--description=my disk")
         .shared(4)
         .start();
-    let config = Config {
-        opt_mode: true,
-        full_info: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true).full_info(true);
     let mut client = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert!(client.connection().is_negotiating());
     let list = client.opt_list().unwrap();
@@ -286,7 +282,7 @@ fn structured_reads_over_holes_are_zero_filled() {
                 holes += 1;
                 (*offset, *length)
             }
-            ReadChunk::Error { .. } => panic!("error chunk: {chunks:?}"),
+            other => panic!("not a data or hole chunk: {other:?} in {chunks:?}"),
         };
         for at in offset..offset + length {
             assert!(!covered[at as usize], "byte {at} covered twice: {chunks:?}");

@@ -190,10 +190,7 @@ fn qemu_nbd_by_socket_activation_with_a_named_export() {
     std::fs::write(&image, &bytes).unwrap();
     let image_arg = image.to_str().unwrap();
     let target = Target::activation(["qemu-nbd", "-f", "raw", "-x", "disk", image_arg]);
-    let config = Config {
-        export_name: "disk".into(),
-        ..Config::default()
-    };
+    let config = Config::default().export_name("disk");
     let mut client = Client::connect(&target, config).unwrap();
     let pid = server_pid(&client);
     assert_eq!(client.size().unwrap(), MIB);
@@ -321,10 +318,7 @@ fn errors_name_what_could_not_be_reached() {
 fn qemu_nbd_over_tcp_by_target() {
     let server = QemuNbdBuilder::raw(MIB).tcp().start();
     let addr = server.tcp_addr().unwrap();
-    let config = Config {
-        export_name: server.export_name().to_string(),
-        ..Config::default()
-    };
+    let config = Config::default().export_name(server.export_name().to_string());
     let mut client = Client::connect_tcp_with(&addr.ip().to_string(), addr.port(), config).unwrap();
     write_flush_read_back(&mut client);
     client.shutdown().unwrap();

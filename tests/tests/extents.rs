@@ -62,10 +62,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// A configuration asking for `contexts` (and, by default, extended headers).
 fn config_with(contexts: &[&str]) -> Config {
-    Config {
-        meta_contexts: contexts.iter().map(|c| c.to_string()).collect(),
-        ..Config::default()
-    }
+    Config::default().meta_contexts(contexts.iter().copied())
 }
 
 fn connect(uri: &str, contexts: &[&str]) -> Client {
@@ -424,10 +421,7 @@ fn extended_headers_with_qemu_nbd() {
     check_map(&mut client, "after a 6 GiB trim");
 
     // A second client without extended headers cannot send such a request.
-    let config = Config {
-        request_extended_headers: false,
-        ..config_with(&[BASE])
-    };
+    let config = config_with(&[BASE]).request_extended_headers(false);
     let mut compact = Client::connect_uri_with(&server.uri(), config).unwrap();
     assert!(!compact.connection().extended_headers_negotiated());
     assert!(compact.connection().structured_replies_negotiated());
@@ -1050,10 +1044,7 @@ fn nbdinfo_contexts(uri: &str) -> Vec<String> {
 }
 
 fn opt_client(uri: &str) -> Client {
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let client = Client::connect_uri_with(uri, config).unwrap();
     assert!(client.connection().is_negotiating());
     client

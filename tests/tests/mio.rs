@@ -988,10 +988,7 @@ fn opt_mode_list_refusal_and_go_through_events() {
         .start();
     let mut l = Loop::new();
     let token = l.next_token();
-    let config = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let config = Config::default().opt_mode(true);
     let c = l.push(Client::connect_uri(&server.uri(), config, l.poll.registry(), token).unwrap());
     l.run_until("negotiation", |l| {
         l.clients[c].connection().is_negotiating()

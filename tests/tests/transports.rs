@@ -49,10 +49,7 @@ fn drive(conn: &mut Connection, socket: &mut Socket, mut done: impl FnMut(&Conne
 /// Negotiates, reads 512 bytes at `offset`, disconnects; returns the bytes
 /// and the export size.
 fn read_block(mut socket: Socket, export: &str, offset: u64) -> (Vec<u8>, u64) {
-    let config = Config {
-        export_name: export.to_string(),
-        ..Config::default()
-    };
+    let config = Config::default().export_name(export.to_string());
     let mut conn = Connection::new(config);
     drive(&mut conn, &mut socket, Connection::is_ready);
     let size = conn.size().unwrap();

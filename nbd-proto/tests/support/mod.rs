@@ -409,10 +409,7 @@ pub fn errno_of(result: &Result<(), Error>) -> Errno {
 /// server that does not know them (nbdkit 1.32, nbd-server), which most
 /// scripted tests speak.
 pub fn compact() -> Config {
-    Config {
-        request_extended_headers: false,
-        ..Config::default()
-    }
+    Config::default().request_extended_headers(false)
 }
 
 pub fn handshake(config: Config, export: Export) -> Connection {
@@ -490,13 +487,7 @@ pub fn ready(export: Export) -> Connection {
 
 /// A connection in transmission with the given strict mode.
 pub fn ready_strict(export: Export, strict: Strict) -> Connection {
-    handshake(
-        Config {
-            strict,
-            ..Config::default()
-        },
-        export,
-    )
+    handshake(Config::default().strict(strict), export)
 }
 
 /// A read buffer of `len` bytes filled with `fill`.
@@ -519,11 +510,7 @@ pub fn bytes_of(data: &[u8]) -> Bytes {
 
 /// A read chunk event's cookie.
 pub fn chunk_cookie(chunk: &ReadChunk) -> Cookie {
-    match chunk {
-        ReadChunk::Data { cookie, .. }
-        | ReadChunk::Hole { cookie, .. }
-        | ReadChunk::Error { cookie, .. } => *cookie,
-    }
+    chunk.cookie()
 }
 
 /// Asserts the connection died with an error of kind `errno`, reported by exactly

@@ -397,10 +397,7 @@ impl<D: Driver> Stress<'_, D> {
 
 /// Connects for `run` and sets up the model of the export.
 fn connect<D: Driver>(run: &Run) -> Stress<'_, D> {
-    let config = nbd_proto::Config {
-        meta_contexts: vec![BASE_ALLOCATION.into()],
-        ..nbd_proto::Config::default()
-    };
+    let config = nbd_proto::Config::default().meta_context(BASE_ALLOCATION);
     let client = D::connect(&run.uri, config).unwrap_or_else(|e| {
         panic!(
             "stress {}: {} cannot connect to {} ({}): {e}",
