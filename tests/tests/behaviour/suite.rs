@@ -190,13 +190,6 @@ fn issued(result: nbd_io::Result<Cookie>, what: &str) -> Cookie {
     result.unwrap_or_else(|e| panic!("{NAME}: {what}: {e}"))
 }
 
-/// The default configuration with `change` applied.
-fn config_with(change: impl FnOnce(&mut Config)) -> Config {
-    let mut config = Config::default();
-    change(&mut config);
-    config
-}
-
 fn connect(server: &ServerHandle) -> Harness {
     connect_with(server, Config::default())
 }
@@ -312,7 +305,7 @@ fn nbdkit_handshake_facts() {
     h.disconnect();
 
     // Declining structured replies declines extended headers too.
-    let config = config_with(|c| c.request_structured_replies = false);
+    let config = Config::default().request_structured_replies(false);
     let mut h = connect_with(&server, config);
     assert!(!h.client.connection().structured_replies_negotiated());
     assert!(!h.client.connection().extended_headers_negotiated());
@@ -358,7 +351,7 @@ fn qemu_handshake_facts() {
     }
     h.disconnect();
 
-    let config = config_with(|c| c.request_extended_headers = false);
+    let config = Config::default().request_extended_headers(false);
     let mut h = connect_with(&server, config);
     assert!(!h.client.connection().extended_headers_negotiated());
     assert!(h.client.connection().structured_replies_negotiated());
@@ -586,7 +579,7 @@ fn qemu_qcow2_every_command() {
 #[test]
 fn nbdkit_block_status() {
     let server = NbdkitBuilder::memory(MIB).start();
-    let config = config_with(|c| c.meta_contexts = vec!["base:allocation".into()]);
+    let config = Config::default().meta_context(nbd_proto::context::BASE_ALLOCATION);
     let mut h = connect_with(&server, config);
     assert!(h.client.connection().can_meta_context("base:allocation"));
     h.run(|c| {
