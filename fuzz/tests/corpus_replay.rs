@@ -9,7 +9,7 @@ use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use nbd_fuzz::rng::XorShift;
+use nbd_fuzz::rng::Rng;
 use nbd_fuzz::seeds::{server_bytes_seeds, structured_seeds};
 use nbd_fuzz::structured::StructuredInput;
 use nbd_fuzz::Report;
@@ -269,7 +269,7 @@ fn seeds_reach_their_goals() {
 }
 
 /// Applies a few random edits to `data`.
-fn mutate(rng: &mut XorShift, data: &mut Vec<u8>) {
+fn mutate(rng: &mut Rng, data: &mut Vec<u8>) {
     for _ in 0..=rng.below(4) {
         let len = data.len() as u64;
         match rng.below(6) {
@@ -312,7 +312,7 @@ fn pseudo_random_inputs() {
     const RUNS: usize = 3000;
     let server = corpus_files("server_bytes");
     let structured = corpus_files("structured");
-    let mut rng = XorShift::new(0x6e62_645f_6675_7a7a);
+    let mut rng = Rng::new(0x6e62_645f_6675_7a7a);
     let mut failures = Vec::new();
     for i in 0..RUNS {
         let mut a = server[rng.below(server.len() as u64) as usize].1.clone();

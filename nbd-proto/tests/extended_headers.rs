@@ -12,6 +12,7 @@ use nbd_proto::{
     MAX_REQUEST_SIZE,
 };
 use proptest::prelude::*;
+use support::Rng;
 use support::*;
 
 const BASE: &str = "base:allocation";
@@ -634,20 +635,20 @@ enum Expect {
 }
 
 /// Extents for `len` bytes: 1 to 4 of them, the last maybe running past the end.
-fn extents_for(len: u64, one: bool, rng: &mut SplitRng) -> Vec<(u64, u64)> {
-    let n = if one { 1 } else { rng.range(1, 4) };
+fn extents_for(len: u64, one: bool, rng: &mut Rng) -> Vec<(u64, u64)> {
+    let n = if one { 1 } else { rng.between(1, 4) };
     let mut out = Vec::new();
     let mut left = len;
     for k in 0..n {
         let last = k + 1 == n || left <= 1;
         let length = if last {
-            left + if rng.chance(30) {
-                rng.range(1, 1 << 20)
+            left + if rng.chance(0.3) {
+                rng.between(1, 1 << 20)
             } else {
                 0
             }
         } else {
-            rng.range(1, left - 1)
+            rng.between(1, left - 1)
         };
         out.push((length, rng.below(4)));
         if last {
@@ -659,7 +660,7 @@ fn extents_for(len: u64, one: bool, rng: &mut SplitRng) -> Vec<(u64, u64)> {
 }
 
 /// The server's replies, commands interleaved, and what each should end with.
-fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<Expect>) {
+fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut Rng) -> (Vec<u8>, Vec<Expect>) {
     let mut per_command: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut expect = Vec::new();
     for (i, (op, &cookie)) in ops.iter().zip(cookies).enumerate() {
@@ -668,9 +669,9 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<
         match *op {
             Op::Read { offset, len, .. } => {
                 let data = pattern(len, (i as u8).wrapping_mul(11));
-                let pieces = rng.range(1, 3) as usize;
+                let pieces = rng.between(1, 3) as usize;
                 let mut cuts: Vec<usize> = (1..pieces)
-                    .map(|_| rng.range(1, len.max(2) as u64 - 1) as usize)
+                    .map(|_| rng.between(1, len.max(2) as u64 - 1) as usize)
                     .filter(|&c| c < len)
                     .collect();
                 cuts.extend([0, len]);
@@ -684,13 +685,13 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<
                 }
                 // Sometimes one chunk names the wrong request offset.
                 let bad = rng
-                    .chance(15)
+                    .chance(0.15)
                     .then(|| rng.below(ranges.len() as u64) as usize);
                 let mut content = data.clone();
                 for (k, &(a, b)) in ranges.iter().enumerate() {
                     let last = k + 1 == ranges.len();
                     let header_offset = if bad == Some(k) { offset + 1 } else { offset };
-                    if rng.chance(30) {
+                    if rng.chance(0.3) {
                         s.ext_hole(
                             cookie,
                             header_offset,
@@ -715,14 +716,14 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<
                 req_one,
             } => {
                 let mut contexts = vec![BASE_ID, DIRTY_ID];
-                if rng.chance(50) {
+                if rng.chance(0.5) {
                     contexts.reverse();
                 }
                 let mut reports = Vec::new();
                 // 0: missing context, 1: duplicate, 2: zero-length extent,
                 // 3: empty payload; else valid.
                 let fault = rng.below(10);
-                let end_with_none = rng.chance(25);
+                let end_with_none = rng.chance(0.25);
                 let mut sent = contexts.clone();
                 match fault {
                     0 => {
@@ -763,7 +764,7 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<
             Op::Filter { offset, len, base } => {
                 let id = if base { BASE_ID } else { DIRTY_ID };
                 let pairs = extents_for(len, false, rng);
-                if rng.chance(20) {
+                if rng.chance(0.2) {
                     // The other context, not asked for.
                     let other = if base { DIRTY_ID } else { BASE_ID };
                     s.block_status_ext(cookie, offset, false, other, &[(len, 0)]);
@@ -778,7 +779,7 @@ fn replies(ops: &[Op], cookies: &[Cookie], rng: &mut SplitRng) -> (Vec<u8>, Vec<
                 }
             }
             Op::Write { offset, .. } | Op::Trim { offset, .. } => {
-                if rng.chance(25) {
+                if rng.chance(0.25) {
                     s.ext_error_chunk(cookie, offset, ENOSPC, "full", true);
                     expect.push(Expect::Err);
                 } else {
@@ -820,7 +821,7 @@ struct Run {
 }
 
 fn run(ops: &[Op], reply_bytes: &[u8], cookies: &[Cookie], mode: Mode, seed: u64) -> Run {
-    let mut rng = SplitRng(seed);
+    let mut rng = Rng::new(seed);
     let mut conn = Connection::new(split_config());
     let mut events = Vec::new();
     let mut done = Vec::new();
@@ -885,7 +886,7 @@ proptest! {
         probe.handle_input(&handshake_bytes()).unwrap();
         let _ = probe.take_output();
         let cookies = issue(&mut probe, &ops);
-        let (reply_bytes, expect) = replies(&ops, &cookies, &mut SplitRng(reply_seed));
+        let (reply_bytes, expect) = replies(&ops, &cookies, &mut Rng::new(reply_seed));
 
         let whole = run(&ops, &reply_bytes, &cookies, Mode::Whole, feed_seed);
 

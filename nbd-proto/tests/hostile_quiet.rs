@@ -779,19 +779,19 @@ fn feed_as(conn: &mut Connection, bytes: &[u8], how: Feed) {
         Feed::Whole => input(conn, bytes),
         Feed::ByteAtATime => bytes.chunks(1).for_each(|b| input(conn, b)),
         Feed::Pieces(seed) => {
-            let mut rng = SplitRng(seed);
+            let mut rng = Rng::new(seed);
             let mut rest = bytes;
             while !rest.is_empty() {
-                let n = (rng.range(1, 64) as usize).min(rest.len());
+                let n = (rng.between(1, 64) as usize).min(rest.len());
                 input(conn, &rest[..n]);
                 rest = &rest[n..];
             }
         }
         Feed::ZeroCopy(seed) => {
-            let mut rng = SplitRng(seed);
+            let mut rng = Rng::new(seed);
             let mut rest = bytes;
             while !rest.is_empty() {
-                let want = rng.range(1, 700) as usize;
+                let want = rng.between(1, 700) as usize;
                 let buf = conn.recv_buf();
                 if buf.is_empty() {
                     break;

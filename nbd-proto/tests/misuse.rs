@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, Read};
 use bytes::Bytes;
 use nbd_proto::wire::consts::*;
 use nbd_proto::{CmdFlags, Config, Connection, Cookie, Direction, Errno, Error, Event};
+use support::Rng;
 use support::*;
 
 /// A structured connection with one 512-byte read at 0 in flight.
@@ -443,12 +444,12 @@ fn clean_run() -> (Vec<u8>, Vec<String>) {
 /// of some kind before many of the calls. Every misuse must be refused with
 /// EINVAL, and the run must end exactly as the clean one.
 fn run_with_misuse(seed: u64) -> (Vec<u8>, Vec<String>) {
-    let mut rng = SplitRng(seed);
+    let mut rng = Rng::new(seed);
     let mut conn = ready(Export::default());
     let cookies = issue(&mut conn);
     let mut refused = 0;
-    let misuse = |conn: &mut Connection, rng: &mut SplitRng, offered: Option<usize>| -> usize {
-        if !rng.chance(40) {
+    let misuse = |conn: &mut Connection, rng: &mut Rng, offered: Option<usize>| -> usize {
+        if !rng.chance(0.4) {
             return 0;
         }
         let e = match (rng.below(2), offered) {
@@ -466,7 +467,7 @@ fn run_with_misuse(seed: u64) -> (Vec<u8>, Vec<String>) {
             let mut iov = [IoSlice::new(&[]); 3];
             let n = conn.output(&mut iov);
             let flat: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
-            let take = (rng.range(1, 2000) as usize).min(flat.len());
+            let take = (rng.between(1, 2000) as usize).min(flat.len());
             sent.extend_from_slice(&flat[..take]);
             (take, flat.len())
         };
@@ -479,14 +480,14 @@ fn run_with_misuse(seed: u64) -> (Vec<u8>, Vec<String>) {
     while !rest.is_empty() {
         let buf = conn.recv_buf();
         let len = buf.len();
-        let n = (rng.range(1, 40_000) as usize).min(len).min(rest.len());
+        let n = (rng.between(1, 40_000) as usize).min(len).min(rest.len());
         buf[..n].copy_from_slice(&rest[..n]);
         refused += misuse(&mut conn, &mut rng, Some(len));
         conn.notify_read(n).unwrap();
         rest = &rest[n..];
         // No offer is left now: any report is refused. At least one misuse
         // is made in every run, whatever the seed draws.
-        if rng.chance(30) || refused == 0 {
+        if rng.chance(0.3) || refused == 0 {
             assert_einval(&conn.notify_read(1 + rng.below(50) as usize).unwrap_err());
             refused += 1;
         }

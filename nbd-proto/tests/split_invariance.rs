@@ -14,6 +14,7 @@ use nbd_proto::wire::consts::*;
 use nbd_proto::wire::Info;
 use nbd_proto::{CmdFlags, Connection, Cookie, Event};
 use proptest::prelude::*;
+use support::Rng;
 use support::*;
 
 const EXPORT_SIZE: u64 = 1 << 20;
@@ -117,7 +118,7 @@ fn replies(
     ops: &[Op],
     cookies: &[Cookie],
     structured: bool,
-    rng: &mut SplitRng,
+    rng: &mut Rng,
 ) -> (Vec<u8>, Vec<Expect>) {
     let mut per_command: Vec<Vec<Vec<u8>>> = Vec::new();
     let mut expect = Vec::new();
@@ -128,7 +129,7 @@ fn replies(
             Op::Read { offset, len, .. } => {
                 let data = pattern(len, (i as u8).wrapping_mul(7));
                 if !structured {
-                    if rng.chance(15) {
+                    if rng.chance(0.15) {
                         s.simple(*cookie, EIO, &[]);
                         expect.push(Expect::Err);
                     } else {
@@ -138,9 +139,9 @@ fn replies(
                     msgs.push(s.take());
                 } else {
                     // Cut the range into pieces, each data or hole, sent in any order.
-                    let pieces = rng.range(1, 4) as usize;
+                    let pieces = rng.between(1, 4) as usize;
                     let mut cuts: Vec<usize> = (1..pieces)
-                        .map(|_| rng.range(1, len.max(2) as u64 - 1) as usize)
+                        .map(|_| rng.between(1, len.max(2) as u64 - 1) as usize)
                         .filter(|&c| c < len)
                         .collect();
                     cuts.push(0);
@@ -154,9 +155,9 @@ fn replies(
                         ranges.swap(k, j);
                     }
                     let error_at = rng
-                        .chance(20)
+                        .chance(0.2)
                         .then(|| rng.below(ranges.len() as u64 + 1) as usize);
-                    let end_with_none = rng.chance(30);
+                    let end_with_none = rng.chance(0.3);
                     let mut content = data.clone();
                     for (k, &(a, b)) in ranges.iter().enumerate() {
                         if error_at == Some(k) {
@@ -167,7 +168,7 @@ fn replies(
                         let last = k + 1 == ranges.len()
                             && error_at != Some(ranges.len())
                             && !end_with_none;
-                        if rng.chance(30) {
+                        if rng.chance(0.3) {
                             s.hole(*cookie, offset + a as u64, (b - a) as u32, last);
                             content[a..b].fill(0);
                         } else {
@@ -248,7 +249,7 @@ fn run(
     mode: Mode,
     feed_seed: u64,
 ) -> Run {
-    let mut rng = SplitRng(feed_seed);
+    let mut rng = Rng::new(feed_seed);
     let mut conn = Connection::new(compact());
     let mut events = Vec::new();
     let mut buffers = Vec::new();
@@ -298,7 +299,7 @@ proptest! {
         probe.handle_input(&handshake).unwrap();
         let _ = probe.take_output();
         let cookies = issue(&mut probe, &ops);
-        let (reply_bytes, expect) = replies(&ops, &cookies, structured, &mut SplitRng(reply_seed));
+        let (reply_bytes, expect) = replies(&ops, &cookies, structured, &mut Rng::new(reply_seed));
 
         let whole = run(structured, &ops, &handshake, &reply_bytes, &cookies, Mode::Whole, feed_seed);
         // Every command completed exactly once, successful reads with the right bytes.
@@ -330,7 +331,7 @@ proptest! {
 fn successful_reads_hold_exactly_the_data_and_zeroed_holes() {
     // A fixed transcript checked against the expected buffer contents, so the
     // invariance above is not merely "equally wrong".
-    let mut rng = SplitRng(7);
+    let mut rng = Rng::new(7);
     let ops = [
         Op::Read {
             offset: 100,
@@ -365,7 +366,15 @@ fn successful_reads_hold_exactly_the_data_and_zeroed_holes() {
         Mode::ByteAtATime,
         Mode::ZeroCopy,
     ] {
-        let r = run(true, &ops, &handshake, &bytes, &cookies, mode, rng.next());
+        let r = run(
+            true,
+            &ops,
+            &handshake,
+            &bytes,
+            &cookies,
+            mode,
+            rng.next_u64(),
+        );
         let find = |c: Cookie| r.buffers.iter().find(|b| b.0 == c).unwrap().2.clone();
         let b0 = find(cookies[0]).unwrap();
         assert!(b0[..40_000].iter().all(|&b| b == 0));

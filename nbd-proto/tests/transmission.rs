@@ -507,24 +507,6 @@ fn unknown_error_chunk_types_are_errors_with_their_errno() {
     );
 }
 
-/// A small deterministic generator for orders and sizes.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 #[test]
 fn many_commands_in_flight_answered_in_reverse_and_random_order() {
     for (round, structured) in [(0u64, false), (1, true), (2, false), (3, true)] {
@@ -556,7 +538,7 @@ fn many_commands_in_flight_answered_in_reverse_and_random_order() {
         if round < 2 {
             order.reverse();
         } else {
-            Lcg(round).shuffle(&mut order);
+            nbd_testkit::Rng::new(round).shuffle(&mut order);
         }
         for (n, (cookie, i)) in order.iter().enumerate() {
             let mut s = Script::new();

@@ -68,6 +68,16 @@ impl Rng {
         range.start + self.below(range.end.saturating_sub(range.start))
     }
 
+    /// A value in `low..=high` (both ends included); `low` when `high < low`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below((high.saturating_sub(low)).saturating_add(1))
+    }
+
+    /// A length in `1..=max` (a `max` of 0 counts as 1).
+    pub fn size(&mut self, max: usize) -> usize {
+        self.between(1, max.max(1) as u64) as usize
+    }
+
     /// A `usize` in `range`; `range.start` when the range is empty.
     pub fn range_usize(&mut self, range: Range<usize>) -> usize {
         self.range(range.start as u64..range.end as u64) as usize

@@ -19,59 +19,9 @@ use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Errno};
 
-/// A xorshift64* generator with a fixed seed: reproducible "random" offsets,
-/// lengths and data without the `rand` crate.
-///
-/// ```
-/// let mut a = nbd_tests::testkit::XorShift::new(42);
-/// let mut b = nbd_tests::testkit::XorShift::new(42);
-/// assert_eq!(a.next_u64(), b.next_u64());
-/// assert!(a.below(10) < 10);
-/// ```
-#[derive(Debug, Clone)]
-pub struct XorShift(u64);
-
-impl XorShift {
-    /// A generator started from `seed` (0 is replaced by a fixed constant).
-    pub fn new(seed: u64) -> Self {
-        XorShift(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
-    }
-
-    /// The next 64 pseudo-random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..bound` (`bound` > 0).
-    pub fn below(&mut self, bound: u64) -> u64 {
-        assert!(bound > 0, "XorShift::below(0)");
-        self.next_u64() % bound
-    }
-
-    /// A number in `low..=high`.
-    pub fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.below(high - low + 1)
-    }
-
-    /// `len` pseudo-random bytes.
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
+/// The one seeded generator of the tests: reproducible "random" offsets,
+/// lengths and data.
+pub use nbd_testkit::Rng;
 
 /// What nbdkit's pattern plugin serves for `offset..offset + len`: each
 /// 8-byte aligned word holds its own offset, big-endian.
@@ -200,7 +150,7 @@ pub enum Op {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Workload {
-    rng: XorShift,
+    rng: Rng,
     align: u64,
     max_len: u64,
     zero: bool,
@@ -215,7 +165,7 @@ impl Workload {
     pub fn new(seed: u64, initial: Vec<u8>, align: u64, max_len: u64) -> Self {
         assert!(align > 0 && max_len >= align && initial.len() as u64 >= align);
         Workload {
-            rng: XorShift::new(seed),
+            rng: Rng::new(seed),
             align,
             max_len,
             zero: true,
@@ -242,7 +192,7 @@ impl Workload {
         let size = self.model.len() as u64;
         let blocks = size / self.align;
         let max_blocks = (self.max_len / self.align).min(blocks);
-        let len_blocks = self.rng.range(1, max_blocks);
+        let len_blocks = self.rng.between(1, max_blocks);
         let offset_blocks = self.rng.below(blocks - len_blocks + 1);
         (offset_blocks * self.align, len_blocks * self.align)
     }
@@ -273,7 +223,7 @@ impl Workload {
     }
 
     /// The generator, for extra choices of the test's own.
-    pub fn rng(&mut self) -> &mut XorShift {
+    pub fn rng(&mut self) -> &mut Rng {
         &mut self.rng
     }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Config, Errno, Strict};
 use nbd_tests::testkit::{
-    assert_errno, assert_matches_nbdinfo, negotiated, read, run_workload, Workload, XorShift,
+    assert_errno, assert_matches_nbdinfo, negotiated, read, run_workload, Rng, Workload,
 };
 use nbd_tests::{nbdinfo_list_json, read_export, NbdServerBuilder, NbdServerExport, ServerHandle};
 
@@ -149,7 +149,7 @@ fn every_advertised_command_on_gamma() {
     let server = four_exports();
     let backing = server.backing_file_for("gamma").unwrap().to_path_buf();
     let mut client = Client::connect_uri(&server.uri_for("gamma")).unwrap();
-    let mut rng = XorShift::new(51);
+    let mut rng = Rng::new(51);
     let data = rng.bytes(100_000);
     client
         .pwrite(Bytes::from(data.clone()), 1234, CmdFlags::empty())
@@ -232,11 +232,11 @@ fn random_io_matches_model_file_and_nbdcopy() {
     run_workload(&mut client, &mut work, 250);
 
     // A batch of aio writes in flight at once, to disjoint places.
-    let mut rng = XorShift::new(62);
+    let mut rng = Rng::new(62);
     let mut cookies = HashMap::new();
     for slot in 0..32u64 {
         let offset = slot * 64 * KIB + rng.below(1000);
-        let len = rng.range(1, 60 * KIB) as usize;
+        let len = rng.between(1, 60 * KIB) as usize;
         let data = rng.bytes(len);
         work.model[offset as usize..][..len].copy_from_slice(&data);
         let cookie = client

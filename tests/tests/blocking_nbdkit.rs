@@ -14,7 +14,7 @@ use nbd_blocking::{Client, Error, ExportFile};
 use nbd_proto::{CmdFlags, Config, Cookie, Errno, HandshakeFlags, ReadChunk, Strict};
 use nbd_tests::testkit::{
     assert_errno, assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, read,
-    run_workload, Negotiated, Workload, XorShift,
+    run_workload, Negotiated, Rng, Workload,
 };
 use nbd_tests::{json_value, nbdinfo_json, nbdinfo_list_json, read_export, NbdkitBuilder};
 
@@ -69,7 +69,7 @@ fn memory_plugin_handshake_and_every_command() {
     }
     assert_matches_nbdinfo(&server.uri(), &got);
 
-    let mut rng = XorShift::new(1);
+    let mut rng = Rng::new(1);
     let data = rng.bytes(64 * KIB as usize);
     client
         .pwrite(Bytes::from(data.clone()), 4 * KIB, CmdFlags::empty())
@@ -166,11 +166,11 @@ fn memory_plugin_random_io_matches_model_and_nbdcopy() {
 
     // Then one batch of aio writes to disjoint places, all in flight at once,
     // and reads of everything.
-    let mut rng = XorShift::new(99);
+    let mut rng = Rng::new(99);
     let mut cookies = HashMap::new();
     for slot in 0..64u64 {
         let offset = slot * 32 * KIB + rng.below(16 * KIB);
-        let len = rng.range(1, 16 * KIB) as usize;
+        let len = rng.between(1, 16 * KIB) as usize;
         let data = rng.bytes(len);
         work.model[offset as usize..][..data.len()].copy_from_slice(&data);
         let cookie = client
@@ -247,10 +247,10 @@ fn pattern_plugin_reads_its_pattern() {
     assert!(!flag(&got, "can_trim"));
     assert_matches_nbdinfo(&server.uri(), &got);
 
-    let mut rng = XorShift::new(3);
+    let mut rng = Rng::new(3);
     for _ in 0..50 {
         let offset = rng.below(3 * MIB - 1);
-        let len = rng.range(1, (3 * MIB - offset).min(200 * KIB));
+        let len = rng.between(1, (3 * MIB - offset).min(200 * KIB));
         assert_eq!(
             read(&mut client, offset, len),
             pattern_at(offset, len as usize),
@@ -401,7 +401,7 @@ fn convenience_calls_respect_the_maximum_block_size() {
         .start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
     assert_eq!(client.connection().block_sizes().unwrap().maximum, 65536);
-    let data = XorShift::new(64).bytes(300 * KIB as usize);
+    let data = Rng::new(64).bytes(300 * KIB as usize);
     if let Err(e) = client.write_all_at(&data, 1000) {
         panic!("write_all_at of 300 KiB with a 64 KiB maximum block size: {e}");
     }
@@ -801,7 +801,7 @@ fn export_file_copy_in_and_out_and_seek() {
     let server = NbdkitBuilder::memory(MIB).start();
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.bin");
-    let data = XorShift::new(5).bytes(700_001);
+    let data = Rng::new(5).bytes(700_001);
     fs::write(&source, &data).unwrap();
 
     let client = Client::connect_uri(&server.uri()).unwrap();

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Config, Cookie, Errno, ReadChunk, Strict};
 use nbd_tests::testkit::{
-    assert_errno, assert_matches_nbdinfo, negotiated, read, run_workload, Workload, XorShift,
+    assert_errno, assert_matches_nbdinfo, negotiated, read, run_workload, Rng, Workload,
 };
 use nbd_tests::{qemu_img_compare, read_export, ImageFormat, QemuNbdBuilder, ServerHandle};
 
@@ -64,7 +64,7 @@ fn writable_image(format: ImageFormat, seed: u64) {
     run_workload(&mut client, &mut work, 150);
 
     // FUA writes read back.
-    let data = XorShift::new(seed + 1).bytes(70_000);
+    let data = Rng::new(seed + 1).bytes(70_000);
     work.model[1_000_003..][..data.len()].copy_from_slice(&data);
     client
         .pwrite(Bytes::from(data.clone()), 1_000_003, CmdFlags::FUA)
@@ -99,7 +99,7 @@ fn writable_image(format: ImageFormat, seed: u64) {
     // written again and only that is checked.
     client.trim(256 * KIB, 3 * MIB, CmdFlags::empty()).unwrap();
     client.trim(4 * KIB, 3 * MIB, CmdFlags::FUA).unwrap();
-    let again = XorShift::new(seed + 2).bytes(256 * KIB as usize);
+    let again = Rng::new(seed + 2).bytes(256 * KIB as usize);
     work.model[3 * MIB as usize..][..again.len()].copy_from_slice(&again);
     client
         .pwrite(Bytes::from(again), 3 * MIB, CmdFlags::empty())
@@ -131,7 +131,7 @@ fn qcow2_writable_every_command_and_random_io() {
 }
 
 fn read_only_image(format: ImageFormat) {
-    let data = XorShift::new(21).bytes(MIB as usize);
+    let data = Rng::new(21).bytes(MIB as usize);
     let server = QemuNbdBuilder::from_bytes(format, &data)
         .read_only()
         .export_name("ro")
@@ -144,10 +144,10 @@ fn read_only_image(format: ImageFormat) {
     assert!(!client.connection().can_trim().unwrap());
     assert_matches_nbdinfo(&server.uri(), &got);
 
-    let mut rng = XorShift::new(22);
+    let mut rng = Rng::new(22);
     for _ in 0..40 {
         let offset = rng.below(MIB);
-        let len = rng.range(1, (MIB - offset).min(128 * KIB));
+        let len = rng.between(1, (MIB - offset).min(128 * KIB));
         assert!(
             read(&mut client, offset, len) == data[offset as usize..][..len as usize],
             "{len} bytes at {offset}"
@@ -260,7 +260,7 @@ fn opt_mode_description_missing_export_then_good_one() {
 fn structured_reads_over_holes_are_zero_filled() {
     let server = QemuNbdBuilder::qcow2(2 * MIB).shared(4).start();
     let mut client = Client::connect_uri(&server.uri()).unwrap();
-    let data = XorShift::new(31).bytes(64 * KIB as usize);
+    let data = Rng::new(31).bytes(64 * KIB as usize);
     client
         .pwrite(Bytes::from(data.clone()), 512 * KIB, CmdFlags::empty())
         .unwrap();
@@ -309,12 +309,12 @@ fn many_commands_in_flight_over_tcp() {
     let addr = server.tcp_addr().unwrap();
     let mut client = Client::connect_tcp(&addr.ip().to_string(), addr.port()).unwrap();
     assert_eq!(client.size().unwrap(), 4 * MIB);
-    let mut rng = XorShift::new(41);
+    let mut rng = Rng::new(41);
     let mut model = vec![0u8; 4 * MIB as usize];
     let mut writes = HashMap::new();
     for slot in 0..64u64 {
         let offset = slot * 64 * KIB + rng.below(1000);
-        let len = rng.range(1, 60 * KIB) as usize;
+        let len = rng.between(1, 60 * KIB) as usize;
         let data = rng.bytes(len);
         model[offset as usize..][..len].copy_from_slice(&data);
         let flags = if slot % 4 == 0 {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use nbd_tests::testkit::{nbd_binary, pattern_bytes, run_nbd, XorShift};
+use nbd_tests::testkit::{nbd_binary, pattern_bytes, run_nbd, Rng};
 use nbd_tests::{
     nbdcopy, nbdinfo, nbdinfo_json, nbdinfo_list_json, nbdinfo_size, qemu_img_compare, read_export,
     require_tool, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, ServerHandle,
@@ -195,7 +195,7 @@ fn info_json(uri: &str) -> String {
 }
 
 fn random_data(seed: u64, len: u64) -> Vec<u8> {
-    XorShift::new(seed).bytes(len as usize)
+    Rng::new(seed).bytes(len as usize)
 }
 
 /// `hexdump -C` of `bytes` from `offset`, with its 8-digit offsets widened to
@@ -790,10 +790,10 @@ fn copy_failures_are_one_line_errors() {
 #[test]
 fn copy_sparse_source_over_garbage() {
     let mut data = vec![0u8; 4 * MIB as usize];
-    let mut rng = XorShift::new(107);
+    let mut rng = Rng::new(107);
     for _ in 0..6 {
         let at = rng.below(4 * MIB - 70_000) as usize;
-        let len = rng.range(1, 65_536) as usize;
+        let len = rng.between(1, 65_536) as usize;
         data[at..at + len].copy_from_slice(&rng.bytes(len));
     }
     data[4 * MIB as usize - 1] = 0x42;

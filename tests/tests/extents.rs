@@ -32,7 +32,7 @@ use serde_json::Value;
 use nbd_blocking::{Client, Error};
 use nbd_proto::{BlockStatus, CmdFlags, Config, Errno, Extent};
 use nbd_tests::clients::run_checked;
-use nbd_tests::testkit::{nbd_binary, run_nbd, XorShift};
+use nbd_tests::testkit::{nbd_binary, run_nbd, Rng};
 use nbd_tests::{
     nbdinfo, nbdinfo_json, qemu_img_compare, require_tool, ImageFormat, NbdkitBuilder,
     QemuNbdBuilder, ServerHandle,
@@ -319,7 +319,7 @@ fn extended_headers_with_qemu_nbd() {
     assert_eq!(client.size().unwrap(), SIZE);
 
     // Data at both ends: the hole between is one extent of almost 6 GiB.
-    let mut rng = XorShift::new(11);
+    let mut rng = Rng::new(11);
     let head = rng.bytes(MIB as usize);
     let middle = rng.bytes(64 * KIB as usize);
     let tail = rng.bytes(MIB as usize);
@@ -452,7 +452,7 @@ fn extended_headers_absent_with_nbdkit() {
     assert!(c.structured_replies_negotiated());
     assert!(c.can_meta_context(BASE));
 
-    let data = XorShift::new(5).bytes(256 * KIB as usize);
+    let data = Rng::new(5).bytes(256 * KIB as usize);
     write(&mut client, MIB, &data);
     write(&mut client, 5 * GIB, &data);
     assert_eq!(read(&mut client, MIB, 256 * KIB), data);
@@ -864,7 +864,7 @@ const BITMAP: &str = "qemu:dirty-bitmap:bm0";
 #[test]
 fn block_status_of_a_qcow2_image() {
     let mut data = vec![0u8; 4 * MIB as usize];
-    let mut rng = XorShift::new(3);
+    let mut rng = Rng::new(3);
     let chunk = rng.bytes(100 * KIB as usize);
     data[1_000_000..1_000_000 + chunk.len()].copy_from_slice(&chunk);
     data[4 * MIB as usize - 10..].fill(9);
@@ -1474,7 +1474,7 @@ fn copy_with_and_without_extents() {
 #[test]
 fn copy_sparse_detection_inside_data() {
     let len = 8 * MIB as usize;
-    let mut model = XorShift::new(21).bytes(len);
+    let mut model = Rng::new(21).bytes(len);
     for (at, n) in [
         (MIB as usize, 256 * KIB as usize),
         (3 * MIB as usize + 100, 10_000),

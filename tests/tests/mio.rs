@@ -18,7 +18,7 @@ use mio::{Events, Poll, Token};
 use nbd_io::{Connecting, Target, Transports, UriPolicy};
 use nbd_mio::{Client, MultiCompletion, MultiConn, MultiCookie};
 use nbd_proto::{CmdFlags, Completion, Config, Cookie, Errno, Event};
-use nbd_tests::testkit::{pattern_at, XorShift};
+use nbd_tests::testkit::{pattern_at, Rng};
 use nbd_tests::{NbdkitBuilder, QemuNbdBuilder};
 
 const KIB: u64 = 1 << 10;
@@ -238,7 +238,7 @@ fn partial_writes_resume_on_writable_events() {
     let mut l = Loop::new();
     let c = l.connect(&server.uri());
     l.ready();
-    let mut rng = XorShift::new(4);
+    let mut rng = Rng::new(4);
     let data: Vec<Bytes> = (0..PIECES).map(|_| Bytes::from(rng.bytes(PIECE))).collect();
 
     let cpu_before = thread_cpu_time();
@@ -421,7 +421,7 @@ fn server_killed_mid_reply_other_connection_carries_on() {
     }
     // ...and it keeps working.
     let events_a = l.event_count[a];
-    let mut rng = XorShift::new(8);
+    let mut rng = Rng::new(8);
     let more = Bytes::from(rng.bytes(100_000));
     l.clients[b]
         .aio_pwrite(more.clone(), MIB + 3, CmdFlags::FUA)
@@ -462,7 +462,7 @@ fn server_killed_while_writes_are_stuck_fails_each_once() {
     let mut l = Loop::new();
     let c = l.connect(&server.uri());
     l.ready();
-    let data = Bytes::from(XorShift::new(3).bytes(PIECE));
+    let data = Bytes::from(Rng::new(3).bytes(PIECE));
     let cookies: HashSet<Cookie> = (0..8)
         .map(|i| {
             l.clients[c]
@@ -585,14 +585,14 @@ fn four_servers_interleaved_in_one_poll() {
     // writes in flight together, then each reads its whole export back, all
     // in flight together.
     let mut models = vec![vec![0u8; 4 * MIB as usize]; 4];
-    let mut rng = XorShift::new(44);
+    let mut rng = Rng::new(44);
     for round in 0..6u64 {
         let mut pending = Vec::new();
         for (i, model) in models.iter_mut().enumerate() {
             let mut cookies = Vec::new();
             for k in 0..4u64 {
                 let offset = (round * 4 + k) * 150 * KIB + rng.below(1000);
-                let len = rng.range(1, 140 * KIB) as usize;
+                let len = rng.between(1, 140 * KIB) as usize;
                 let data = rng.bytes(len);
                 model[offset as usize..][..len].copy_from_slice(&data);
                 cookies.push(
@@ -1188,7 +1188,7 @@ fn multi_conn_flush_waits_for_every_earlier_write() {
     assert!(group.clients()[0].connection().can_multi_conn().unwrap());
     assert!(group.owns(Token(13)) && !group.owns(Token(14)) && !group.owns(Token(9)));
 
-    let mut rng = XorShift::new(12);
+    let mut rng = Rng::new(12);
     let mut model = vec![0u8; 8 * MIB as usize];
     let mut writes = Vec::new();
     for i in 0..8u64 {

@@ -834,29 +834,8 @@ pub fn assert_completed_once(events: &[Event], cookies: &[Cookie]) {
 
 // ---------------------------------------------------------------- feeding in pieces
 
-/// A small deterministic generator for split sizes, seeded by proptest.
-#[derive(Clone)]
-pub struct SplitRng(pub u64);
-
-impl SplitRng {
-    pub fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+/// The one seeded generator of the tests, for split sizes seeded by proptest.
+pub use nbd_testkit::Rng;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
@@ -866,17 +845,17 @@ pub enum Mode {
     ZeroCopy,
 }
 
-pub fn feed_with(conn: &mut Connection, bytes: &[u8], mode: Mode, rng: &mut SplitRng) {
+pub fn feed_with(conn: &mut Connection, bytes: &[u8], mode: Mode, rng: &mut Rng) {
     match mode {
         Mode::Whole => conn.handle_input(bytes).unwrap(),
         Mode::RandomSplits => {
             let mut rest = bytes;
             while !rest.is_empty() {
                 let n = match rng.below(4) {
-                    0 => rng.range(1, 8),
-                    1 => rng.range(1, 64),
-                    2 => rng.range(1, 4096),
-                    _ => rng.range(1, 70_000),
+                    0 => rng.between(1, 8),
+                    1 => rng.between(1, 64),
+                    2 => rng.between(1, 4096),
+                    _ => rng.between(1, 70_000),
                 } as usize;
                 let n = n.min(rest.len());
                 conn.handle_input(&rest[..n]).unwrap();
@@ -892,9 +871,9 @@ pub fn feed_with(conn: &mut Connection, bytes: &[u8], mode: Mode, rng: &mut Spli
             let mut rest = bytes;
             while !rest.is_empty() {
                 let want = match rng.below(3) {
-                    0 => rng.range(1, 16),
-                    1 => rng.range(1, 2048),
-                    _ => rng.range(1, 200_000),
+                    0 => rng.between(1, 16),
+                    1 => rng.between(1, 2048),
+                    _ => rng.between(1, 200_000),
                 } as usize;
                 let buf = conn.recv_buf();
                 assert!(!buf.is_empty(), "the connection expects input");

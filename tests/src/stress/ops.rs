@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use nbd_proto::{CmdFlags, Connection};
 
-use crate::testkit::XorShift;
+use crate::testkit::Rng;
 
 /// Which command an operation sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,7 +194,7 @@ const MIX: [(Kind, u64); 7] = [
 /// A seeded source of operations and of the queue depth to run them at.
 #[derive(Debug, Clone)]
 pub struct Generator {
-    rng: XorShift,
+    rng: Rng,
     limits: Limits,
     depth: usize,
     depth_left: u64,
@@ -216,7 +216,7 @@ impl Generator {
             "an export smaller than its block size: {limits:?}"
         );
         Generator {
-            rng: XorShift::new(mix_seed(seed)),
+            rng: Rng::new(mix_seed(seed)),
             limits,
             depth: 1,
             depth_left: 0,
@@ -230,12 +230,12 @@ impl Generator {
         if self.depth_left == 0 {
             self.depth = match self.rng.below(10) {
                 0..=1 => 1,
-                2..=3 => self.rng.range(2, 8) as usize,
-                4..=6 => self.rng.range(9, 64) as usize,
-                _ => self.rng.range(65, 256) as usize,
+                2..=3 => self.rng.between(2, 8) as usize,
+                4..=6 => self.rng.between(9, 64) as usize,
+                _ => self.rng.between(65, 256) as usize,
             };
             // Long enough to fill the queue, and then some.
-            self.depth_left = self.depth as u64 + self.rng.range(1, 400);
+            self.depth_left = self.depth as u64 + self.rng.between(1, 400);
         }
         self.depth_left -= 1;
         self.depth
@@ -357,7 +357,7 @@ impl Generator {
             _ => max_len,
         }
         .min(max_len);
-        let mut len = self.rng.range(1, cap);
+        let mut len = self.rng.between(1, cap);
         // Some requests aligned to a sector or a page, as real clients send.
         let unit = match self.rng.below(10) {
             0..=2 => 512,
@@ -376,7 +376,7 @@ impl Generator {
         let offset = match self.rng.below(edges_one_in) {
             0 => 0,
             1 => last / align * align,
-            _ => self.rng.range(0, last) / unit * unit,
+            _ => self.rng.between(0, last) / unit * unit,
         };
         (offset, len)
     }

@@ -11,7 +11,7 @@ use super::driver::{Driver, STALL_LIMIT};
 use super::model::Model;
 use super::ops::{Generator, Kind, Limits, Op, BASE_ALLOCATION};
 use super::{Killed, Run, Summary, DEPTH_BUCKETS};
-use crate::testkit::XorShift;
+use crate::testkit::Rng;
 
 /// Client memory (read buffers and write payloads) allowed in flight at once.
 const MAX_BUFFERED: u64 = 64 << 20;
@@ -35,7 +35,7 @@ struct Stress<'a, D: Driver> {
     buffered: u64,
     /// Picks which finished command to take first (timing-dependent, so kept
     /// apart from the generator's stream).
-    order: XorShift,
+    order: Rng,
     tally: BTreeMap<Kind, u64>,
     injected_failures: u64,
     max_depth_seen: usize,
@@ -415,7 +415,7 @@ fn connect<D: Driver>(run: &Run) -> Stress<'_, D> {
         model: Model::zeroed(limits.size),
         pending: Vec::new(),
         buffered: 0,
-        order: XorShift::new(super::ops::mix_seed(run.seed ^ 0x5eed)),
+        order: Rng::new(super::ops::mix_seed(run.seed ^ 0x5eed)),
         tally: BTreeMap::new(),
         injected_failures: 0,
         max_depth_seen: 0,

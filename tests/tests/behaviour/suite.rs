@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbd_proto::{CmdFlags, Config, Cookie, Errno, Phase, Strict};
 use nbd_tests::testkit::{
-    assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, Op, Workload, XorShift,
+    assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, Op, Rng, Workload,
 };
 use nbd_tests::{read_export, ImageFormat, NbdkitBuilder, QemuNbdBuilder, ServerHandle};
 
@@ -234,12 +234,12 @@ fn run_workload(h: &mut Harness, work: &mut Workload, steps: usize) {
 /// whole export in 64 KiB pieces, all in flight at once, against the model.
 fn batch_writes_then_reads(h: &mut Harness, model: &mut [u8], seed: u64) {
     let size = model.len() as u64;
-    let mut rng = XorShift::new(seed);
+    let mut rng = Rng::new(seed);
     let slot = 32 * KIB;
     let mut cookies = Vec::new();
     for i in 0..size / slot {
         let offset = i * slot + rng.below(8 * KIB);
-        let len = rng.range(1, 16 * KIB) as usize;
+        let len = rng.between(1, 16 * KIB) as usize;
         let data = rng.bytes(len);
         model[offset as usize..][..len].copy_from_slice(&data);
         let flags = if i % 5 == 0 && h.client.connection().can_fua().unwrap() {
@@ -395,7 +395,7 @@ fn every_command(server: &ServerHandle, trim_zeroes: bool, seed: u64) {
     let mut h = connect(server);
     let size = h.client.connection().size().unwrap();
     let mut model = vec![0u8; size as usize];
-    let mut rng = XorShift::new(seed);
+    let mut rng = Rng::new(seed);
     let can = Can::of(&h);
 
     // Writes, plain and FUA, and unaligned reads across their edges.
@@ -672,11 +672,11 @@ fn nbdkit_pattern_reads_in_flight() {
     let server = NbdkitBuilder::pattern(8 * MIB).start();
     let mut h = connect(&server);
     assert!(h.client.connection().is_read_only().unwrap());
-    let mut rng = XorShift::new(9);
+    let mut rng = Rng::new(9);
     let reads: Vec<(u64, usize)> = (0..100)
         .map(|_| {
             let offset = rng.below(8 * MIB - 1);
-            let len = rng.range(1, (8 * MIB - offset).min(300 * KIB));
+            let len = rng.between(1, (8 * MIB - offset).min(300 * KIB));
             (offset, len as usize)
         })
         .collect();
@@ -955,7 +955,7 @@ fn nbdkit_killed_mid_flight() {
 /// command completes once, successes with the right data, the rest ENOTCONN.
 #[test]
 fn qemu_killed_mid_flight() {
-    let data = XorShift::new(77).bytes(8 * MIB as usize);
+    let data = Rng::new(77).bytes(8 * MIB as usize);
     let mut server = QemuNbdBuilder::from_bytes(ImageFormat::Raw, &data)
         .shared(4)
         .start();
