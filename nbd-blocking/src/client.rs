@@ -235,11 +235,7 @@ impl Client {
     /// dead, and fails with [`Error::TimedOut`] when a client's own
     /// [`Client::set_timeout`] passed without progress.
     pub fn poll_many(clients: &mut [&mut Client], timeout: Option<Duration>) -> Result<bool> {
-        let mut progressed = false;
-        for c in clients.iter_mut() {
-            progressed |= c.try_io()?;
-        }
-        if progressed {
+        if Self::try_io_each(clients)? {
             return Ok(true);
         }
         for c in clients.iter() {
@@ -256,12 +252,7 @@ impl Client {
         if waits.is_empty() {
             return Ok(false);
         }
-        if wait::any_ready(&waits, wait)? {
-            for c in clients.iter_mut() {
-                progressed |= c.try_io()?;
-            }
-        }
-        if progressed {
+        if wait::any_ready(&waits, wait)? && Self::try_io_each(clients)? {
             return Ok(true);
         }
         for c in clients.iter() {
@@ -269,6 +260,15 @@ impl Client {
             c.check_stalled()?;
         }
         Ok(false)
+    }
+
+    /// Moves what each client can move now; whether any moved.
+    fn try_io_each(clients: &mut [&mut Client]) -> Result<bool> {
+        let mut progressed = false;
+        for c in clients.iter_mut() {
+            progressed |= c.try_io()?;
+        }
+        Ok(progressed)
     }
 
     /// Whether waiting on the socket would be pointless: nothing in flight,
