@@ -367,3 +367,26 @@ pub fn assert_errno<T: std::fmt::Debug>(
     assert_eq!(err.errno(), Some(errno), "{what}: {err}");
     err
 }
+
+/// An nbdkit eval server of `reads` blocks of `block` bytes of the pattern
+/// (see [`pattern_bytes`]) whose pread of block `i` sleeps `(reads - i) *
+/// step_ms` milliseconds, in parallel threads: reads issued together complete
+/// in reverse order.
+pub fn nbdkit_reverse_order_reads(reads: u64, block: u64, step_ms: u64) -> crate::ServerHandle {
+    let builder = crate::NbdkitBuilder::eval();
+    let pattern = builder.dir().join("pattern.bin");
+    std::fs::write(&pattern, pattern_bytes(reads * block))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", pattern.display()));
+    let pread = format!(
+        "ms=$(( ({reads} - $4 / {block}) * {step_ms} ))\n\
+         sleep \"$((ms / 1000)).$(printf %03d $((ms % 1000)))\"\n\
+         dd if={} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        pattern.display()
+    );
+    builder
+        .method("thread_model", "echo parallel")
+        .method("get_size", &format!("echo {}", reads * block))
+        .method("pread", &pread)
+        .threads(reads as u32)
+        .start()
+}

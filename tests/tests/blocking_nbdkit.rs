@@ -525,21 +525,7 @@ fn blocksize_policy_filter_alignment_enforced_both_sides() {
 fn reads_in_flight_complete_out_of_order() {
     const READS: u64 = 40;
     const BLOCK: u64 = 4096;
-    let builder = NbdkitBuilder::eval();
-    let pattern = builder.dir().join("pattern.bin");
-    fs::write(&pattern, pattern_bytes(READS * BLOCK)).unwrap();
-    let pread = format!(
-        "ms=$(( ({READS} - $4 / {BLOCK}) * 8 ))\n\
-         sleep \"$((ms / 1000)).$(printf %03d $((ms % 1000)))\"\n\
-         dd if={} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-        pattern.display()
-    );
-    let server = builder
-        .method("thread_model", "echo parallel")
-        .method("get_size", &format!("echo {}", READS * BLOCK))
-        .method("pread", &pread)
-        .threads(READS as u32)
-        .start();
+    let server = nbd_tests::testkit::nbdkit_reverse_order_reads(READS, BLOCK, 8);
     let mut client = Client::connect_uri(&server.uri()).unwrap();
     let mut index = HashMap::new();
     for i in 0..READS {

@@ -700,21 +700,7 @@ fn nbdkit_pattern_reads_in_flight() {
 fn nbdkit_eval_reads_complete_out_of_order() {
     const READS: u64 = 24;
     const BLOCK: u64 = 4096;
-    let builder = NbdkitBuilder::eval();
-    let pattern = builder.dir().join("pattern.bin");
-    fs::write(&pattern, pattern_bytes(READS * BLOCK)).unwrap();
-    let pread = format!(
-        "ms=$(( ({READS} - $4 / {BLOCK}) * 10 ))\n\
-         sleep \"$((ms / 1000)).$(printf %03d $((ms % 1000)))\"\n\
-         dd if={} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-        pattern.display()
-    );
-    let server = builder
-        .method("thread_model", "echo parallel")
-        .method("get_size", &format!("echo {}", READS * BLOCK))
-        .method("pread", &pread)
-        .threads(READS as u32)
-        .start();
+    let server = nbd_tests::testkit::nbdkit_reverse_order_reads(READS, BLOCK, 10);
     let mut h = connect(&server);
     let reads: Vec<(u64, usize)> = (0..READS).map(|i| (i * BLOCK, BLOCK as usize)).collect();
     let done = h.read_batch(&reads);
