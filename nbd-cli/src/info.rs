@@ -11,6 +11,7 @@ use crate::failure::{self, Failure};
 use crate::json::{self, Value};
 use crate::operand::{self, Operand};
 use crate::size::human_size;
+use crate::unknown_export;
 
 /// Options of `nbd info`.
 #[derive(Debug, clap::Args)]
@@ -23,20 +24,32 @@ pub struct InfoArgs {
     /// Print a JSON document shaped like `nbdinfo --json`.
     #[arg(long)]
     pub json: bool,
-    /// Print only the size in bytes.
-    #[arg(long, conflicts_with_all = ["list", "can", "is"])]
+    /// Print only the size in bytes (with --json too, as nbdinfo 1.14 does).
+    #[arg(long, conflicts_with_all = ["list", "question"])]
     pub size: bool,
     /// List every export of the server.
-    #[arg(long, conflicts_with_all = ["can", "is"])]
+    #[arg(short = 'L', long, conflicts_with = "question")]
     pub list: bool,
     /// Exit 0 if the export supports FEATURE, 2 if not, 1 on error
     /// (connect, read, write, flush, fua, trim, zero, fast-zero, df, cache, multi-conn,
     /// structured-reply, extended-headers).
-    #[arg(long, value_name = "FEATURE", conflicts_with = "is")]
+    #[arg(long, value_name = "FEATURE", group = "question")]
     pub can: Option<String>,
+    /// Exit 0 if the export does not support FEATURE, 2 if it does, 1 on error.
+    #[arg(long, value_name = "FEATURE", group = "question")]
+    pub cannot: Option<String>,
     /// Exit 0 if the export has PROPERTY, 2 if not, 1 on error (read-only, rotational, tls).
-    #[arg(long, value_name = "PROPERTY")]
+    #[arg(long, value_name = "PROPERTY", group = "question")]
     pub is: Option<String>,
+    /// Exit 0 if the export does not have PROPERTY, 2 if it does, 1 on error.
+    #[arg(long, value_name = "PROPERTY", group = "question")]
+    pub isnt: Option<String>,
+    /// Exit 0 if the connection has FEATURE (structured-reply, extended-headers), 2 if not.
+    #[arg(long, value_name = "FEATURE", group = "question")]
+    pub has: Option<String>,
+    /// Exit 0 if the connection does not have FEATURE, 2 if it does.
+    #[arg(long, value_name = "FEATURE", group = "question")]
+    pub hasnt: Option<String>,
     /// Print the extents of a meta context (default base:allocation) as nbdinfo --map.
     #[arg(
         long,
@@ -44,7 +57,7 @@ pub struct InfoArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "base:allocation",
-        conflicts_with_all = ["size", "list", "can", "is"]
+        conflicts_with_all = ["size", "list", "question"]
     )]
     pub map: Option<String>,
     /// With --map: how much of the export has each status.
@@ -53,6 +66,22 @@ pub struct InfoArgs {
 }
 
 impl InfoArgs {
+    /// The yes/no question asked, if any: the feature and whether the
+    /// answer is wanted negated (`--cannot`, `--isnt`, `--hasnt`).
+    fn question(&self) -> Option<(&str, bool)> {
+        let asked = [
+            (&self.can, false),
+            (&self.is, false),
+            (&self.has, false),
+            (&self.cannot, true),
+            (&self.isnt, true),
+            (&self.hasnt, true),
+        ];
+        asked
+            .into_iter()
+            .find_map(|(feature, negated)| Some((feature.as_deref()?, negated)))
+    }
+
     /// The one operand: the server.
     pub fn server(&self) -> Result<Operand, String> {
         let [server] = operand::exactly(&self.server, ["URI or [ CMD ARGS ... ]"])?;
@@ -62,8 +91,8 @@ impl InfoArgs {
 
 /// Runs `nbd info` against `server`.
 pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
-    if let Some(feature) = args.can.as_deref().or(args.is.as_deref()) {
-        return answer_feature(server, feature);
+    if let Some((feature, negated)) = args.question() {
+        return answer_feature(server, feature, negated);
     }
     if args.list {
         return list(args, server);
@@ -72,7 +101,7 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
         return crate::map::run(server, context, args.totals, args.json);
     }
     if args.size {
-        let client = server.connect(Config::default())?;
+        let client = unknown_export::connect(server, Config::default())?;
         let size = client.size()?;
         client.shutdown()?;
         failure::print(&format!("{size}\n"))?;
@@ -84,10 +113,17 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
     let mut contexts = None;
     if client.connection().is_negotiating() {
         if client.connection().structured_replies_negotiated() {
-            let listed = client.opt_list_meta_context(&[]);
-            contexts = Some(listed.map_err(|e| server.name_in(e))?);
+            match client.opt_list_meta_context(&[]) {
+                Ok(listed) => contexts = Some(listed),
+                // A server may refuse the listing because the export does
+                // not exist; selecting it says so with the right option.
+                Err(e) => {
+                    select(&mut client, server)?;
+                    return Err(server.name_in(e).into());
+                }
+            }
         }
-        client.opt_go().map_err(|e| server.name_in(e))?;
+        select(&mut client, server)?;
     }
     let conn = client.connection();
     let name = conn
@@ -102,8 +138,16 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether a `--can` / `--is` question holds, answered by exit code as nbdinfo does.
-fn answer_feature(server: &Operand, feature: &str) -> Result<ExitCode, Failure> {
+/// Selects the export named in the client's configuration.
+fn select(client: &mut nbd_blocking::Client, server: &Operand) -> Result<(), Error> {
+    client
+        .opt_go()
+        .map_err(|e| unknown_export::explain(server, client.connection().export_name(), e))
+}
+
+/// Whether a `--can` / `--is` / `--has` question holds (or, `negated`, does
+/// not), answered by exit code as nbdinfo does.
+fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<ExitCode, Failure> {
     let known = [
         "connect",
         "read",
@@ -124,11 +168,11 @@ fn answer_feature(server: &Operand, feature: &str) -> Result<ExitCode, Failure> 
     ];
     if !known.contains(&feature) {
         return Err(nbd_proto::Error::InvalidArgument(format!(
-            "unknown --can or --is feature {feature:?}"
+            "unknown --can, --is or --has feature {feature:?}"
         ))
         .into());
     }
-    let client = server.connect(Config::default())?;
+    let client = unknown_export::connect(server, Config::default())?;
     let c = client.connection();
     let yes = match feature {
         "connect" | "read" => true,
@@ -149,7 +193,7 @@ fn answer_feature(server: &Operand, feature: &str) -> Result<ExitCode, Failure> 
         _ => unreachable!("checked above"),
     };
     client.shutdown()?;
-    Ok(if yes {
+    Ok(if yes != negated {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)

@@ -10,8 +10,9 @@
 //! `[ CMD ARGS ... ]` in place of a URI starts that server program by socket
 //! activation (as libnbd's tools do) and stops it when the command ends.
 //!
-//! Errors are one line on standard error and exit code 1; `--can` / `--is`
-//! answer 0 (yes) or 2 (no), as nbdinfo does. A reader of standard output
+//! Errors are one line on standard error and exit code 1; usage errors exit 1
+//! too, so that a mistyped option is never read as the "no" (2) with which
+//! `--can` / `--is` answer, as nbdinfo does. A reader of standard output
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
 
 mod copy;
@@ -23,6 +24,7 @@ mod json;
 mod map;
 mod operand;
 mod size;
+mod unknown_export;
 
 use std::process::ExitCode;
 
@@ -47,7 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_clap_message(e));
     let result = match &cli.command {
         Command::Info(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("info", e));
@@ -73,9 +75,17 @@ fn main() -> ExitCode {
 fn usage_error(subcommand: &str, message: String) -> ! {
     let mut cli = Cli::command();
     cli.build();
-    match cli.find_subcommand_mut(subcommand) {
+    exit_with_clap_message(match cli.find_subcommand_mut(subcommand) {
         Some(sub) => sub.error(clap::error::ErrorKind::WrongNumberOfValues, message),
         None => cli.error(clap::error::ErrorKind::WrongNumberOfValues, message),
-    }
-    .exit()
+    })
+}
+
+/// Ends the process for a clap outcome: help and version go to standard
+/// output with exit code 0, usage errors to standard error with exit code 1
+/// (clap's own `exit` gives them 2, which `--can` / `--is` use for "no").
+fn exit_with_clap_message(e: clap::Error) -> ! {
+    // Nothing sensible is left to do if printing the message fails.
+    let _ = e.print();
+    std::process::exit(if e.use_stderr() { 1 } else { 0 })
 }
