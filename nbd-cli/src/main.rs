@@ -1,7 +1,8 @@
 //! The `nbd` command: inspect, dump and copy NBD exports.
 //!
 //! ```text
-//! nbd info [--json] [--size] [--list] [--can FEATURE] [--is PROPERTY] URI
+//! nbd info [--json] [--size] [-L|--list] URI
+//! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
 //! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
 //! nbd dump [--offset N] [--length N] URI
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
@@ -12,7 +13,7 @@
 //!
 //! Errors are one line on standard error and exit code 1; usage errors exit 1
 //! too, so that a mistyped option is never read as the "no" (2) with which
-//! `--can` / `--is` answer, as nbdinfo does. A reader of standard output
+//! `--can` / `--is` / `--has` answer, as nbdinfo does. A reader of standard output
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
 
 mod copy;
