@@ -32,7 +32,7 @@ pub struct InfoArgs {
     pub list: bool,
     /// Exit 0 if the export supports FEATURE, 2 if not, 1 on error
     /// (connect, read, write, flush, fua, trim, zero, fast-zero, df, cache, multi-conn,
-    /// structured-reply, extended-headers).
+    /// structured-reply, extended-headers, block-status-payload).
     #[arg(long, value_name = "FEATURE", group = "question")]
     pub can: Option<String>,
     /// Exit 0 if the export does not support FEATURE, 2 if it does, 1 on error.
@@ -162,6 +162,7 @@ fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<Exit
         "multi-conn",
         "structured-reply",
         "extended-headers",
+        "block-status-payload",
         "read-only",
         "rotational",
         "tls",
@@ -187,6 +188,13 @@ fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<Exit
         "multi-conn" => c.can_multi_conn()?,
         "structured-reply" => c.structured_replies_negotiated(),
         "extended-headers" => c.extended_headers_negotiated(),
+        // As the core requires before it sends a filter: the flag means
+        // nothing without extended headers.
+        "block-status-payload" => {
+            let flags = c.export_info().flags.unwrap_or_default();
+            c.extended_headers_negotiated()
+                && flags.contains(nbd_proto::TransmissionFlags::BLOCK_STATUS_PAYLOAD)
+        }
         "read-only" => c.is_read_only()?,
         "rotational" => c.is_rotational()?,
         "tls" => false,

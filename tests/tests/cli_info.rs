@@ -98,6 +98,13 @@ fn questions_and_their_negations_match_nbdinfo() {
     // nbdkit 1.32 has no extended headers; nbdinfo 1.14 cannot ask.
     assert_answer("--has", "extended-headers", &writable.uri(), 2);
     assert_answer("--hasnt", "extended-headers", &writable.uri(), 0);
+    // qemu-nbd (8.2 on) negotiates extended headers, so "has" is seen too.
+    let qemu = QemuNbdBuilder::raw(MIB).persistent(true).shared(2).start();
+    assert_answer("--has", "extended-headers", &qemu.uri(), 0);
+    assert_answer("--hasnt", "extended-headers", &qemu.uri(), 2);
+    // Without extended headers there is no block status payload either.
+    assert_answer("--can", "block-status-payload", &writable.uri(), 2);
+    assert_answer("--cannot", "block-status-payload", &writable.uri(), 0);
 }
 
 #[test]
