@@ -87,8 +87,9 @@ pub struct Config {
     /// (the default): no limit.
     pub command_timeout: Option<Duration>,
     /// Longest the connection may wait for any server byte while commands are in
-    /// flight; when it passes the connection dies with [`Error::TimedOut`] and
-    /// every pending command fails once. `None` (the default): no limit.
+    /// flight (the late replies of timed-out commands included); when it passes
+    /// the connection dies with [`Error::TimedOut`] and every pending command
+    /// fails once. `None` (the default): no limit.
     pub stall_timeout: Option<Duration>,
 }
 

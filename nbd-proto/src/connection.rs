@@ -665,7 +665,21 @@ impl Connection {
     ///   [`disconnect`](Self::disconnect) still waits for its reply;
     /// - the stall's (commands in flight, no server byte for that long): the
     ///   connection dies with [`Error::TimedOut`] and every pending command
-    ///   fails once.
+    ///   fails once, with [`Error::ConnectionLost`] wrapping that error. The
+    ///   tombstone of a timed-out command counts as in flight here: a server
+    ///   that never sends its late reply is stalled.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use nbd_proto::{Config, Connection, Errno};
+    /// let t0 = Instant::now();
+    /// let config = Config::default().handshake_timeout(Some(Duration::from_secs(5)));
+    /// let mut conn = Connection::new(config);
+    /// conn.handle_timeout(t0); // the handshake's clock starts here
+    /// assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    /// conn.handle_timeout(t0 + Duration::from_secs(5));
+    /// assert_eq!(conn.error().unwrap().errno(), Errno::TimedOut);
+    /// ```
     ///
     /// Does nothing once the connection is over.
     pub fn handle_timeout(&mut self, now: Instant) {
