@@ -8,7 +8,7 @@
 //! [`Core`] and answer with a [`Step`], and the connection changes phase.
 
 use std::io::{self, IoSlice};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::core::{Core, Step};
@@ -632,12 +632,12 @@ impl Connection {
     /// passed in means "call `handle_timeout` now" (a deadline waits to start).
     ///
     /// Call it after every call that changes the connection and wait at most
-    /// until the instant it gives. O(1) when idle or when no command timeout is
-    /// configured; one pass over the commands in flight otherwise.
+    /// until the instant it gives. O(1) while no command in flight has a
+    /// deadline; one pass over the commands in flight otherwise.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::Handshake(_) => self.handshake_deadline.wake(self.now),
-            State::Ready(tx) => tx.poll_timeout(&self.core, self.now),
+            State::Ready(tx) => tx.poll_timeout(self.now),
             State::Closed | State::Dead(_) => None,
         }
     }
@@ -881,6 +881,18 @@ impl Connection {
         }
         self.core.config.export_name = name.to_string();
         Ok(())
+    }
+
+    /// The command timeout in force for commands issued from now on.
+    pub fn command_timeout(&self) -> Option<Duration> {
+        self.core.config.command_timeout
+    }
+
+    /// Changes [`Config::command_timeout`] for the commands issued from now on
+    /// (those in flight keep theirs), so one command can get its own deadline;
+    /// allowed at any time.
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.core.config.command_timeout = timeout;
     }
 
     /// Changes whether `opt_info` / `opt_go` ask for name and description.

@@ -86,6 +86,8 @@ struct Command {
     req_one: bool,
     /// When the command times out (`Config::command_timeout`).
     deadline: Deadline,
+    /// Counted in `Transmission::timed`.
+    counted_timed: bool,
     /// The command timed out and was completed: this is a tombstone that keeps
     /// its cookie reserved so the late reply is framed, consumed and dropped.
     timed_out: bool,
@@ -157,6 +159,9 @@ pub(crate) struct Transmission {
     read_ahead: usize,
     /// Commands that timed out and still wait for their late reply.
     tombstones: usize,
+    /// Commands in flight with a deadline (tombstones excluded): while there
+    /// are none, time costs nothing per command.
+    timed: usize,
     /// When the server has been silent too long with commands in flight;
     /// re-armed by every server byte and whenever the first command starts.
     stall: Deadline,
@@ -174,6 +179,7 @@ impl Transmission {
             disc_queued: false,
             read_ahead: usize::MAX,
             tombstones: 0,
+            timed: 0,
             stall: Deadline::Off,
         }
     }
@@ -201,14 +207,14 @@ impl Transmission {
     }
 
     /// When the caller must next pass the time in; `None` when nothing is
-    /// timed. O(1) with nothing in flight or no command timeout; otherwise one
+    /// timed. O(1) while no command in flight has a deadline; otherwise one
     /// pass over the commands in flight.
-    pub(crate) fn poll_timeout(&self, core: &Core, last_now: Option<Instant>) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self, last_now: Option<Instant>) -> Option<Instant> {
         if self.commands.len() == 0 {
             return None;
         }
         let mut next = self.stall.wake(last_now);
-        if core.config.command_timeout.is_some() {
+        if self.timed > 0 {
             for cmd in self.commands.values() {
                 if !cmd.timed_out {
                     next = earliest(next, cmd.deadline.wake(last_now));
@@ -233,7 +239,7 @@ impl Transmission {
                     .into(),
             ));
         }
-        if core.config.command_timeout.is_some() {
+        if self.timed > 0 {
             self.expire_commands(core, now);
         }
         None
@@ -251,6 +257,8 @@ impl Transmission {
                 continue;
             }
             cmd.timed_out = true;
+            cmd.counted_timed = false;
+            self.timed -= 1;
             // The late reply may still come: it is framed by the command's
             // kind and length, as before, but reaches neither events nor buffer.
             cmd.chunk_events = false;
@@ -382,6 +390,7 @@ impl Transmission {
     /// Tombstones go silently: their commands were completed when they timed out.
     pub(crate) fn fail_all(&mut self, error: &Error, events: &mut VecDeque<Event>) {
         self.tombstones = 0;
+        self.timed = 0;
         for cookie in self.commands.cookies() {
             if let Some(cmd) = self.commands.remove(cookie) {
                 if cmd.timed_out {
@@ -532,6 +541,7 @@ impl Transmission {
             contexts_seen: Vec::new(),
             req_one: flags.contains(CmdFlags::REQ_ONE),
             deadline: Deadline::arm(core.config.command_timeout),
+            counted_timed: core.config.command_timeout.is_some(),
             timed_out: false,
         });
         self.note_first_command(core);
@@ -577,6 +587,7 @@ impl Transmission {
             contexts_seen: Vec::new(),
             req_one: flags.contains(CmdFlags::REQ_ONE),
             deadline: Deadline::arm(core.config.command_timeout),
+            counted_timed: core.config.command_timeout.is_some(),
             timed_out: false,
         });
         self.note_first_command(core);
@@ -599,6 +610,9 @@ impl Transmission {
     fn note_first_command(&mut self, core: &Core) {
         if self.commands.len() == 1 {
             self.note_input(core);
+        }
+        if core.config.command_timeout.is_some() {
+            self.timed += 1;
         }
     }
 
@@ -1179,6 +1193,9 @@ impl Transmission {
             self.tombstones -= 1;
             self.maybe_queue_disconnect(core);
             return;
+        }
+        if cmd.counted_timed {
+            self.timed -= 1;
         }
         if cmd.error.is_none() {
             if let Some(missing) = cmd

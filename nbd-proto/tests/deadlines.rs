@@ -282,6 +282,32 @@ fn disconnect_waits_for_late_replies() {
     assert!(conn.is_closed());
 }
 
+#[test]
+fn each_command_keeps_the_timeout_it_was_issued_with() {
+    let t0 = Instant::now();
+    let mut conn = timed(Export::default(), None, None, t0);
+    let untimed = conn.flush(CmdFlags::empty()).unwrap();
+    conn.set_command_timeout(Some(secs(2)));
+    assert_eq!(conn.command_timeout(), Some(secs(2)));
+    let short = conn.flush(CmdFlags::empty()).unwrap();
+    conn.set_command_timeout(Some(secs(9)));
+    let long = conn.flush(CmdFlags::empty()).unwrap();
+    conn.set_command_timeout(None);
+    conn.handle_timeout(t0);
+    assert_eq!(conn.poll_timeout(), Some(t0 + secs(2)));
+    conn.handle_timeout(t0 + secs(2));
+    assert_eq!(one_completion(&mut conn).cookie, short);
+    assert_eq!(conn.poll_timeout(), Some(t0 + secs(9)));
+    let mut s = Script::new();
+    feed(&mut conn, &s.none(long).take());
+    assert_eq!(one_completion(&mut conn).result, Ok(()));
+    // Only the untimed command and a tombstone are left: nothing to wait for.
+    assert_eq!(conn.poll_timeout(), None);
+    conn.handle_timeout(t0 + secs(1000));
+    assert!(drain(&mut conn).is_empty());
+    assert!(conn.is_in_flight(untimed));
+}
+
 // ---------------------------------------------------------------- stall
 
 #[test]
