@@ -1,5 +1,7 @@
 //! How a connection negotiates, set before it starts (libnbd's `set_*` calls).
 
+use std::time::Duration;
+
 use crate::error::{Error, Result};
 use crate::flags::{HandshakeFlags, Strict};
 use crate::wire::consts::MAX_STRING_LEN;
@@ -73,6 +75,22 @@ pub struct Config {
     pub handshake_flags: HandshakeFlags,
     /// Checks made before a command is sent (`set_strict_mode`).
     pub strict: Strict,
+    /// Longest the whole handshake may take, from its start until transmission
+    /// (opt mode's waits for the caller included); when it passes the connection
+    /// dies with [`Error::TimedOut`]. `None` (the default): no limit. See
+    /// [`Connection::handle_timeout`](crate::Connection::handle_timeout) for when
+    /// the clock starts.
+    pub handshake_timeout: Option<Duration>,
+    /// Longest one command may wait for its reply; when it passes the command
+    /// alone completes with [`Error::TimedOut`] (ETIMEDOUT) and its buffer, and
+    /// the connection goes on (the late reply is consumed and dropped). `None`
+    /// (the default): no limit.
+    pub command_timeout: Option<Duration>,
+    /// Longest the connection may wait for any server byte while commands are in
+    /// flight (the late replies of timed-out commands included); when it passes
+    /// the connection dies with [`Error::TimedOut`] and every pending command
+    /// fails once. `None` (the default): no limit.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -191,6 +209,27 @@ impl Config {
         self.strict = strict;
         self
     }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn handshake_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`command_timeout`](Self::command_timeout).
+    #[must_use]
+    pub fn command_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Sets [`stall_timeout`](Self::stall_timeout).
+    #[must_use]
+    pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
 }
 
 /// Checks one protocol string: at most `MAX_STRING_LEN` bytes, no NUL.
@@ -247,6 +286,9 @@ impl Default for Config {
             full_info: false,
             handshake_flags: HandshakeFlags::default(),
             strict: Strict::default(),
+            handshake_timeout: None,
+            command_timeout: None,
+            stall_timeout: None,
         }
     }
 }

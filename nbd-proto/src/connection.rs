@@ -8,9 +8,11 @@
 //! [`Core`] and answer with a [`Step`], and the connection changes phase.
 
 use std::io::{self, IoSlice};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::core::{Core, Step};
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::flags::{Strict, TransmissionFlags};
@@ -137,6 +139,10 @@ pub struct Connection {
     recv_offer: Option<RecvOffer>,
     /// Bytes of the last `output` listing not yet reported written.
     out_offered: usize,
+    /// The latest time the caller passed in, if any.
+    now: Option<Instant>,
+    /// When the handshake times out (`Config::handshake_timeout`).
+    handshake_deadline: Deadline,
 }
 
 impl std::fmt::Debug for Connection {
@@ -182,12 +188,15 @@ impl Connection {
     /// ```
     pub fn new(config: Config) -> Self {
         let invalid = config.validate().err();
+        let handshake_deadline = Deadline::arm(config.handshake_timeout);
         let mut conn = Connection {
             core: Core::new(config),
             state: State::Handshake(Negotiation::new()),
             tls: None,
             recv_offer: None,
             out_offered: 0,
+            now: None,
+            handshake_deadline,
         };
         if let Some(error) = invalid {
             conn.kill(error);
@@ -280,6 +289,9 @@ impl Connection {
             )));
         }
         self.recv_offer = None;
+        if let State::Ready(tx) = &mut self.state {
+            tx.note_input(&self.core);
+        }
         match offer.target {
             RecvTarget::Caller => {
                 // Only transmission offers a caller's region, and nothing but
@@ -611,6 +623,83 @@ impl Connection {
         }
     }
 
+    // ------------------------------------------------------------ time
+
+    /// When the connection next needs [`handle_timeout`](Self::handle_timeout):
+    /// the earliest deadline of the handshake, a command or the stall, or
+    /// `None` when nothing is timed (no timeout configured, nothing pending,
+    /// or the connection is over). An instant at or before the latest `now`
+    /// passed in means "call `handle_timeout` now" (a deadline waits to start).
+    ///
+    /// Call it after every call that changes the connection and wait at most
+    /// until the instant it gives. O(1) while no command in flight has a
+    /// deadline; one pass over the commands in flight otherwise.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Handshake(_) => self.handshake_deadline.wake(self.now),
+            State::Ready(tx) => tx.poll_timeout(self.now),
+            State::Closed | State::Dead(_) => None,
+        }
+    }
+
+    /// Passes the time in: starts the deadlines that wait for it and carries
+    /// out those that have passed at `now`. The core owns no clock; this is
+    /// the only way it learns the time.
+    ///
+    /// When a deadline starts: each timeout is armed when its wait begins (the
+    /// connection is created, a command is issued, a server byte arrives or the
+    /// first command of an idle connection is issued) and starts at the first
+    /// `handle_timeout(now)` after that; it passes exactly when a later `now`
+    /// reaches start + timeout. So call this once right after creating the
+    /// connection and after every turn of the event loop (as `poll_timeout`
+    /// asks), with the current time; a `now` earlier than one already passed
+    /// in counts as that one.
+    ///
+    /// What passing a deadline does:
+    /// - the handshake's: the connection dies with [`Error::TimedOut`];
+    /// - a command's: that command alone completes, once, with
+    ///   [`Error::TimedOut`] (ETIMEDOUT) and its buffer. NBD has no cancel, so
+    ///   its cookie stays reserved: a late reply is consumed and dropped, never
+    ///   matched to another command. It no longer counts in
+    ///   [`in_flight`](Self::in_flight), but a graceful
+    ///   [`disconnect`](Self::disconnect) still waits for its reply;
+    /// - the stall's (commands in flight, no server byte for that long): the
+    ///   connection dies with [`Error::TimedOut`] and every pending command
+    ///   fails once, with [`Error::ConnectionLost`] wrapping that error. The
+    ///   tombstone of a timed-out command counts as in flight here: a server
+    ///   that never sends its late reply is stalled.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use nbd_proto::{Config, Connection, Errno};
+    /// let t0 = Instant::now();
+    /// let config = Config::default().handshake_timeout(Some(Duration::from_secs(5)));
+    /// let mut conn = Connection::new(config);
+    /// conn.handle_timeout(t0); // the handshake's clock starts here
+    /// assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    /// conn.handle_timeout(t0 + Duration::from_secs(5));
+    /// assert_eq!(conn.error().unwrap().errno(), Errno::TimedOut);
+    /// ```
+    ///
+    /// Does nothing once the connection is over.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.now.map_or(now, |seen| seen.max(now));
+        self.now = Some(now);
+        let expired = match &mut self.state {
+            State::Handshake(_) => {
+                self.handshake_deadline.start(now);
+                self.handshake_deadline
+                    .passed(now)
+                    .then(|| Error::TimedOut("the handshake did not finish in time".into()))
+            }
+            State::Ready(tx) => tx.handle_timeout(&mut self.core, now),
+            State::Closed | State::Dead(_) => None,
+        };
+        if let Some(error) = expired {
+            self.kill(error);
+        }
+    }
+
     // ------------------------------------------------------------ events
 
     /// The next event, oldest first. O(1); `None` when nothing happened since.
@@ -792,6 +881,18 @@ impl Connection {
         }
         self.core.config.export_name = name.to_string();
         Ok(())
+    }
+
+    /// The command timeout in force for commands issued from now on.
+    pub fn command_timeout(&self) -> Option<Duration> {
+        self.core.config.command_timeout
+    }
+
+    /// Changes [`Config::command_timeout`] for the commands issued from now on
+    /// (those in flight keep theirs), so one command can get its own deadline;
+    /// allowed at any time.
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.core.config.command_timeout = timeout;
     }
 
     /// Changes whether `opt_info` / `opt_go` ask for name and description.

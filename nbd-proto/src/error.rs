@@ -36,6 +36,8 @@ pub enum Errno {
     NotConn,
     /// `ESHUTDOWN`: the server or client is shutting down.
     Shutdown,
+    /// `ETIMEDOUT`: a deadline passed (handshake, command or stall).
+    TimedOut,
 }
 
 impl Errno {
@@ -54,6 +56,7 @@ impl Errno {
             Errno::NotSup => 95,
             Errno::NotConn => 107,
             Errno::Shutdown => 108,
+            Errno::TimedOut => 110,
         }
     }
 
@@ -72,6 +75,7 @@ impl Errno {
             Errno::NotSup => "ENOTSUP",
             Errno::NotConn => "ENOTCONN",
             Errno::Shutdown => "ESHUTDOWN",
+            Errno::TimedOut => "ETIMEDOUT",
         }
     }
 
@@ -204,6 +208,10 @@ pub enum Error {
     /// The TLS layer failed.
     #[error("TLS error: {0}")]
     Tls(String),
+    /// A deadline passed: the handshake's, a command's, or the stall deadline
+    /// (see [`Config::command_timeout`](crate::Config::command_timeout)).
+    #[error("timed out: {0}")]
+    TimedOut(String),
 }
 
 impl Error {
@@ -229,6 +237,7 @@ impl Error {
             Error::NotConnected(_) | Error::ConnectionLost(_) => Errno::NotConn,
             Error::Shutdown(_) => Errno::Shutdown,
             Error::Tls(_) => Errno::Proto,
+            Error::TimedOut(_) => Errno::TimedOut,
         }
     }
 }
@@ -262,6 +271,7 @@ impl From<Error> for std::io::Error {
             Errno::NotSup => ErrorKind::Unsupported,
             Errno::Perm => ErrorKind::PermissionDenied,
             Errno::Shutdown => ErrorKind::ConnectionAborted,
+            Errno::TimedOut => ErrorKind::TimedOut,
             _ => ErrorKind::Other,
         };
         std::io::Error::new(kind, e)

@@ -55,6 +55,7 @@ mod connection;
 pub mod context;
 mod core;
 mod coverage;
+mod deadline;
 mod error;
 mod event;
 mod flags;

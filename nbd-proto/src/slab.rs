@@ -116,6 +116,19 @@ impl<T> Slab<T> {
         Some(value)
     }
 
+    /// Every live value with its cookie, in slot order.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (Cookie, &mut T)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+            let cookie = Cookie(u64::from(s.generation) << 32 | i as u64);
+            s.value.as_mut().map(|v| (cookie, v))
+        })
+    }
+
+    /// Every live value, in slot order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().filter_map(|s| s.value.as_ref())
+    }
+
     /// Every live cookie, in slot order.
     pub(crate) fn cookies(&self) -> Vec<Cookie> {
         self.slots

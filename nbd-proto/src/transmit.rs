@@ -46,9 +46,11 @@
 use bytes::{Bytes, BytesMut};
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::core::{Core, Step};
 use crate::coverage::Coverage;
+use crate::deadline::{earliest, Deadline};
 use crate::error::{Errno, Error, Result, ServerText};
 use crate::event::{BlockStatus, Completion, Event, ReadChunk};
 use crate::flags::{CmdFlags, Strict, TransmissionFlags};
@@ -82,6 +84,13 @@ struct Command {
     contexts_seen: Vec<u32>,
     /// Block status: `REQ_ONE` was set.
     req_one: bool,
+    /// When the command times out (`Config::command_timeout`).
+    deadline: Deadline,
+    /// Counted in `Transmission::timed`.
+    counted_timed: bool,
+    /// The command timed out and was completed: this is a tombstone that keeps
+    /// its cookie reserved so the late reply is framed, consumed and dropped.
+    timed_out: bool,
 }
 
 impl Command {
@@ -148,6 +157,14 @@ pub(crate) struct Transmission {
     disc_queued: bool,
     /// Most bytes one read into the stage may take (see `READ_AHEAD_LARGE`).
     read_ahead: usize,
+    /// Commands that timed out and still wait for their late reply.
+    tombstones: usize,
+    /// Commands in flight with a deadline (tombstones excluded): while there
+    /// are none, time costs nothing per command.
+    timed: usize,
+    /// When the server has been silent too long with commands in flight;
+    /// re-armed by every server byte and whenever the first command starts.
+    stall: Deadline,
 }
 
 impl Transmission {
@@ -161,19 +178,100 @@ impl Transmission {
             soft_shutdown: false,
             disc_queued: false,
             read_ahead: usize::MAX,
+            tombstones: 0,
+            timed: 0,
+            stall: Deadline::Off,
         }
     }
 
     // ------------------------------------------------------------ queries
 
     /// Commands issued and not yet completed.
+    /// Tombstones of timed-out commands are not counted: they were completed.
     pub(crate) fn in_flight(&self) -> usize {
-        self.commands.len()
+        self.commands.len() - self.tombstones
     }
 
-    /// Whether `cookie` names a command still in flight.
+    /// Whether `cookie` names a command still in flight (not a tombstone).
     pub(crate) fn is_in_flight(&self, cookie: Cookie) -> bool {
-        self.commands.get(cookie).is_some()
+        self.commands.get(cookie).is_some_and(|c| !c.timed_out)
+    }
+
+    // ------------------------------------------------------------ time
+
+    /// Server bytes arrived: the stall deadline starts over.
+    pub(crate) fn note_input(&mut self, core: &Core) {
+        if core.config.stall_timeout.is_some() {
+            self.stall = Deadline::arm(core.config.stall_timeout);
+        }
+    }
+
+    /// When the caller must next pass the time in; `None` when nothing is
+    /// timed. O(1) while no command in flight has a deadline; otherwise one
+    /// pass over the commands in flight.
+    pub(crate) fn poll_timeout(&self, last_now: Option<Instant>) -> Option<Instant> {
+        if self.commands.len() == 0 {
+            return None;
+        }
+        let mut next = self.stall.wake(last_now);
+        if self.timed > 0 {
+            for cmd in self.commands.values() {
+                if !cmd.timed_out {
+                    next = earliest(next, cmd.deadline.wake(last_now));
+                }
+            }
+        }
+        next
+    }
+
+    /// Starts armed deadlines at `now` and carries out those that passed:
+    /// each timed-out command completes once with `ETIMEDOUT` and its buffer
+    /// and leaves a tombstone. Returns the error that ends the connection
+    /// when the stall deadline passed.
+    pub(crate) fn handle_timeout(&mut self, core: &mut Core, now: Instant) -> Option<Error> {
+        if self.commands.len() == 0 {
+            return None;
+        }
+        self.stall.start(now);
+        if self.stall.passed(now) {
+            return Some(Error::TimedOut(
+                "no byte from the server while commands were in flight for the stall timeout"
+                    .into(),
+            ));
+        }
+        if self.timed > 0 {
+            self.expire_commands(core, now);
+        }
+        None
+    }
+
+    /// Starts the command deadlines that wait for `now` and turns each
+    /// command whose deadline passed into a completed tombstone.
+    fn expire_commands(&mut self, core: &mut Core, now: Instant) {
+        for (cookie, cmd) in self.commands.iter_mut() {
+            if cmd.timed_out {
+                continue;
+            }
+            cmd.deadline.start(now);
+            if !cmd.deadline.passed(now) {
+                continue;
+            }
+            cmd.timed_out = true;
+            cmd.counted_timed = false;
+            self.timed -= 1;
+            // The late reply may still come: it is framed by the command's
+            // kind and length, as before, but reaches neither events nor buffer.
+            cmd.chunk_events = false;
+            self.tombstones += 1;
+            core.events.push_back(Event::Completed(Completion {
+                cookie,
+                result: Err(Error::TimedOut(format!(
+                    "{} got no reply within the command timeout",
+                    command_name(cmd.command)
+                ))),
+                buffer: cmd.buf.take(),
+            }));
+        }
     }
 
     /// Whether the caller asked to disconnect.
@@ -289,9 +387,15 @@ impl Transmission {
     }
 
     /// Completes every command in flight with `error`, each exactly once.
+    /// Tombstones go silently: their commands were completed when they timed out.
     pub(crate) fn fail_all(&mut self, error: &Error, events: &mut VecDeque<Event>) {
+        self.tombstones = 0;
+        self.timed = 0;
         for cookie in self.commands.cookies() {
             if let Some(cmd) = self.commands.remove(cookie) {
+                if cmd.timed_out {
+                    continue;
+                }
                 events.push_back(Event::Completed(Completion {
                     cookie,
                     result: Err(error.clone()),
@@ -436,7 +540,11 @@ impl Transmission {
             contexts: ids,
             contexts_seen: Vec::new(),
             req_one: flags.contains(CmdFlags::REQ_ONE),
+            deadline: Deadline::arm(core.config.command_timeout),
+            counted_timed: core.config.command_timeout.is_some(),
+            timed_out: false,
         });
+        self.note_first_command(core);
         let header = RequestHeader {
             flags: (flags | CmdFlags::PAYLOAD_LEN).bits(),
             command: CMD_BLOCK_STATUS,
@@ -478,7 +586,11 @@ impl Transmission {
             contexts,
             contexts_seen: Vec::new(),
             req_one: flags.contains(CmdFlags::REQ_ONE),
+            deadline: Deadline::arm(core.config.command_timeout),
+            counted_timed: core.config.command_timeout.is_some(),
+            timed_out: false,
         });
+        self.note_first_command(core);
         let header = RequestHeader {
             flags: flags.bits(),
             command,
@@ -491,6 +603,17 @@ impl Transmission {
             core.output.push_payload(data);
         }
         cookie
+    }
+
+    /// A command was just added: if it is the only one, the server had
+    /// nothing to answer until now, so the stall deadline starts over.
+    fn note_first_command(&mut self, core: &Core) {
+        if self.commands.len() == 1 {
+            self.note_input(core);
+        }
+        if core.config.command_timeout.is_some() {
+            self.timed += 1;
+        }
     }
 
     /// Every check made before a command is sent; nothing is sent on error.
@@ -875,7 +998,7 @@ impl Transmission {
             .map_err(|e| e.to_string())
             .and_then(|chunk| check_status(cmd, &core.meta, chunk));
         match checked {
-            Ok((chunk, context)) => {
+            Ok((chunk, context)) if !cmd.timed_out => {
                 cmd.contexts_seen.push(chunk.context_id);
                 core.events.push_back(Event::BlockStatus(BlockStatus {
                     cookie,
@@ -884,6 +1007,7 @@ impl Transmission {
                     extents: chunk.extents,
                 }));
             }
+            Ok(_) => {}
             Err(why) => cmd.fail(Error::Protocol(why)),
         }
         if done {
@@ -1064,6 +1188,15 @@ impl Transmission {
         let Some(mut cmd) = self.commands.remove(cookie) else {
             return;
         };
+        if cmd.timed_out {
+            // Its late reply is fully consumed; it was completed long ago.
+            self.tombstones -= 1;
+            self.maybe_queue_disconnect(core);
+            return;
+        }
+        if cmd.counted_timed {
+            self.timed -= 1;
+        }
         if cmd.error.is_none() {
             if let Some(missing) = cmd
                 .contexts
