@@ -23,21 +23,25 @@ use crate::wire::{ChunkHeader, OptionReplyHeader, RequestHeader, SimpleReply};
 const TARGET: &str = "nbd_proto";
 
 /// The phase of the connection changed.
+#[inline]
 pub(crate) fn phase(to: &str) {
     debug!(target: TARGET, "state: {to}");
 }
 
 /// The server's greeting arrived.
+#[inline]
 pub(crate) fn greeting(style: &str) {
     debug!(target: TARGET, "recv greeting: {style}");
 }
 
 /// The server's handshake flags, and the client flags sent in answer.
+#[inline]
 pub(crate) fn handshake_flags(server: u16, client: u32) {
     debug!(target: TARGET, "recv handshake flags {server:#06x}, send client flags {client:#010x}");
 }
 
 /// An option request was queued.
+#[inline]
 pub(crate) fn option_sent(option: u32, data_len: usize) {
     debug!(
         target: TARGET,
@@ -47,6 +51,7 @@ pub(crate) fn option_sent(option: u32, data_len: usize) {
 }
 
 /// An option reply header arrived.
+#[inline]
 pub(crate) fn option_reply(header: &OptionReplyHeader) {
     debug!(
         target: TARGET,
@@ -59,11 +64,13 @@ pub(crate) fn option_reply(header: &OptionReplyHeader) {
 }
 
 /// The answer to `NBD_OPT_EXPORT_NAME` (or the oldstyle greeting's export) arrived.
+#[inline]
 pub(crate) fn export(size: u64, flags: u16) {
     debug!(target: TARGET, "recv export: size {size}, transmission flags {flags:#06x}");
 }
 
 /// A command request was queued.
+#[inline]
 pub(crate) fn request(header: &RequestHeader) {
     debug!(
         target: TARGET,
@@ -77,6 +84,7 @@ pub(crate) fn request(header: &RequestHeader) {
 }
 
 /// A simple reply arrived.
+#[inline]
 pub(crate) fn simple_reply(reply: &SimpleReply) {
     debug!(
         target: TARGET,
@@ -87,6 +95,7 @@ pub(crate) fn simple_reply(reply: &SimpleReply) {
 }
 
 /// A structured or extended reply chunk header arrived.
+#[inline]
 pub(crate) fn chunk(header: &ChunkHeader) {
     debug!(
         target: TARGET,
@@ -100,6 +109,7 @@ pub(crate) fn chunk(header: &ChunkHeader) {
 }
 
 /// The connection died.
+#[inline]
 pub(crate) fn dead(error: &crate::Error) {
     debug!(target: TARGET, "state: dead: {error}");
 }
