@@ -4,7 +4,7 @@
 //! nbd info [--json] [--size] [-L|--list] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
 //! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
-//! nbd dump [--offset N] [--length N] URI
+//! nbd dump [-o|--offset N] [-n|--length N] [--color|--no-color] URI
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
 //! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])
 //! ```
@@ -23,6 +23,7 @@ mod copy;
 mod dump;
 mod extents;
 mod failure;
+mod hexdump;
 mod info;
 mod json;
 mod map;
