@@ -1,7 +1,7 @@
 //! The `nbd` command: inspect, dump and copy NBD exports.
 //!
 //! ```text
-//! nbd info [--json] [--size] [-L|--list] URI
+//! nbd info [--json] [--size|--uri] [-L|--list] [--content|--no-content] [--color|--no-color] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
 //! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
 //! nbd dump [-o|--offset N] [-n|--length N] [--color|--no-color] URI
@@ -19,6 +19,7 @@
 //! `--can` / `--is` / `--has` answer, as nbdinfo does. A reader of standard output
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
 
+mod content;
 mod copy;
 mod dump;
 mod extents;
@@ -28,6 +29,7 @@ mod info;
 mod json;
 mod map;
 mod operand;
+mod report;
 mod size;
 mod unknown_export;
 mod verbose;
