@@ -777,8 +777,8 @@ impl Negotiation {
             // Unreachable: `take` gave exactly the length the decoder needs.
             Err(e) => return Step::Kill(e.into()),
         };
+        // No magic starts this answer: as libnbd, it is not a chunk of its own.
         trace::export(reply.size, reply.flags);
-        core.stats.chunks_received += 1;
         core.info.size = Some(reply.size);
         core.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
         self.pending = None;

@@ -1,11 +1,12 @@
 //! Traffic counters, as libnbd's `nbd_stats_bytes_sent` and friends.
 //!
-//! A "chunk" is what libnbd calls one: a group of bytes the protocol frames
-//! as a unit, that cannot be split further without breaking it. Sent: each
-//! option request and each command request (a write's payload is part of its
-//! command). Received: the greeting, each option reply, the answer to
-//! `NBD_OPT_EXPORT_NAME`, each simple reply and each structured or extended
-//! reply chunk (a read's data belongs to its reply). Bytes are the protocol's
+//! A "chunk" is what libnbd calls one: a group of bytes that a magic number
+//! starts and that cannot be split further without breaking the protocol.
+//! Sent: each option request and each command request (a write's payload is
+//! part of its command). Received: the greeting, each option reply, each
+//! simple reply and each structured or extended reply chunk (a read's data
+//! belongs to its reply). The client flags and the answer to
+//! `NBD_OPT_EXPORT_NAME` start with no magic, so they are bytes but no chunk. Bytes are the protocol's
 //! plaintext: with TLS they are counted before encryption and after
 //! decryption, so they may differ from what crossed the socket.
 

@@ -31,7 +31,7 @@ impl Connection {
         self.core.stats.bytes_received
     }
 
-    /// Option and command requests sent (libnbd's `stats_chunks_sent`).
+    /// Option and command requests queued to send (libnbd's `stats_chunks_sent`).
     pub fn stats_chunks_sent(&self) -> u64 {
         self.core.stats.chunks_sent
     }
