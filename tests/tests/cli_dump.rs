@@ -209,3 +209,47 @@ fn an_unknown_export_is_named_with_the_way_to_list() {
     assert!(message.contains("no export \"nope\""), "{message}");
     assert!(message.contains("--list"), "{message}");
 }
+
+#[test]
+fn without_block_status_everything_is_read_and_dumps_the_same() {
+    // No structured replies, so no base:allocation: every byte is read.
+    let server = NbdkitBuilder::data("\"start\" @0x30000 \"end\"")
+        .param("size", "256K")
+        .no_sr()
+        .start();
+    let uri = server.uri();
+    let ours = assert_same_dump(&[], &uri, "no structured replies");
+    assert!(ours.lines().any(|l| l == "*"), "{ours}");
+    let out = run_nbd(["-v", "dump", &uri]);
+    let trace = text(&out.stderr);
+    assert!(!trace.contains("NBD_CMD_BLOCK_STATUS"), "{trace}");
+    assert!(trace.contains("send command NBD_CMD_READ"), "{trace}");
+}
+
+/// On a terminal, colour is the default (as nbddump's); `script` gives the
+/// command one. Skipped where util-linux's `script` is missing.
+#[test]
+fn colour_is_the_default_on_a_terminal() {
+    if !nbd_tests::tool_exists("script") {
+        return;
+    }
+    let server = NbdkitBuilder::pattern(64).start();
+    let nbd = nbd_tests::testkit::nbd_binary().display().to_string();
+    let on_tty = |extra: &str| -> String {
+        let line = format!("{nbd} dump {extra} '{}'", server.uri());
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .expect("script runs");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert!(
+        on_tty("").contains("\x1b[22;32m0000000000"),
+        "colour by default"
+    );
+    assert!(
+        !on_tty("--no-color").contains('\x1b'),
+        "--no-color on a terminal"
+    );
+}

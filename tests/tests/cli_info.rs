@@ -405,6 +405,15 @@ fn colour_matches_nbdinfo_and_is_off_when_piped() {
         );
         assert_eq!(as_nbdinfo_1_14(&ours), nbdinfo_ok(&with_uri), "{args:?}");
     }
+    // On a terminal (given by util-linux's `script`), colour is the default.
+    if nbd_tests::tool_exists("script") {
+        let line = format!("{} info --no-content '{uri}'", nbd_binary().display());
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .expect("script runs");
+        assert!(text(&out.stdout).contains("\x1b[1;30mexport="), "{out:?}");
+    }
     // Piped, or asked not to, or JSON: no escapes.
     for args in [
         &[][..],
