@@ -11,6 +11,7 @@ use std::time::Duration;
 use nbd_proto::{BlockStatus, Config, Cookie};
 
 #[path = "../tokio/aio.rs"]
+#[allow(dead_code, reason = "each test crate uses a part of it")]
 mod aio;
 
 /// The client the suite issues commands on.

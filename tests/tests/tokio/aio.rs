@@ -136,7 +136,6 @@ impl AioClient {
     }
 
     /// The completion of `cookie`, if it has come.
-    #[allow(dead_code, reason = "the stress driver's, not the suite's")]
     pub fn take_completion(&mut self, cookie: Cookie) -> Option<Completion> {
         let at = self.done.iter().position(|c| c.cookie == cookie)?;
         self.done.remove(at)
@@ -189,7 +188,6 @@ impl AioClient {
     }
 
     /// Disconnects gracefully: `Client::shutdown`, on the runtime.
-    #[allow(dead_code, reason = "the stress driver's, not the suite's")]
     pub fn shutdown(mut self) -> nbd_io::Result<()> {
         self.view = None;
         let client = self.client;
