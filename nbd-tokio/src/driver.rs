@@ -143,9 +143,9 @@ impl Driver<'_> {
     fn pass(&mut self) -> Option<Wait> {
         let (changed, over, wait) = {
             let mut state = self.shared.lock();
-            if state.conn.poll_timeout().is_some() {
-                state.conn.handle_timeout(Instant::now());
-            }
+            // Every pass, as the core asks: it starts the deadlines armed
+            // since the last one and carries out those that passed.
+            state.conn.handle_timeout(Instant::now());
             if !self.write_blocked {
                 if let Ok(written) = pump::write_pending(&mut state.conn, self.fd.get_mut()) {
                     self.write_blocked = written.blocked;
