@@ -1,6 +1,5 @@
 //! [`Client`]: one NBD connection, shared by every task that holds a clone.
 
-use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::pin::pin;
 use std::sync::{Arc, MutexGuard};
@@ -453,28 +452,23 @@ impl Client {
     /// Waits until `done` holds for the state; if the driver ends first
     /// (nothing will change any more), the error that ended the connection
     /// (`NotConnected` if it closed without one).
-    fn wait_until<'a>(
-        &'a self,
-        done: impl Fn(&State) -> bool + 'a,
-    ) -> impl Future<Output = Result<()>> + 'a {
-        async move {
-            let shared = self.shared();
-            loop {
-                let mut changed = pin!(shared.changed.notified());
-                // Registered before the state is read: a change after the
-                // read still wakes this task.
-                changed.as_mut().enable();
-                {
-                    let state = shared.lock();
-                    if done(&state) {
-                        return Ok(());
-                    }
-                    if state.driver_done {
-                        return Err(over_error(&state));
-                    }
+    async fn wait_until(&self, done: impl Fn(&State) -> bool) -> Result<()> {
+        let shared = self.shared();
+        loop {
+            let mut changed = pin!(shared.changed.notified());
+            // Registered before the state is read: a change after the read
+            // still wakes this task.
+            changed.as_mut().enable();
+            {
+                let state = shared.lock();
+                if done(&state) {
+                    return Ok(());
                 }
-                changed.await;
+                if state.driver_done {
+                    return Err(over_error(&state));
+                }
             }
+            changed.await;
         }
     }
 
@@ -575,5 +569,36 @@ fn over_error(state: &State) -> Error {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Client").field(&self.lock().conn).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles only if every future of the client can move between
+    /// threads, so that `tokio::spawn` takes them.
+    #[allow(dead_code)]
+    fn futures_are_send(client: &Client) {
+        fn send<T: Send>(_: T) {}
+        send(Client::connect_uri("nbd://localhost"));
+        send(client.pread(BytesMut::new(), 0, CmdFlags::empty()));
+        send(client.pread_structured(BytesMut::new(), 0, CmdFlags::empty()));
+        send(client.pwrite(Bytes::new(), 0, CmdFlags::empty()));
+        send(client.flush(CmdFlags::empty()));
+        send(client.block_status(1, 0, CmdFlags::empty()));
+        send(client.shutdown());
+        send(client.closed());
+        send(client.opt_list());
+        send(client.opt_go());
+        send(client.opt_set_meta_context(&[]));
+        send(client.aio_pread(BytesMut::new(), 0, CmdFlags::empty()));
+    }
+
+    #[test]
+    fn a_client_is_send_and_sync() {
+        fn both<T: Send + Sync + Clone>() {}
+        both::<Client>();
+        both::<crate::MultiConn>();
     }
 }

@@ -51,8 +51,7 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: Socket) {
     // Made only when the core first asks for a deadline, so a runtime
     // without a timer works as long as no timeout is configured.
     let mut sleep: Option<Pin<Box<Sleep>>> = None;
-    loop {
-        let Some(wait) = driver.pass() else { break };
+    while let Some(wait) = driver.pass() {
         match (wait.deadline, sleep.as_mut()) {
             (Some(at), Some(s)) => s.as_mut().reset(at.into()),
             (Some(at), None) => sleep = Some(Box::pin(tokio::time::sleep_until(at.into()))),

@@ -32,8 +32,8 @@ const FILE_CHUNK: usize = 4 * 1024 * 1024;
 /// use tokio::io::AsyncWriteExt;
 /// let client = nbd_tokio::Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock").await?;
 /// let mut export = nbd_tokio::ExportFile::new(client.clone())?;
-/// let mut image = tokio::fs::File::open("disk.img").await?;
-/// tokio::io::copy(&mut image, &mut export).await?;
+/// let image = vec![0x55u8; 1 << 20];
+/// tokio::io::copy(&mut &image[..], &mut export).await?;
 /// export.flush().await?;
 /// client.shutdown().await?;
 /// # Ok(()) }
