@@ -43,8 +43,8 @@ pub struct ExportFile {
     client: Client,
     pos: u64,
     size: u64,
-    /// A read under way, for the bytes at `pos`.
-    read: Option<Command<BytesMut>>,
+    /// A read under way, and the offset it reads from.
+    read: Option<(u64, Command<BytesMut>)>,
     /// A write queued and not yet acknowledged.
     write: Option<Command<()>>,
     /// A flush under way.
@@ -105,6 +105,10 @@ impl AsyncRead for ExportFile {
         // NBD orders nothing between commands in flight: a read must not
         // overtake the write before it.
         ready!(this.poll_write_done(cx))?;
+        if this.read.as_ref().is_some_and(|(at, _)| *at != this.pos) {
+            // For an old position: dropped (see `Command` on dropping).
+            this.read = None;
+        }
         if this.read.is_none() {
             let left = this.size.saturating_sub(this.pos);
             let len = (buf.remaining() as u64)
@@ -117,9 +121,9 @@ impl AsyncRead for ExportFile {
                 .client
                 .aio_pread(BytesMut::zeroed(len), this.pos, CmdFlags::empty())
                 .map_err(io::Error::other)?;
-            this.read = Some(read);
+            this.read = Some((this.pos, read));
         }
-        let read = this.read.as_mut().expect("issued above");
+        let (_, read) = this.read.as_mut().expect("issued above");
         let result = ready!(Pin::new(read).poll(cx));
         this.read = None;
         let data = result.map_err(io::Error::other)?;
@@ -140,6 +144,9 @@ impl AsyncWrite for ExportFile {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_write_done(cx))?;
+        // A read under way was issued before this write and may not see
+        // it: never hand out its bytes, even after a seek back.
+        this.read = None;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -205,9 +212,6 @@ impl AsyncSeek for ExportFile {
                 "seek before the start of the export",
             ));
         };
-        // A read under way was for the old position: dropped (its reply is
-        // consumed and discarded, see `Command`).
-        this.read = None;
         this.pos = target;
         Ok(())
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbd_proto::{CmdFlags, Config, Errno, ReadChunk};
 use nbd_tests::testkit::{nbdkit_reverse_order_reads, pattern_at, Rng};
-use nbd_tests::{read_export, NbdkitBuilder};
+use nbd_tests::{read_export, NbdServerBuilder, NbdServerExport, NbdkitBuilder};
 use nbd_tokio::{Client, Error, ExportFile, MultiConn, Target};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -406,6 +406,66 @@ fn opt_mode_lists_informs_and_goes() {
             .unwrap();
         client.opt_abort().await.expect("a clean abort");
         assert!(client.is_closed());
+    });
+}
+
+/// nbd-server: its export list in opt mode, then one export by name,
+/// written and read back with several commands in flight.
+#[test]
+fn nbd_server_lists_and_serves_exports() {
+    let server = NbdServerBuilder::new()
+        .export_with(NbdServerExport::new("one", MIB).option("flush", "true"))
+        .export_with(NbdServerExport::with_bytes("two", b"reference server bytes").readonly())
+        .start();
+    run(async {
+        let config = Config::default().opt_mode(true);
+        let client = Client::connect_uri_with(&server.uri(), config)
+            .await
+            .unwrap();
+        let list = client.opt_list().await.unwrap();
+        let names: Vec<&str> = list.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["one", "two"]);
+        client.set_export_name("one").unwrap();
+        client.opt_go().await.unwrap();
+        assert_eq!(client.size().unwrap(), MIB);
+        let writes: Vec<_> = (0..16u64)
+            .map(|i| {
+                client
+                    .aio_pwrite(
+                        Bytes::from(vec![i as u8; 4096]),
+                        i * 8192,
+                        CmdFlags::empty(),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap();
+        }
+        client.flush(CmdFlags::empty()).await.unwrap();
+        let reads: Vec<_> = (0..16u64)
+            .map(|i| {
+                client
+                    .aio_pread(BytesMut::zeroed(8192), i * 8192, CmdFlags::empty())
+                    .unwrap()
+            })
+            .collect();
+        for (i, read) in reads.into_iter().enumerate() {
+            let data = read.await.unwrap();
+            assert_eq!(data[..4096], vec![i as u8; 4096][..], "read {i}");
+            assert_eq!(data[4096..], [0; 4096][..], "read {i}");
+        }
+        client.shutdown().await.unwrap();
+
+        let uri = server.uri_for("two");
+        let client = connect(&uri).await;
+        assert!(client.is_read_only().unwrap());
+        let data = client
+            .pread(BytesMut::zeroed(9), 0, CmdFlags::empty())
+            .await
+            .unwrap();
+        assert_eq!(&data[..], b"reference");
+        client.shutdown().await.unwrap();
     });
 }
 
