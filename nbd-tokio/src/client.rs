@@ -419,7 +419,9 @@ impl Client {
     /// `Ok` if the connection ended as asked, else why it did not.
     ///
     /// Commands whose futures were dropped are still waited for (the server
-    /// may still act on them), but their outcome is not reported.
+    /// may still act on them), but their outcome is not reported. A server
+    /// that never answers keeps this waiting unless `Config::stall_timeout`
+    /// is set (or the call is wrapped in `tokio::time::timeout`).
     pub async fn shutdown(&self) -> Result<()> {
         let asked = {
             let mut state = self.lock();

@@ -311,7 +311,7 @@ fn a_runtime_shut_down_under_a_connection_ends_it() {
     let started = Instant::now();
     drop(runtime);
     assert!(client.is_closed(), "the driver's end ended the connection");
-    let outcome = futures_lite_block_on(read);
+    let outcome = block_on_without_io(read);
     assert!(outcome.is_err(), "{outcome:?}");
     drop(client);
     assert!(
@@ -322,7 +322,7 @@ fn a_runtime_shut_down_under_a_connection_ends_it() {
 
 /// Polls `future` to completion on this thread without a runtime (it must
 /// not need one: a command's future only waits on its slot).
-fn futures_lite_block_on<F: Future>(future: F) -> F::Output {
+fn block_on_without_io<F: Future>(future: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
