@@ -46,7 +46,11 @@
 //! call locks, queues the command in the core (which checks it and gives
 //! its cookie or an error at once), opens a slot for its reply, unlocks and
 //! wakes the driver; the driver writes, reads, and on each completion puts
-//! the reply in its slot and wakes that command's task.
+//! the reply in its slot and wakes that command's task. The driver holds
+//! the lock across its non-blocking `read` and `sendmsg` calls (the core
+//! decides where each byte lands, straight into a caller's buffer), so a
+//! task on another thread may wait for one such call, never for the
+//! socket to become ready.
 //!
 //! The other design the issue named, a driver task fed commands over a
 //! channel with a oneshot per command, was not chosen, for these reasons:
@@ -93,9 +97,10 @@
 //! complete, then `NBD_CMD_DISC` goes out and the call returns once the
 //! socket is closed. Dropping the last clone without it never blocks or
 //! panics: the driver lets the commands still in flight complete (their
-//! futures, if held, get their results), says goodbye and closes. If the
-//! runtime itself shuts down, the driver's end fails every command still
-//! waiting, once.
+//! futures, if held, get their results), says goodbye and closes (a
+//! server that never answers keeps that task waiting, unless
+//! `Config::stall_timeout` is set). If the runtime itself shuts down, the
+//! driver's end fails every command still waiting, once.
 //!
 //! # Unsafe code
 //!
