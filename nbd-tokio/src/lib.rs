@@ -52,8 +52,8 @@
 //! task on another thread may wait for one such call, never for the
 //! socket to become ready.
 //!
-//! The other design the issue named, a driver task fed commands over a
-//! channel with a oneshot per command, was not chosen, for these reasons:
+//! The other design, a driver task fed commands over a channel with a
+//! oneshot per command, was not chosen, for these reasons:
 //!
 //! - cost per command: a channel send plus a oneshot (one allocation and
 //!   its reference counting) against a lock and a hash-map slot, which
@@ -67,18 +67,19 @@
 //!   the connection from making progress, which a lock-only design (the
 //!   task that polls drives) would have to hand over between tasks.
 //!
-//! Measured with `examples/tokio_bench.rs` (64 tasks, one 4 KiB read each
-//! at a time, on one connection) under callgrind
-//! (`shared/bench/instructions.sh`): about 3 400 user-space instructions
-//! per read in all, of which the lock, the slots, the wakeups and the
-//! futures of this crate take about 500; the rest is the core, tokio's
-//! scheduler and the system call wrappers. A channel send and a oneshot
-//! per command (an allocation, its reference counts, a second queue) would
-//! cost about as much as the part they replace, and the driver would still
-//! be woken for every batch of commands, so the channel design offers no
-//! saving to set against losing errors and cookies at the call. (At the
-//! time of writing: libnbd's own bench needs about 17 500 per read, with
-//! its buffer zeroing, and nbd-mio about 2 700.)
+//! Measured, with callgrind's instruction counts (load-independent):
+//!
+//! - the bookkeeping alone (`examples/bookkeeping_cost.rs`: the life of a
+//!   command without I/O, one thread, no contention): about 450
+//!   instructions per command for the lock with slots, about 780 for a
+//!   channel with a oneshot per command and the driver's map of senders;
+//! - the whole client (`examples/tokio_bench.rs`, 64 tasks each reading
+//!   4 KiB at a time over one connection, through
+//!   `shared/bench/instructions.sh`): about 3 400 user-space instructions
+//!   per read, of which this crate's lock, slots, wakeups and futures take
+//!   about 500; the rest is the core, tokio's scheduler and the system call
+//!   wrappers. At the time of writing libnbd's own bench needs about
+//!   17 500 per read (with its buffer zeroing) and nbd-mio about 2 700.
 //!
 //! # Cancel safety
 //!
