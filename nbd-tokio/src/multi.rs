@@ -51,10 +51,7 @@ impl MultiConn {
         config: Config,
     ) -> Result<Self> {
         if count == 0 {
-            return Err(nbd_proto::Error::InvalidArgument(
-                "a MultiConn needs at least one connection".into(),
-            )
-            .into());
+            return Err(no_connection());
         }
         let first = Client::connect_endpoint(endpoint, config.clone()).await?;
         if count > 1 && !first.can_multi_conn()? {
@@ -68,20 +65,19 @@ impl MultiConn {
         for _ in 1..count {
             clients.push(Client::connect_endpoint(endpoint, config.clone()).await?);
         }
-        Ok(Self::from_clients(clients))
+        Self::from_clients(clients)
     }
 
-    /// Uses connections the caller opened (to one multi-conn export).
-    ///
-    /// # Panics
-    ///
-    /// If `clients` is empty.
-    pub fn from_clients(clients: Vec<Client>) -> Self {
-        assert!(!clients.is_empty(), "a MultiConn needs a connection");
-        MultiConn {
+    /// Uses connections the caller opened (to one multi-conn export); an
+    /// empty list is an error (EINVAL).
+    pub fn from_clients(clients: Vec<Client>) -> Result<Self> {
+        if clients.is_empty() {
+            return Err(no_connection());
+        }
+        Ok(MultiConn {
             clients: clients.into(),
             next: Arc::new(AtomicUsize::new(0)),
-        }
+        })
     }
 
     /// The connections, in the order commands go round them.
@@ -187,4 +183,8 @@ impl MultiConn {
         }
         first
     }
+}
+
+fn no_connection() -> Error {
+    nbd_proto::Error::InvalidArgument("a MultiConn needs at least one connection".into()).into()
 }
