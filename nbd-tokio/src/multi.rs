@@ -188,3 +188,14 @@ impl MultiConn {
 fn no_connection() -> Error {
     nbd_proto::Error::InvalidArgument("a MultiConn needs at least one connection".into()).into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_connections_is_an_error_not_a_panic() {
+        let err = MultiConn::from_clients(Vec::new()).unwrap_err();
+        assert_eq!(err.errno(), Some(nbd_proto::Errno::Inval), "{err}");
+    }
+}
