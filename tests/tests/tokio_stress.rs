@@ -12,7 +12,8 @@
 //! multi-threaded runtime and drops a quarter of the futures at random
 //! points (before their first poll, after some polls, or after the reply
 //! arrived); every read that completes is still checked byte for byte
-//! against the model, so a reply handed to the wrong command fails it.
+//! against the model, so a reply handed to the wrong command fails it; a
+//! self-test flips one bit of one read and expects the run to fail.
 //!
 //! A failure prints the seed; `NBD_STRESS_SEED` and `NBD_STRESS_OPS` replay
 //! it (the replay line printed by the runner names `--test stress`; use
@@ -373,8 +374,11 @@ fn apply(model: &mut Model, op: &Op, reply: Reply, seed: u64, index: u64) -> boo
 }
 
 /// Runs `ops` operations with [`DEPTH`] in flight from many tasks,
-/// dropping about a quarter of the futures at random points.
-async fn cancellation_run(uri: &str, ops: u64, seed: u64) -> Cancelled {
+/// dropping about a quarter of the futures at random points. With
+/// `flip_read`, the last byte of that (1-based) completed read whose last
+/// byte the model knows is flipped before it is checked: the self-test's
+/// corruption.
+async fn cancellation_run(uri: &str, ops: u64, seed: u64, flip_read: Option<u64>) -> Cancelled {
     let config = Config::default().meta_context(BASE_ALLOCATION);
     let client = Client::connect_uri_with(uri, config)
         .await
@@ -391,6 +395,7 @@ async fn cancellation_run(uri: &str, ops: u64, seed: u64) -> Cancelled {
 
     let mut next = gen.next_op();
     let mut index = 0u64;
+    let mut reads_seen = 0u64;
     while index < ops || !tasks.is_empty() || !ghosts.is_empty() {
         // Ghosts whose replies came (consumed and dropped by the driver).
         {
@@ -432,7 +437,17 @@ async fn cancellation_run(uri: &str, ops: u64, seed: u64) -> Cancelled {
         live.retain(|(i, _)| *i != at);
         buffered -= op.buffer_bytes();
         match reply {
-            Some(reply) => {
+            Some(mut reply) => {
+                if let Some(buf) = reply.completion.buffer.as_mut().filter(|b| !b.is_empty()) {
+                    let last = buf.len() - 1;
+                    // Only a byte the model knows can be noticed.
+                    if model.known_bytes(op.offset + last as u64, 1) == 1 {
+                        reads_seen += 1;
+                        if flip_read == Some(reads_seen) {
+                            buf[last] ^= 0x10;
+                        }
+                    }
+                }
                 assert_eq!(
                     reply.completion.cookie, cookie,
                     "seed {seed}: a reply for another command"
@@ -491,7 +506,11 @@ fn tokio_cancellation() {
         .expect("a runtime");
     let uri = server.uri();
     let result = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(300), cancellation_run(&uri, ops, seed)).await
+        tokio::time::timeout(
+            Duration::from_secs(300),
+            cancellation_run(&uri, ops, seed, None),
+        )
+        .await
     });
     let result = result.unwrap_or_else(|_| panic!("seed {seed}: no end within 300 s"));
     eprintln!("tokio_cancellation: {result:?}");
@@ -511,4 +530,33 @@ fn tokio_cancellation() {
             "seed {seed}: no read checked: {result:?}"
         );
     }
+}
+
+/// The cancellation run's checks can fail: one flipped bit in one read
+/// fails it, naming the seed.
+#[test]
+fn tokio_cancellation_notices_a_corrupted_read() {
+    let server = NbdkitBuilder::memory(SIZE).start();
+    let uri = server.uri();
+    let outcome = std::panic::catch_unwind(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(300),
+                cancellation_run(&uri, 2000, 7, Some(20)),
+            )
+            .await
+        })
+    });
+    let payload = outcome.expect_err("a flipped bit went unnoticed");
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_else(|| format!("{payload:?}"));
+    assert!(message.contains("read wrong data"), "{message}");
+    assert!(message.contains("seed 7"), "{message}");
 }
