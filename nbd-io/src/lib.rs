@@ -10,7 +10,8 @@
 //!   by systemd-style socket activation (libnbd's
 //!   `connect_systemd_socket_activation`);
 //! - [`connect`]: reach a target, with errors that name it; [`Connecting`]:
-//!   the same without blocking, for event-loop adapters;
+//!   the same without blocking, for event-loop adapters; [`connect_within`]:
+//!   a blocking connect bounded by a deadline;
 //! - [`Socket`]: the connected stream, whatever reached it, including a
 //!   socket the caller already holds ([`Socket::from_fd`], libnbd's
 //!   `connect_socket`); it owns any server process it started and stops it
@@ -47,6 +48,7 @@
 //! ```
 
 mod connect;
+mod connect_within;
 mod error;
 mod nonblocking;
 mod policy;
@@ -56,6 +58,7 @@ mod socket;
 mod target;
 
 pub use connect::connect;
+pub use connect_within::connect_within;
 pub use error::{Error, Result};
 pub use nonblocking::{Connecting, Progress};
 pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
