@@ -5,6 +5,8 @@
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
 //! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
 //! nbd dump [--offset N] [--length N] URI
+//! (info, copy and dump take --timeout SECONDS; without it they wait as long
+//! as the server takes)
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
 //! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])
 //! ```
@@ -17,6 +19,7 @@
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
 
 mod copy;
+mod deadline;
 mod dump;
 mod extents;
 mod failure;
@@ -54,15 +57,18 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("info", e));
-            info::run(args, &server)
+            deadline::set(&args.timeout);
+            info::run(args, &server).map_err(|f| f.explain_timeout(&server, "a reply"))
         }
         Command::Copy(args) => {
             let [src, dst] = args.operands().unwrap_or_else(|e| usage_error("copy", e));
+            deadline::set(&args.timeout);
             copy::run(args, &src, &dst).map_err(failure::Failure::from)
         }
         Command::Dump(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("dump", e));
-            dump::run(args, &server)
+            deadline::set(&args.timeout);
+            dump::run(args, &server).map_err(|f| f.explain_timeout(&server, "a read"))
         }
     };
     match result {

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
@@ -33,6 +34,16 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// The socket is deregistered when the connection ends, so no further events
 /// come: a loop must stop waiting once `is_closed` is true.
 ///
+/// Time: the core's deadlines ([`Config::handshake_timeout`],
+/// [`Config::command_timeout`], [`Config::stall_timeout`]) need the loop's
+/// help, since mio only wakes for readiness. Pass
+/// [`poll_timeout`](Self::poll_timeout) to `Poll::poll` as its timeout, and
+/// call [`handle_timeout`](Self::handle_timeout) after every wake-up (with or
+/// without events): a command past its deadline then completes with
+/// `ETIMEDOUT`, and a stalled server or slow handshake ends the connection
+/// with the core's `TimedOut` error. Every driving call also passes the time
+/// in, so `poll_timeout` is up to date after it.
+///
 /// ```no_run
 /// use bytes::BytesMut;
 /// use mio::{Events, Poll, Token};
@@ -43,19 +54,23 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// let mut client = Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock", Config::default(), poll.registry(), Token(0))?;
 /// let mut events = Events::with_capacity(16);
 /// while !client.connection().is_ready() {
-///     poll.poll(&mut events, None)?;
+///     // Sleep until readiness or the connection's next deadline.
+///     poll.poll(&mut events, client.poll_timeout())?;
 ///     for e in events.iter() {
 ///         // A refused handshake (no such export, ...) is returned here.
 ///         client.handle_event(e)?;
 ///     }
+///     // A deadline that passed (with `handshake_timeout` set) is returned here.
+///     client.handle_timeout(std::time::Instant::now())?;
 /// }
 /// let cookie = client.aio_pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())?;
 /// client.send()?;
 /// loop {
-///     poll.poll(&mut events, None)?;
+///     poll.poll(&mut events, client.poll_timeout())?;
 ///     for e in events.iter() {
 ///         client.handle_event(e)?;
 ///     }
+///     client.handle_timeout(std::time::Instant::now())?;
 ///     if let Some(done) = client.next_completion() {
 ///         assert_eq!(done.cookie, cookie);
 ///         done.result?;
@@ -183,8 +198,11 @@ impl Client {
             token,
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        let mut conn = Connection::new(config);
+        // The handshake's clock (if it has one) runs from the connect on.
+        conn.handle_timeout(Instant::now());
         Ok(Client {
-            conn: Connection::new(config),
+            conn,
             link,
             token,
             registry,
@@ -241,8 +259,39 @@ impl Client {
         } else {
             self.drive_inner()
         };
+        self.conn.handle_timeout(Instant::now());
         self.collect_events();
         self.end_result(result)
+    }
+
+    // ------------------------------------------------------------ time
+
+    /// When the connection next needs [`handle_timeout`](Self::handle_timeout)
+    /// (`Connection::poll_timeout`): `None` when nothing is timed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conn.poll_timeout()
+    }
+
+    /// The timeout to pass to `Poll::poll`: how long from now until
+    /// [`next_deadline`](Self::next_deadline) (zero if it is due), `None`
+    /// when nothing is timed. With several connections on one `Poll`, pass
+    /// the shortest.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.next_deadline()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Passes the time in (`Connection::handle_timeout`): starts the
+    /// deadlines waiting for it and carries out those that passed at `now`.
+    /// Call it after every wake-up of the loop. A command whose deadline
+    /// passed completes with `ETIMEDOUT` (see
+    /// [`next_completion`](Self::next_completion)); a passed stall or
+    /// handshake deadline ends the connection and its error is returned, as
+    /// from [`drive`](Self::drive).
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
+        self.conn.handle_timeout(now);
+        self.collect_events();
+        self.end_result(Ok(()))
     }
 
     fn drive_inner(&mut self) -> Result<()> {
@@ -328,6 +377,7 @@ impl Client {
                 other => other.map(drop),
             }
         };
+        self.conn.handle_timeout(Instant::now());
         self.collect_events();
         self.end_result(result)
     }
