@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{pump, Error, Result, Socket, Target, UriPolicy};
+use nbd_io::{pump, Error, Reconnected, Request, Result, Socket, Target, UriPolicy};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
 
+use crate::reconnect::Reconnect;
 use crate::wait;
 
 /// Most reads per drive step before writes get another turn. A read shorter
@@ -64,15 +65,22 @@ pub struct ExportEntry {
 /// # Ok::<(), nbd_blocking::Error>(())
 /// ```
 pub struct Client {
-    conn: Connection,
-    socket: Socket,
-    completed: VecDeque<Completion>,
+    pub(crate) conn: Connection,
+    pub(crate) socket: Socket,
+    pub(crate) completed: VecDeque<Completion>,
     chunks: Vec<ReadChunk>,
     statuses: Vec<BlockStatus>,
     contexts: Vec<(u32, String)>,
     exports: Vec<ExportEntry>,
     option_result: Option<nbd_proto::Result<()>>,
-    closed: bool,
+    pub(crate) closed: bool,
+    /// Where the client connected and with what settings: what a reconnect
+    /// needs (`None` for a client made from a socket).
+    pub(crate) origin: Option<(Target, Config)>,
+    /// Automatic reconnect, when turned on ([`Client::set_reconnect`]).
+    pub(crate) reconnect: Option<Box<Reconnect>>,
+    /// Reconnects not yet taken by [`Client::take_reconnects`].
+    pub(crate) reconnects: VecDeque<Reconnected>,
 }
 
 impl Client {
@@ -104,7 +112,10 @@ impl Client {
             .handshake_timeout
             .and_then(|t| started.checked_add(t));
         let socket = nbd_io::connect_within(target, deadline)?;
-        Self::negotiate(socket, config, started)
+        let origin = (target.clone(), config.clone());
+        let mut client = Self::negotiate(socket, config, started)?;
+        client.origin = Some(origin);
+        Ok(client)
     }
 
     /// Negotiates over a socket that is already connected (libnbd's
@@ -131,6 +142,9 @@ impl Client {
             exports: Vec::new(),
             option_result: None,
             closed: false,
+            origin: None,
+            reconnect: None,
+            reconnects: VecDeque::new(),
         };
         client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
         Ok(client)
@@ -274,7 +288,8 @@ impl Client {
         if Self::try_io_each(clients)? {
             return Ok(true);
         }
-        for c in clients.iter() {
+        for c in clients.iter_mut() {
+            c.recover()?;
             c.check_dead()?;
         }
         let now = Instant::now();
@@ -296,7 +311,8 @@ impl Client {
         for c in clients.iter_mut() {
             expired |= c.pass_time();
         }
-        for c in clients.iter() {
+        for c in clients.iter_mut() {
+            c.recover()?;
             c.check_dead()?;
         }
         Ok(expired)
@@ -370,7 +386,22 @@ impl Client {
             })
         });
         self.collect_events();
-        moved
+        match moved {
+            // A socket that failed killed the connection; with reconnect on
+            // that is no error yet: the next wait connects again.
+            Err(_)
+                if self
+                    .reconnect
+                    .as_ref()
+                    .is_some_and(|r| r.keeps_lost(&self.conn)) =>
+            {
+                Ok(Moved {
+                    wrote: false,
+                    read: true,
+                })
+            }
+            other => other,
+        }
     }
 
     /// Waits with poll(2) until the socket is ready in the direction the
@@ -383,9 +414,24 @@ impl Client {
     fn collect_events(&mut self) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Completed(c) => self.completed.push_back(c),
-                Event::ReadChunk(chunk) => self.chunks.push(chunk),
-                Event::BlockStatus(status) => self.statuses.push(status),
+                Event::Completed(c) => {
+                    if let Some(c) = self.caller_completion(c) {
+                        self.completed.push_back(c);
+                    }
+                }
+                Event::ReadChunk(mut chunk) => {
+                    match &mut chunk {
+                        ReadChunk::Data { cookie, .. }
+                        | ReadChunk::Hole { cookie, .. }
+                        | ReadChunk::Error { cookie, .. } => *cookie = self.caller_cookie(*cookie),
+                        _ => {}
+                    }
+                    self.chunks.push(chunk)
+                }
+                Event::BlockStatus(mut status) => {
+                    status.cookie = self.caller_cookie(status.cookie);
+                    self.statuses.push(status)
+                }
                 Event::MetaContext { id, name } => self.contexts.push((id, name)),
                 Event::Export { name, description } => {
                     self.exports.push(ExportEntry { name, description })
@@ -396,6 +442,7 @@ impl Client {
                 _ => {}
             }
         }
+        self.send_held();
     }
 
     /// Drives the socket until `done` holds or the connection ends (a
@@ -411,6 +458,7 @@ impl Client {
             if done(self) {
                 return Ok(());
             }
+            self.recover()?;
             self.check_dead()?;
             if self.conn.is_closed() {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
@@ -432,7 +480,14 @@ impl Client {
 
     /// Starts a read into `buf` (its length is the read's length); returns at once.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pread(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: false,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Starts a read that also reports each reply chunk (see [`Client::take_chunks`]).
@@ -442,38 +497,80 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        Ok(self.conn.pread_structured(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: true,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Starts a write of `data`; returns at once. The payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pwrite(data, offset, flags)?)
+        self.issue(
+            Request::Write {
+                data,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a flush.
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.flush(flags)?)
+        self.issue(Request::Flush { flags }, None)
     }
 
     /// Starts a trim of `count` bytes at `offset`.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.trim(count, offset, flags)?)
+        self.issue(
+            Request::Trim {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.cache(count, offset, flags)?)
+        self.issue(
+            Request::Cache {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.zero(count, offset, flags)?)
+        self.issue(
+            Request::Zero {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a block status query over every negotiated meta context; the
     /// extents are taken with [`Client::take_block_status`].
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.block_status(count, offset, flags)?)
+        self.issue(
+            Request::BlockStatus {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Takes the block status reports that arrived for `cookie`, one per context.
@@ -487,7 +584,10 @@ impl Client {
 
     /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
     pub fn in_flight(&self) -> usize {
-        self.conn.in_flight()
+        match &self.reconnect {
+            Some(r) => r.journal.len(),
+            None => self.conn.in_flight(),
+        }
     }
 
     /// The oldest finished command not yet taken, if any.
@@ -515,7 +615,11 @@ impl Client {
         if let Some(done) = self.take_completion(cookie) {
             return Ok(done);
         }
-        if !self.conn.is_in_flight(cookie) {
+        let pending = match &self.reconnect {
+            Some(r) => r.journal.is_pending(cookie),
+            None => self.conn.is_in_flight(cookie),
+        };
+        if !pending {
             return Err(nbd_proto::Error::InvalidArgument(format!(
                 "{cookie:?} is not in flight and has no completion waiting"
             ))
@@ -716,7 +820,7 @@ impl Client {
             .iter()
             .filter_map(|c| c.result.as_ref().err());
         let first = failures.next()?.clone();
-        let count = 1 + failures.count() + self.conn.in_flight();
+        let count = 1 + failures.count() + self.in_flight();
         Some(Error::CommandsFailed { count, first })
     }
 

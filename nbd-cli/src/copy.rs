@@ -53,6 +53,8 @@ pub struct CopyArgs {
     pub sparse: u64,
     #[command(flatten)]
     pub timeout: crate::deadline::TimeoutArg,
+    #[command(flatten)]
+    pub retries: crate::retries::RetriesArg,
 }
 
 fn parse_request_size(s: &str) -> Result<u64, String> {
@@ -151,7 +153,8 @@ fn open_source(spec: &Operand, use_extents: bool) -> Result<(Source, Option<u64>
     if use_extents {
         config.meta_contexts.push(BASE_ALLOCATION.into());
     }
-    let client = spec.connect(config).map_err(|e| on_side("source", e))?;
+    let mut client = spec.connect(config).map_err(|e| on_side("source", e))?;
+    crate::retries::enable(&mut client)?;
     let size = client.size()?;
     let runs = client
         .connection()
@@ -189,9 +192,10 @@ fn open_dest(spec: &Operand, size: Option<u64>) -> Result<Dest, Error> {
         }
         None => {}
     }
-    let client = spec
+    let mut client = spec
         .connect(Config::default())
         .map_err(|e| on_side("destination", e))?;
+    crate::retries::enable(&mut client)?;
     if client.connection().is_read_only()? {
         return Err(nbd_proto::Error::ReadOnly(format!("destination {spec} is read-only")).into());
     }

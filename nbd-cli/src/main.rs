@@ -3,7 +3,7 @@
 //! ```text
 //! nbd info [--json] [--size] [-L|--list] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
-//! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
+//! nbd copy [--requests N] [--request-size N] [--flush] [--retries N] SRC DST
 //! nbd dump [--offset N] [--length N] URI
 //! (info, copy and dump take --timeout SECONDS; without it they wait as long
 //! as the server takes)
@@ -27,6 +27,7 @@ mod info;
 mod json;
 mod map;
 mod operand;
+mod retries;
 mod size;
 mod unknown_export;
 
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         Command::Copy(args) => {
             let [src, dst] = args.operands().unwrap_or_else(|e| usage_error("copy", e));
             deadline::set(&args.timeout);
+            retries::set(&args.retries);
             copy::run(args, &src, &dst).map_err(failure::Failure::from)
         }
         Command::Dump(args) => {

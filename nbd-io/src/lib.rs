@@ -21,6 +21,9 @@
 //!   `set_uri_allow_local_file`), with every query parameter of the URI
 //!   specification recognised and any other diagnosed;
 //! - [`pump`]: the byte pump between a socket and an `nbd_proto::Connection`;
+//! - automatic reconnect, opt-in: a [`ReconnectPolicy`], the check that a
+//!   new connection reaches the same export ([`ExportIdentity`]), and the
+//!   [`Journal`] of unfinished commands that an adapter sends again;
 //! - [`Error`]: one error type.
 //!
 //! # One vocabulary in every adapter
@@ -53,6 +56,7 @@ mod error;
 mod nonblocking;
 mod policy;
 pub mod pump;
+mod reconnect;
 mod server;
 mod socket;
 mod target;
@@ -62,5 +66,6 @@ pub use connect_within::connect_within;
 pub use error::{Error, Result};
 pub use nonblocking::{Connecting, Progress};
 pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
+pub use reconnect::{ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request};
 pub use socket::Socket;
 pub use target::Target;
