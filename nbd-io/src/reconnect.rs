@@ -396,6 +396,23 @@ impl Journal {
         Ok(Cookie::from_raw(n | JOURNAL_COOKIE))
     }
 
+    /// Records `request` (a read into `buffer`) without issuing it, to be
+    /// sent by the next [`resend`](Self::resend) or
+    /// [`send_held`](Self::send_held): for an adapter whose connection is
+    /// being replaced. Returns the caller's cookie.
+    pub fn hold(&mut self, request: Request, buffer: Option<BytesMut>) -> Cookie {
+        let n = self.next;
+        self.next += 1;
+        let entry = Entry {
+            request,
+            wire: None,
+            buffer,
+            resent: false,
+        };
+        self.entries.insert(n, entry);
+        Cookie::from_raw(n | JOURNAL_COOKIE)
+    }
+
     /// Takes a completion of the connection. Returns it under the caller's
     /// cookie, except when `keep_lost` and the command was cut short by the
     /// end of the connection (`ConnectionLost`): then the journal keeps it

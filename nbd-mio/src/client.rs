@@ -8,8 +8,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nbd_io::{pump, Connecting, Endpoint, Error, Progress, Result, Socket, Target, UriPolicy};
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
+use nbd_io::{
+    pump, Connecting, Endpoint, Error, Progress, Reconnected, Request, Result, Socket, Target,
+    UriPolicy,
+};
+use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event, ReadChunk};
+
+use crate::reconnect::Reconnect;
 
 /// An NBD connection registered with a caller's mio [`Registry`].
 ///
@@ -80,28 +85,35 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Client {
-    conn: Connection,
-    link: Link,
-    token: Token,
+    pub(crate) conn: Connection,
+    pub(crate) link: Link,
+    pub(crate) token: Token,
     /// Registered with this registry (cloned handle), to register the
     /// socket of each new connect attempt and to deregister at the end.
-    registry: Registry,
+    pub(crate) registry: Registry,
     /// The last write would have blocked: wait for a writable event.
-    write_blocked: bool,
-    completions: VecDeque<Completion>,
+    pub(crate) write_blocked: bool,
+    pub(crate) completions: VecDeque<Completion>,
     events: VecDeque<Event>,
-    closed: bool,
+    pub(crate) closed: bool,
+    /// The target and settings connected with: what a reconnect needs
+    /// (`None` when the client was not made from a target).
+    pub(crate) origin: Option<(Target, Config)>,
+    /// Automatic reconnect, when turned on (`set_reconnect`).
+    pub(crate) reconnect: Option<Box<Reconnect>>,
+    /// Reconnects not yet taken by `take_reconnects`.
+    pub(crate) reconnects: VecDeque<Reconnected>,
 }
 
 /// The socket under the connection: still connecting, or connected.
-enum Link {
+pub(crate) enum Link {
     Connecting(Connecting),
     Open(Socket),
 }
 
 impl Link {
     /// The descriptor registered with the caller's registry.
-    fn fd(&self) -> Option<RawFd> {
+    pub(crate) fn fd(&self) -> Option<RawFd> {
         match self {
             Link::Connecting(c) => c.socket().map(AsRawFd::as_raw_fd),
             Link::Open(s) => Some(s.as_raw_fd()),
@@ -126,7 +138,10 @@ impl Client {
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::connect_with(Connecting::start(target)?, config, registry, token)
+        let origin = (target.clone(), config.clone());
+        let mut client = Self::connect_with(Connecting::start(target)?, config, registry, token)?;
+        client.origin = Some(origin);
+        Ok(client)
     }
 
     /// Registers a connect the caller started (for example with
@@ -210,6 +225,9 @@ impl Client {
             completions: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
+            origin: None,
+            reconnect: None,
+            reconnects: VecDeque::new(),
         })
     }
 
@@ -259,8 +277,10 @@ impl Client {
         } else {
             self.drive_inner()
         };
-        self.conn.handle_timeout(Instant::now());
+        let now = Instant::now();
+        self.conn.handle_timeout(now);
         self.collect_events();
+        self.step_reconnect(now);
         self.end_result(result)
     }
 
@@ -269,7 +289,11 @@ impl Client {
     /// When the connection next needs [`handle_timeout`](Self::handle_timeout)
     /// (`Connection::poll_timeout`): `None` when nothing is timed.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.conn.poll_timeout()
+        let core = self.conn.poll_timeout();
+        match self.reconnect.as_ref().and_then(|r| r.wake_at()) {
+            Some(at) => Some(core.map_or(at, |t| t.min(at))),
+            None => core,
+        }
     }
 
     /// The timeout to pass to `Poll::poll`: how long from now until
@@ -291,6 +315,7 @@ impl Client {
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
         self.conn.handle_timeout(now);
         self.collect_events();
+        self.step_reconnect(now);
         self.end_result(Ok(()))
     }
 
@@ -359,6 +384,15 @@ impl Client {
     /// The result of a driving call: its own error, else the connection's
     /// sticky error if it is dead.
     fn end_result(&self, result: Result<()>) -> Result<()> {
+        if let Some(r) = &self.reconnect {
+            if let Some(failure) = &r.failure {
+                return Err(failure.clone().into());
+            }
+            if r.keeps_lost(&self.conn) {
+                // Lost, and a reconnect is under way: not the end.
+                return Ok(());
+            }
+        }
         result?;
         match self.conn.error() {
             Some(e) => Err(e.clone().into()),
@@ -377,13 +411,15 @@ impl Client {
                 other => other.map(drop),
             }
         };
-        self.conn.handle_timeout(Instant::now());
+        let now = Instant::now();
+        self.conn.handle_timeout(now);
         self.collect_events();
+        self.step_reconnect(now);
         self.end_result(result)
     }
 
     /// Writes until done or the socket would block; whether anything moved.
-    fn write_some(&mut self) -> Result<bool> {
+    pub(crate) fn write_some(&mut self) -> Result<bool> {
         let Link::Open(socket) = &mut self.link else {
             return Ok(false);
         };
@@ -396,7 +432,7 @@ impl Client {
     }
 
     /// Stops watching the socket and shuts it down.
-    fn release_socket(&mut self) -> io::Result<()> {
+    pub(crate) fn release_socket(&mut self) -> io::Result<()> {
         let deregistered = match self.link.fd() {
             Some(fd) => self.registry.deregister(&mut SourceFd(&fd)),
             None => Ok(()),
@@ -410,11 +446,37 @@ impl Client {
     fn collect_events(&mut self) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Completed(c) => self.completions.push_back(c),
+                Event::Completed(c) => {
+                    if let Some(c) = self.caller_completion(c) {
+                        self.completions.push_back(c);
+                    }
+                }
+                Event::Closed { .. }
+                    if self
+                        .reconnect
+                        .as_ref()
+                        .is_some_and(|r| r.keeps_lost(&self.conn)) =>
+                {
+                    // Lost, and about to reconnect: only the socket is over.
+                    let _ = self.release_socket();
+                }
                 Event::Closed { .. } => {
                     self.closed = true;
                     let _ = self.release_socket();
                     self.events.push_back(event);
+                }
+                Event::ReadChunk(mut chunk) => {
+                    match &mut chunk {
+                        ReadChunk::Data { cookie, .. }
+                        | ReadChunk::Hole { cookie, .. }
+                        | ReadChunk::Error { cookie, .. } => *cookie = self.caller_cookie(*cookie),
+                        _ => {}
+                    }
+                    self.events.push_back(Event::ReadChunk(chunk));
+                }
+                Event::BlockStatus(mut status) => {
+                    status.cookie = self.caller_cookie(status.cookie);
+                    self.events.push_back(Event::BlockStatus(status));
                 }
                 other => self.events.push_back(other),
             }
@@ -436,7 +498,14 @@ impl Client {
 
     /// Queues a read into `buf`; call [`send`](Self::send) to send.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pread(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: false,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Queues a read that also reports each chunk as an `Event::ReadChunk`.
@@ -446,39 +515,71 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        Ok(self.conn.pread_structured(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: true,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Queues a write; the payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pwrite(data, offset, flags)?)
+        let write = Request::Write {
+            data,
+            offset,
+            flags,
+        };
+        self.issue(write, None)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.flush(flags)?)
+        self.issue(Request::Flush { flags }, None)
     }
 
     /// Queues a trim.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.trim(count, offset, flags)?)
+        let request = Request::Trim {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a cache (prefetch).
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.cache(count, offset, flags)?)
+        let request = Request::Cache {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a block status query over every negotiated meta context; each
     /// context's extents arrive as an `Event::BlockStatus` from
     /// [`next_event`](Self::next_event) before the completion.
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.block_status(count, offset, flags)?)
+        let request = Request::BlockStatus {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a write of zeroes.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.zero(count, offset, flags)?)
+        let request = Request::Zero {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Asks the server to end the connection (libnbd's `aio_disconnect`).
@@ -495,7 +596,10 @@ impl Client {
 
     /// Commands issued and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.conn.in_flight()
+        match &self.reconnect {
+            Some(r) => r.journal.len(),
+            None => self.conn.in_flight(),
+        }
     }
 
     // ------------------------------------------------------------ opt mode
@@ -540,7 +644,7 @@ impl Client {
         } else {
             self.release_socket()
         };
-        let abandoned = self.conn.in_flight();
+        let abandoned = self.in_flight();
         let mut failures = self
             .completions
             .iter()

@@ -25,8 +25,9 @@
 
 mod client;
 mod multi;
+mod reconnect;
 
 pub use client::Client;
 pub use multi::{MultiCompletion, MultiConn, MultiCookie};
-pub use nbd_io::{self, Error, Result};
+pub use nbd_io::{self, Error, ReconnectPolicy, Reconnected, Result};
 pub use nbd_proto;

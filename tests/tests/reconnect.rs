@@ -348,3 +348,91 @@ fn nbd_copy_retries_survives_a_restart_of_the_source() {
         "the copy is byte-identical"
     );
 }
+
+/// The mio adapter reconnects without blocking: the pause between attempts
+/// is a deadline of its loop, and the unfinished commands go out again.
+#[test]
+fn mio_reconnects_within_the_callers_loop() {
+    use mio::{Events, Poll, Token};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let mut server = Restartable::start(dir.path(), file.clone(), "300ms");
+    let uri = server.uri();
+    let (killed_tx, killed_rx) = mpsc::channel::<()>();
+    let (restart_tx, restart_rx) = mpsc::channel::<()>();
+    let client_side = thread::spawn(move || {
+        bounded("a mio loop across a restart", move || {
+            let mut poll = Poll::new().unwrap();
+            let mut events = Events::with_capacity(16);
+            let config = nbd_proto::Config::default();
+            let mut client =
+                nbd_mio::Client::connect_uri(&uri, config, poll.registry(), Token(3)).unwrap();
+            while !client.connection().is_ready() {
+                poll.poll(&mut events, client.poll_timeout()).unwrap();
+                for e in events.iter() {
+                    client.handle_event(e).unwrap();
+                }
+                client.handle_timeout(Instant::now()).unwrap();
+            }
+            client.set_reconnect(Some(policy())).unwrap();
+            let mut pending = HashMap::new();
+            for i in 0..16 {
+                let offset = (i * BLOCK) as u64;
+                let cookie = if i % 2 == 0 {
+                    let data = Bytes::from(block(4, i));
+                    client.aio_pwrite(data, offset, CmdFlags::empty()).unwrap()
+                } else {
+                    client
+                        .aio_pread(BytesMut::zeroed(BLOCK), offset, CmdFlags::empty())
+                        .unwrap()
+                };
+                pending.insert(cookie, (i % 2 == 0, i));
+            }
+            client.send().unwrap();
+            killed_tx.send(()).unwrap();
+            restart_rx.recv().unwrap();
+            while !pending.is_empty() {
+                poll.poll(&mut events, client.poll_timeout()).unwrap();
+                for e in events.iter() {
+                    client.handle_event(e).unwrap();
+                }
+                client.handle_timeout(Instant::now()).unwrap();
+                while let Some(c) = client.next_completion() {
+                    let (write, i) = pending.remove(&c.cookie).expect("completed once");
+                    c.result.unwrap_or_else(|e| panic!("block {i}: {e}"));
+                    if !write {
+                        assert!(
+                            c.buffer.unwrap()[..] == block(1, i)[..],
+                            "read of block {i}"
+                        );
+                    }
+                }
+            }
+            let reconnects = client.take_reconnects();
+            assert!(!reconnects.is_empty(), "a reconnect happened");
+            client.aio_disconnect().unwrap();
+            while !client.is_closed() {
+                poll.poll(&mut events, client.poll_timeout()).unwrap();
+                for e in events.iter() {
+                    client.handle_event(e).unwrap();
+                }
+                client.handle_timeout(Instant::now()).unwrap();
+            }
+        })
+    });
+    killed_rx.recv().unwrap();
+    server.kill();
+    thread::sleep(Duration::from_millis(300));
+    server.restart();
+    restart_tx.send(()).unwrap();
+    client_side.join().unwrap();
+    server.kill();
+    let image = fs::read(&file).unwrap();
+    for i in (0..16).step_by(2) {
+        assert!(
+            image[i * BLOCK..(i + 1) * BLOCK] == block(4, i)[..],
+            "write {i} landed"
+        );
+    }
+}
