@@ -2,30 +2,7 @@
 //! connection reaches the same export, and the journal of unfinished
 //! commands that is sent again on it.
 //!
-//! An adapter that offers reconnect (opt-in) keeps a [`Journal`] beside its
-//! `nbd_proto::Connection` and routes every command through it:
-//!
-//! 1. [`Journal::submit`] issues the command on the connection and records
-//!    it (a write keeps its payload, a cheap `Bytes` clone). The caller's
-//!    cookies are the journal's, stable across connections.
-//! 2. Every `Event::Completed` goes through [`Journal::complete`]. When the
-//!    connection died of a failure the [`ReconnectPolicy`] counts (the
-//!    server hung up, the socket was reset, the stall deadline), the
-//!    commands it cut short are kept back, read buffers included, instead
-//!    of reaching the caller.
-//! 3. The adapter connects again to the same target with the same `Config`,
-//!    checks [`ExportIdentity`], and calls [`Journal::resend`]: the kept
-//!    commands go out again in the order they were first submitted. A
-//!    command that completed (successfully or not) is never sent again.
-//! 4. If every attempt fails, [`Journal::give_up`] completes each kept
-//!    command once with the cause.
-//!
-//! Ordering of durability: a flush, or a write with FUA, that is sent again
-//! waits until every write, zero and trim submitted before it has completed
-//! on the new connection, so it is reported done only after it succeeded on
-//! the connection that holds them. Limit: a write the old server had
-//! already acknowledged is not sent again; if that server lost it with its
-//! cache when it went away, no client can tell.
+//! The adapter's side of it is described on [`Journal`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -319,7 +296,32 @@ struct Entry {
 const JOURNAL_COOKIE: u64 = 1 << 63;
 
 /// The commands not yet completed, in submission order, under cookies that
-/// stay the same across connections. See the [module docs](self).
+/// stay the same across connections.
+///
+/// An adapter that offers reconnect (opt-in) keeps a [`Journal`] beside its
+/// `nbd_proto::Connection` and routes every command through it:
+///
+/// 1. [`Journal::submit`] issues the command on the connection and records
+///    it (a write keeps its payload, a cheap `Bytes` clone). The caller's
+///    cookies are the journal's, stable across connections.
+/// 2. Every `Event::Completed` goes through [`Journal::complete`]. When the
+///    connection died of a failure the [`ReconnectPolicy`] counts (the
+///    server hung up, the socket was reset, the stall deadline), the
+///    commands it cut short are kept back, read buffers included, instead
+///    of reaching the caller.
+/// 3. The adapter connects again to the same target with the same `Config`,
+///    checks [`ExportIdentity`], and calls [`Journal::resend`]: the kept
+///    commands go out again in the order they were first submitted. A
+///    command that completed (successfully or not) is never sent again.
+/// 4. If every attempt fails, [`Journal::give_up`] completes each kept
+///    command once with the cause.
+///
+/// Ordering of durability: a flush, or a write with FUA, that is sent again
+/// waits until every write, zero and trim submitted before it has completed
+/// on the new connection, so it is reported done only after it succeeded on
+/// the connection that holds them. Limit: a write the old server had
+/// already acknowledged is not sent again; if that server lost it with its
+/// cache when it went away, no client can tell.
 #[derive(Debug, Default)]
 pub struct Journal {
     /// By submission number (the caller's cookie without [`JOURNAL_COOKIE`]).
