@@ -164,6 +164,9 @@ impl Client {
     }
 
     fn reconnect_with(&mut self, r: &mut Reconnect, cause: &nbd_proto::Error) -> Result<()> {
+        // Timeouts changed since connecting (set_timeout, ...) carry over.
+        r.config.stall_timeout = self.conn.stall_timeout();
+        r.config.command_timeout = self.conn.command_timeout();
         let mut last = None;
         for attempt in 1..=r.policy.attempts {
             std::thread::sleep(r.policy.delay(attempt));

@@ -287,7 +287,11 @@ impl Client {
         }
         self.link = link;
         self.write_blocked = false;
-        self.conn = Connection::new(r.config.clone());
+        // Timeouts changed since connecting carry over to the new connection.
+        let mut config = r.config.clone();
+        config.stall_timeout = self.conn.stall_timeout();
+        config.command_timeout = self.conn.command_timeout();
+        self.conn = Connection::new(config);
         self.conn.handle_timeout(now);
         Ok(())
     }

@@ -436,3 +436,130 @@ fn mio_reconnects_within_the_callers_loop() {
         );
     }
 }
+
+/// How one connection of the scripted server behaves.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    /// Negotiates, takes the first commands, and hangs up without answering.
+    HangUpOnCommands,
+    /// Greets, then hangs up in the middle of the handshake.
+    HangUpInHandshake,
+    /// Negotiates, then reads every command and answers none (a stall).
+    Stall,
+    /// Serves properly.
+    Serve,
+}
+
+/// A Unix socket whose connections act out `script` in turn, over one
+/// shared image (the last act repeats).
+fn scripted_server(path: PathBuf, template: nbd_testkit::FakeServer, script: Vec<Act>) {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let act = script[n.min(script.len() - 1)];
+            let mut server = template.new_connection();
+            thread::spawn(move || {
+                if let Act::Serve = act {
+                    let _ = nbd_testkit::serve_socket(stream, server);
+                    return;
+                }
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let out = server.take_output();
+                    if let Act::HangUpInHandshake = act {
+                        let _ = stream.write_all(&out[..out.len().min(8)]);
+                        return;
+                    }
+                    if stream.write_all(&out).is_err() {
+                        return;
+                    }
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if server.in_transmission() => match act {
+                            // The commands are in; the answers never go out.
+                            Act::HangUpOnCommands => return,
+                            // Read and ignore everything from now on.
+                            _ => {
+                                let _ = n;
+                                while matches!(stream.read(&mut buf), Ok(k) if k > 0) {}
+                                return;
+                            }
+                        },
+                        Ok(n) => server.handle_input(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A scripted run: the connection is lost with commands in flight; the
+/// first reconnect attempt dies in the handshake, the second negotiates and
+/// then stalls (the stall deadline ends it), and the next serves. Every
+/// command completes once, successfully, and each loss is reported.
+#[test]
+fn reconnect_survives_a_failed_handshake_and_a_server_that_stalls_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scripted.sock");
+    let template = nbd_testkit::FakeServer::builder().size(1 << 20).build();
+    scripted_server(
+        path.clone(),
+        template,
+        vec![
+            Act::Serve,
+            Act::HangUpOnCommands,
+            Act::HangUpInHandshake,
+            Act::Stall,
+            Act::Serve,
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", path.display());
+    bounded("a scripted reconnect", move || {
+        // The first connection only writes the data to read later.
+        let mut setup = Client::connect_uri(&uri).unwrap();
+        setup.write_all_at(&block(5, 0), 0).unwrap();
+        setup.shutdown().unwrap();
+
+        let mut client = Client::connect_uri(&uri).unwrap();
+        client.set_timeout(Some(Duration::from_millis(300)));
+        client.set_reconnect(Some(policy())).unwrap();
+        let read = client
+            .aio_pread(BytesMut::zeroed(BLOCK), 0, CmdFlags::empty())
+            .unwrap();
+        let write = client
+            .aio_pwrite(Bytes::from(block(6, 1)), BLOCK as u64, CmdFlags::FUA)
+            .unwrap();
+        let flush = client.aio_flush(CmdFlags::empty()).unwrap();
+        let mut done = HashMap::new();
+        while done.len() < 3 {
+            client.poll(None).unwrap();
+            while let Some(c) = client.next_completion() {
+                assert!(done.insert(c.cookie, c).is_none(), "completed once");
+            }
+        }
+        for cookie in [read, write, flush] {
+            done[&cookie].result.clone().unwrap();
+        }
+        assert!(done[&read].buffer.as_ref().unwrap()[..] == block(5, 0)[..]);
+        let reconnects = client.take_reconnects();
+        assert_eq!(reconnects.len(), 2, "{reconnects:?}");
+        assert_eq!(reconnects[0].cause.errno(), Errno::NotConn);
+        assert_eq!(
+            reconnects[0].attempt, 2,
+            "the first attempt died in the handshake"
+        );
+        assert_eq!(reconnects[0].resent, 3);
+        assert_eq!(reconnects[1].cause.errno(), Errno::TimedOut, "the stall");
+        assert_eq!(reconnects[1].attempt, 1);
+        let back = client
+            .pread(BytesMut::zeroed(BLOCK), BLOCK as u64, CmdFlags::empty())
+            .unwrap();
+        assert!(
+            back[..] == block(6, 1)[..],
+            "the write landed once the server served"
+        );
+        client.shutdown().unwrap();
+    });
+}
