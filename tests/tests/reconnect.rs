@@ -62,12 +62,18 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 struct Restartable {
     socket: PathBuf,
     file: PathBuf,
-    delay: &'static str,
+    /// nbdkit's delay filter, or `None` for qemu-nbd.
+    delay: Option<&'static str>,
     child: Option<Child>,
 }
 
 impl Restartable {
     fn start(dir: &Path, file: PathBuf, delay: &'static str) -> Self {
+        Self::start_as(dir, file, Some(delay))
+    }
+
+    /// nbdkit (with `delay`) or, without, qemu-nbd serving `file` persistently.
+    fn start_as(dir: &Path, file: PathBuf, delay: Option<&'static str>) -> Self {
         let mut server = Restartable {
             socket: dir.join("nbd.sock"),
             file,
@@ -85,16 +91,32 @@ impl Restartable {
     /// Starts nbdkit (serving `self.file`) and waits until it listens.
     fn restart(&mut self) {
         let _ = fs::remove_file(&self.socket);
-        let child = Command::new("nbdkit")
-            .arg("--foreground")
-            .arg("--exit-with-parent")
-            .arg("-U")
-            .arg(&self.socket)
-            .arg("--filter=delay")
-            .arg("file")
-            .arg(format!("file={}", self.file.display()))
-            .arg(format!("delay-read={}", self.delay))
-            .arg(format!("delay-write={}", self.delay))
+        let mut command = match self.delay {
+            Some(delay) => {
+                let mut nbdkit = Command::new("nbdkit");
+                nbdkit
+                    .arg("--foreground")
+                    .arg("--exit-with-parent")
+                    .arg("-U")
+                    .arg(&self.socket)
+                    .arg("--filter=delay")
+                    .arg("file")
+                    .arg(format!("file={}", self.file.display()))
+                    .arg(format!("delay-read={delay}"))
+                    .arg(format!("delay-write={delay}"));
+                nbdkit
+            }
+            None => {
+                let mut qemu = Command::new("qemu-nbd");
+                qemu.arg("--persistent")
+                    .arg("--format=raw")
+                    .arg("--socket")
+                    .arg(&self.socket)
+                    .arg(&self.file);
+                qemu
+            }
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -281,7 +303,7 @@ fn a_changed_export_refuses_the_reconnect() {
     client.poll(Some(Duration::from_millis(50))).unwrap();
     server.kill();
     fs::write(&file, [0u8; 4096]).unwrap();
-    server.delay = "0";
+    server.delay = Some("0");
     server.restart();
     let err = bounded("a refused reconnect", move || {
         let err = loop {
@@ -562,4 +584,104 @@ fn reconnect_survives_a_failed_handshake_and_a_server_that_stalls_again() {
         );
         client.shutdown().unwrap();
     });
+}
+
+/// Rounds of 64 commands in flight (reads checked against a model, writes
+/// of new data, some with FUA, a flush to end each round) while the server
+/// is killed and started again twice; the client reconnects each time.
+/// Every read returns what the model says, and the file ends equal to it.
+fn survives_restarts_under_load(delay: Option<&'static str>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const ROUNDS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let mut server = Restartable::start_as(dir.path(), file.clone(), delay);
+    let uri = server.uri();
+    let round = Arc::new(AtomicUsize::new(0));
+    let seed = nbd_testkit::Rng::seed_from_env(11);
+    let client_side = {
+        let round = round.clone();
+        thread::spawn(move || {
+            bounded("rounds across restarts", move || {
+                let mut rng = nbd_testkit::Rng::new(seed);
+                let mut model = image(1);
+                let mut client = Client::connect_uri(&uri).unwrap();
+                client.set_timeout(Some(Duration::from_secs(5)));
+                client.set_reconnect(Some(policy())).unwrap();
+                for r in 0..ROUNDS {
+                    round.store(r, Ordering::SeqCst);
+                    let generation = (r + 10) as u8;
+                    let mut blocks: Vec<usize> = (0..BLOCKS).collect();
+                    rng.shuffle(&mut blocks);
+                    let mut pending = HashMap::new();
+                    for &i in &blocks {
+                        let offset = (i * BLOCK) as u64;
+                        let cookie = if rng.chance(0.5) {
+                            let data = block(generation, i);
+                            let flags = if rng.chance(0.1) {
+                                CmdFlags::FUA
+                            } else {
+                                CmdFlags::empty()
+                            };
+                            let c = client
+                                .aio_pwrite(Bytes::from(data.clone()), offset, flags)
+                                .unwrap();
+                            model[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&data);
+                            c
+                        } else {
+                            client
+                                .aio_pread(BytesMut::zeroed(BLOCK), offset, CmdFlags::empty())
+                                .unwrap()
+                        };
+                        pending.insert(cookie, (i, model[i * BLOCK..(i + 1) * BLOCK].to_vec()));
+                    }
+                    while !pending.is_empty() {
+                        client.poll(None).unwrap();
+                        while let Some(c) = client.next_completion() {
+                            let (i, want) = pending.remove(&c.cookie).expect("completed once");
+                            c.result
+                                .unwrap_or_else(|e| panic!("round {r} block {i}: {e}"));
+                            if let Some(buf) = c.buffer {
+                                assert!(buf[..] == want[..], "round {r}: read of block {i}");
+                            }
+                        }
+                    }
+                    client.flush(CmdFlags::empty()).unwrap();
+                }
+                round.store(ROUNDS, Ordering::SeqCst);
+                let reconnects = client.take_reconnects();
+                client.shutdown().unwrap();
+                (model, reconnects)
+            })
+        })
+    };
+    for kill_at in [10, 25] {
+        let deadline = Instant::now() + HANG_LIMIT;
+        while round.load(Ordering::SeqCst) < kill_at {
+            assert!(Instant::now() < deadline, "the client makes no progress");
+            thread::sleep(Duration::from_millis(5));
+        }
+        server.kill();
+        thread::sleep(Duration::from_millis(200));
+        server.restart();
+    }
+    let (model, reconnects) = client_side.join().unwrap();
+    assert!(!reconnects.is_empty(), "the restarts were noticed");
+    server.kill();
+    assert!(
+        fs::read(&file).unwrap() == model,
+        "the file matches the model ({reconnects:?})"
+    );
+}
+
+#[test]
+fn nbdkit_restarted_twice_under_load_loses_nothing() {
+    survives_restarts_under_load(Some("0"));
+}
+
+#[test]
+fn qemu_nbd_restarted_twice_under_load_loses_nothing() {
+    survives_restarts_under_load(None);
 }
