@@ -778,6 +778,12 @@ impl Client {
     /// Otherwise a failure of the connection itself (dead, timed out, socket
     /// error) is returned as such.
     pub fn shutdown(mut self) -> Result<()> {
+        if self.reconnect.is_some() {
+            // Commands the journal still holds (a lost connection not yet
+            // replaced, or a resent flush waiting its turn) go out first; if
+            // the reconnect fails they complete with its cause, reported below.
+            let _ = self.run_until(|c| c.in_flight() == 0);
+        }
         let ended = if self.conn.is_negotiating() {
             self.conn
                 .opt_abort()
@@ -801,7 +807,7 @@ impl Client {
     /// client that issue only blocking calls (such as [`crate::ExportFile`]),
     /// whose leftover completions belong to calls that already returned.
     pub(crate) fn settle(&mut self) -> Result<()> {
-        let waited = self.run_until(|c| c.conn.in_flight() == 0);
+        let waited = self.run_until(|c| c.in_flight() == 0);
         let failed = self.untaken_failures();
         self.completed.clear();
         self.chunks.clear();

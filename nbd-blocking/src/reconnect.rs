@@ -47,6 +47,12 @@ impl Client {
     /// command completes once with `ConnectionLost` and the cause, and the
     /// wait returns an error; the client does not try again.
     ///
+    /// The reconnect runs inside the wait that finds the connection lost (a
+    /// blocking call, [`Client::poll`], [`Client::poll_many`] or
+    /// [`Client::shutdown`]), sleeping between attempts: such a wait can take
+    /// longer than a `poll` timeout, by up to the policy's delays plus each
+    /// attempt's connect and handshake (bounded by `Config::handshake_timeout`).
+    ///
     /// Cookies returned while reconnect is on are the journal's: they stay
     /// valid across connections. Chunks of a structured read cut short may
     /// be reported twice, once per connection.

@@ -685,3 +685,44 @@ fn nbdkit_restarted_twice_under_load_loses_nothing() {
 fn qemu_nbd_restarted_twice_under_load_loses_nothing() {
     survives_restarts_under_load(None);
 }
+
+#[test]
+fn nbd_copy_retries_survives_a_restart_of_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let data = image(9);
+    fs::write(&source, &data).unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, image(1)).unwrap();
+    let mut server = Restartable::start(dir.path(), disk.clone(), "100ms");
+    let mut copy = Command::new(nbd_binary())
+        .args(["copy", "--retries", "30", "--flush", "--requests", "2"])
+        .args(["--request-size", "64K", "--sparse", "0"])
+        .arg(&source)
+        .arg(server.uri())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // 64 writes, two at a time, 100 ms each: the restart falls mid-copy.
+    thread::sleep(Duration::from_millis(800));
+    server.kill();
+    thread::sleep(Duration::from_millis(300));
+    server.restart();
+    let deadline = Instant::now() + HANG_LIMIT;
+    let status = loop {
+        if let Some(status) = copy.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "nbd copy hangs");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::io::read_to_string(copy.stderr.take().unwrap()).unwrap();
+    assert!(status.success(), "nbd copy failed: {stderr}");
+    server.kill();
+    assert!(
+        fs::read(&disk).unwrap() == data,
+        "the copy is byte-identical"
+    );
+}
