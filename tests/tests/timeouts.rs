@@ -311,3 +311,44 @@ fn nbd_info_timeout_is_validated() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
 }
+
+/// A multi-conn group learns its connections' deadlines the same way.
+#[test]
+fn mio_multi_conn_passes_deadlines_to_its_connections() {
+    let server = NbdkitBuilder::memory(MIB)
+        .filter("delay")
+        .param("delay-read", "1500ms")
+        .start();
+    let uri = server.uri();
+    bounded("a multi-conn read past its deadline", move || {
+        let mut poll = Poll::new().unwrap();
+        let mut events = Events::with_capacity(8);
+        let config = Config::default().command_timeout(Some(Duration::from_millis(300)));
+        let mut group =
+            nbd_mio::MultiConn::connect_uri(&uri, 2, config, poll.registry(), Token(10)).unwrap();
+        while !group.is_ready().unwrap() {
+            poll.poll(&mut events, group.poll_timeout()).unwrap();
+            for e in events.iter() {
+                group.handle_event(e).unwrap();
+            }
+            group.handle_timeout(Instant::now()).unwrap();
+        }
+        let cookie = group
+            .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+            .unwrap();
+        group.send().unwrap();
+        let done = loop {
+            assert!(group.poll_timeout().is_some(), "the deadline is known");
+            poll.poll(&mut events, group.poll_timeout()).unwrap();
+            for e in events.iter() {
+                group.handle_event(e).unwrap();
+            }
+            group.handle_timeout(Instant::now()).unwrap();
+            if let Some(done) = group.next_completion() {
+                break done;
+            }
+        };
+        assert_eq!(done.cookie, cookie);
+        assert_eq!(done.result.unwrap_err().errno(), Errno::TimedOut);
+    });
+}
