@@ -328,6 +328,9 @@ pub struct Journal {
     entries: BTreeMap<u64, Entry>,
     /// Wire cookie on the current connection -> submission number.
     wire: HashMap<Cookie, u64>,
+    /// Entries waiting to be sent (`wire` is `None`), so that submitting
+    /// stays O(1) in the steady state.
+    held: usize,
     next: u64,
 }
 
@@ -355,7 +358,7 @@ impl Journal {
 
     /// Commands waiting to be sent (again).
     pub fn held(&self) -> usize {
-        self.entries.values().filter(|e| e.wire.is_none()).count()
+        self.held
     }
 
     /// The caller's cookie for a cookie of the current connection (to
@@ -385,14 +388,17 @@ impl Journal {
         };
         // Behind commands waiting to be sent, or on a connection already
         // lost (that the adapter is about to replace), it waits its turn.
-        if self.held() == 0 && !conn.is_dead() {
+        if self.held == 0 && !conn.is_dead() {
             let wire = entry.request.issue(conn, entry.buffer.take())?;
             entry.wire = Some(wire);
         }
         let n = self.next;
         self.next += 1;
-        if let Some(wire) = entry.wire {
-            self.wire.insert(wire, n);
+        match entry.wire {
+            Some(wire) => {
+                self.wire.insert(wire, n);
+            }
+            None => self.held += 1,
         }
         self.entries.insert(n, entry);
         Ok(Cookie::from_raw(n | JOURNAL_COOKIE))
@@ -412,6 +418,7 @@ impl Journal {
             resent: false,
         };
         self.entries.insert(n, entry);
+        self.held += 1;
         Cookie::from_raw(n | JOURNAL_COOKIE)
     }
 
@@ -429,6 +436,7 @@ impl Journal {
             if let Some(entry) = self.entries.get_mut(&n) {
                 entry.wire = None;
                 entry.buffer = done.buffer.take();
+                self.held += 1;
                 return None;
             }
         }
@@ -448,6 +456,7 @@ impl Journal {
             entry.wire = None;
             entry.resent = true;
         }
+        self.held = self.entries.len();
         self.send_held(conn)
     }
 
@@ -481,11 +490,13 @@ impl Journal {
                 Ok(wire) => {
                     entry.wire = Some(wire);
                     self.wire.insert(wire, n);
+                    self.held -= 1;
                     sent += 1;
                 }
                 Err(e) => {
                     let buffer = entry.buffer.take();
                     self.entries.remove(&n);
+                    self.held -= 1;
                     let cookie = Cookie::from_raw(n | JOURNAL_COOKIE);
                     refused.push(Completion::new(cookie, Err(e), buffer));
                 }
@@ -503,6 +514,7 @@ impl Journal {
             .filter(|(_, e)| e.wire.is_none())
             .map(|(&n, _)| n)
             .collect();
+        self.held = 0;
         held.into_iter()
             .filter_map(|n| self.entries.remove(&n).map(|e| (n, e)))
             .map(|(n, e)| {
