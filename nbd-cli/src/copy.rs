@@ -496,8 +496,14 @@ impl Copy {
         if clients.is_empty() {
             return Ok(());
         }
-        Client::poll_many(&mut clients, None)?;
-        Ok(())
+        let result = Client::poll_many(&mut clients, None);
+        if let Source::Nbd { client, .. } = &mut self.src {
+            crate::retries::report("source", client);
+        }
+        if let Dest::Nbd { client, .. } = &mut self.dst {
+            crate::retries::report("destination", client);
+        }
+        result.map(drop)
     }
 
     /// A `--timeout` that ended a connection, named by its side (the copy's

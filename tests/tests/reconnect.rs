@@ -366,6 +366,10 @@ fn nbd_copy_retries_survives_a_restart_of_the_source() {
     let stderr = std::io::read_to_string(copy.stderr.take().unwrap()).unwrap();
     assert!(status.success(), "nbd copy failed: {stderr}");
     assert!(
+        stderr.contains("reconnected"),
+        "the reconnect is reported: {stderr}"
+    );
+    assert!(
         fs::read(&out).unwrap() == data,
         "the copy is byte-identical"
     );
@@ -720,6 +724,10 @@ fn nbd_copy_retries_survives_a_restart_of_the_destination() {
     };
     let stderr = std::io::read_to_string(copy.stderr.take().unwrap()).unwrap();
     assert!(status.success(), "nbd copy failed: {stderr}");
+    assert!(
+        stderr.contains("reconnected"),
+        "the reconnect is reported: {stderr}"
+    );
     server.kill();
     assert!(
         fs::read(&disk).unwrap() == data,
