@@ -166,7 +166,7 @@ fn reconnect_resends_pending_reads_and_writes_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     fs::write(&file, image(1)).unwrap();
-    let mut server = Restartable::start(dir.path(), file.clone(), "300ms");
+    let mut server = Restartable::start(dir.path(), file.clone(), "1");
     let uri = server.uri();
     let (killed_tx, killed_rx) = mpsc::channel::<()>();
     let (restart_tx, restart_rx) = mpsc::channel::<()>();
@@ -383,7 +383,7 @@ fn mio_reconnects_within_the_callers_loop() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     fs::write(&file, image(1)).unwrap();
-    let mut server = Restartable::start(dir.path(), file.clone(), "300ms");
+    let mut server = Restartable::start(dir.path(), file.clone(), "1");
     let uri = server.uri();
     let (killed_tx, killed_rx) = mpsc::channel::<()>();
     let (restart_tx, restart_rx) = mpsc::channel::<()>();
