@@ -97,14 +97,16 @@ impl Reconnected {
     }
 }
 
-/// What must not change across a reconnect: the export's size, and its
-/// flags may only grow (read-only where it was writable, or a lost
-/// capability such as flush or FUA, is another export as far as the
-/// pending commands are concerned).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What must not change across a reconnect: the export's size, its flags
+/// may only grow (read-only where it was writable, or a lost capability such
+/// as flush or FUA, is another export as far as the pending commands are
+/// concerned), and every meta context negotiated before must be negotiated
+/// again (block status commands may be among those sent again).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportIdentity {
     size: u64,
     flags: TransmissionFlags,
+    contexts: Vec<String>,
 }
 
 impl ExportIdentity {
@@ -114,6 +116,11 @@ impl ExportIdentity {
         Ok(ExportIdentity {
             size: conn.size()?,
             flags: conn.export_info().flags.unwrap_or_default(),
+            contexts: conn
+                .meta_contexts()
+                .iter()
+                .map(|(_, name)| name.clone())
+                .collect(),
         })
     }
 
@@ -135,6 +142,11 @@ impl ExportIdentity {
         let lost = (self.flags & abilities) - now.flags;
         if !lost.is_empty() {
             return Err(format!("the export lost {lost:?}"));
+        }
+        if let Some(missing) = self.contexts.iter().find(|c| !now.contexts.contains(c)) {
+            return Err(format!(
+                "the meta context {missing:?} is no longer negotiated"
+            ));
         }
         Ok(())
     }

@@ -183,3 +183,20 @@ fn the_policy_counts_hang_ups_and_stalls_but_never_protocol_or_tls_errors() {
     assert_eq!(policy.delay(1), policy.first_delay);
     assert_eq!(policy.delay(40), policy.max_delay);
 }
+
+#[test]
+fn a_meta_context_no_longer_negotiated_is_another_export() {
+    let config = || Config::default().meta_contexts(vec!["base:allocation".to_string()]);
+    let mut before = Pair::new(config(), FakeServer::builder().size(8192).build());
+    before.handshake().unwrap();
+    assert!(before.client.can_meta_context("base:allocation"));
+    let identity = ExportIdentity::of(&before.client).unwrap();
+    // The same export, where the context is not selected this time.
+    let mut without = Pair::new(Config::default(), FakeServer::builder().size(8192).build());
+    without.handshake().unwrap();
+    let why = identity.check(&without.client).unwrap_err();
+    assert!(why.contains("base:allocation"), "{why}");
+    let mut again = Pair::new(config(), FakeServer::builder().size(8192).build());
+    again.handshake().unwrap();
+    identity.check(&again.client).unwrap();
+}
