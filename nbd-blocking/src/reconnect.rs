@@ -38,9 +38,9 @@ impl Client {
     /// fails the commands in flight: the next wait connects again to the same
     /// target with the same settings (waiting [`ReconnectPolicy::delay`]
     /// before each attempt), checks that it reaches the same export (same
-    /// size, no flag weaker; otherwise the reconnect is refused), and sends
-    /// every command that had not completed again, in the order it was first
-    /// submitted. A command that completed is never sent again, and a flush
+    /// size, no flag weaker, the same meta contexts; otherwise the reconnect
+    /// is refused), and sends every command that had not completed again, in
+    /// the order it was first submitted. A command that completed is never sent again, and a flush
     /// or FUA write sent again waits for the writes before it (see
     /// [`nbd_io::Journal`]). Each reconnect is reported by
     /// [`Client::take_reconnects`]. When every attempt fails, each pending

@@ -79,9 +79,9 @@ impl Client {
     /// [`poll_timeout`](Self::poll_timeout), so keep passing it to
     /// `Poll::poll` and calling `handle_timeout`), connects again to the same
     /// target, registered under the same token, negotiates with the same
-    /// settings, checks that the export is the same one (size, no weaker
-    /// flags), and sends again every command that had not completed, in
-    /// submission order (see [`nbd_io::Journal`]). Each reconnect is
+    /// settings, checks that the export is the same one (size, meta
+    /// contexts, no weaker flags), and sends again every command that had not
+    /// completed, in submission order (see [`nbd_io::Journal`]). Each reconnect is
     /// reported by [`take_reconnects`](Self::take_reconnects). When the
     /// attempts run out, or the export changed, every pending command
     /// completes once with `ConnectionLost` and the cause, and the driving
