@@ -353,3 +353,44 @@ fn mio_multi_conn_passes_deadlines_to_its_connections() {
         assert_eq!(done.result.unwrap_err().errno(), Errno::TimedOut);
     });
 }
+
+/// A listener that never greets: the handshake deadline ends the connect in
+/// both adapters, with `ETIMEDOUT`.
+#[test]
+fn handshake_deadline_ends_a_silent_server_in_both_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", path.display());
+    let config = || Config::default().handshake_timeout(Some(Duration::from_millis(300)));
+    let blocking_uri = uri.clone();
+    let err = bounded("a blocking handshake with a silent server", move || {
+        Client::connect_uri_with(&blocking_uri, config()).map(drop)
+    })
+    .expect_err("no greeting ever comes");
+    assert_eq!(err.errno(), Some(Errno::TimedOut), "{err}");
+
+    let err = bounded("a mio handshake with a silent server", move || {
+        let mut poll = Poll::new().unwrap();
+        let mut events = Events::with_capacity(8);
+        let mut client =
+            nbd_mio::Client::connect_uri(&uri, config(), poll.registry(), Token(5)).unwrap();
+        loop {
+            assert!(
+                client.poll_timeout().is_some(),
+                "the loop knows the deadline"
+            );
+            poll.poll(&mut events, client.poll_timeout()).unwrap();
+            for e in events.iter() {
+                if let Err(e) = client.handle_event(e) {
+                    return e;
+                }
+            }
+            if let Err(e) = client.handle_timeout(Instant::now()) {
+                assert!(client.is_closed());
+                return e;
+            }
+        }
+    });
+    assert_eq!(err.errno(), Some(Errno::TimedOut), "{err}");
+}
