@@ -242,33 +242,41 @@ const WRITEBACK_REGION: u64 = 8 << 20;
 /// and dropped from the cache: bounds the dirty pages one worker leaves.
 const WRITEBACK_DEPTH: usize = 4;
 
-/// One worker's write-back of what it wrote to a [`Local`] destination:
-/// contiguous writes gather into regions; a full region starts write-back;
-/// the oldest regions, once on disk, are dropped from the page cache.
+/// Regions gathering writes at once: the requests in flight span a few
+/// regions, and their replies arrive in any order among them.
+const OPEN_REGIONS: usize = 3;
+
+/// One worker's write-back of what it wrote to a [`Local`] destination.
+/// Writes gather by aligned region of [`WRITEBACK_REGION`] bytes; when a
+/// write opens one region too many, write-back of the lowest starts (the copy
+/// has moved past it); the oldest regions, once on disk, are dropped from the
+/// page cache.
 #[derive(Debug, Default)]
 pub struct Writeback {
-    /// The region being gathered: start and end.
-    open: Option<(u64, u64)>,
-    /// Regions whose write-back has started, oldest first.
+    /// Regions being gathered: index, and the span written in each.
+    open: Vec<(u64, u64, u64)>,
+    /// Spans whose write-back has started, oldest first.
     started: VecDeque<(u64, u64)>,
 }
 
 impl Writeback {
     /// Notes that `len` bytes at `offset` were just written to `local`.
     pub fn wrote(&mut self, local: &Local, offset: u64, len: u64) {
-        match self.open {
-            Some((start, end)) if end == offset => self.open = Some((start, end + len)),
-            Some(region) => {
-                self.start(local, region);
-                self.open = Some((offset, offset + len));
+        let region = offset / WRITEBACK_REGION;
+        let end = offset + len;
+        match self.open.iter_mut().find(|(r, _, _)| *r == region) {
+            Some((_, lo, hi)) => {
+                *lo = (*lo).min(offset);
+                *hi = (*hi).max(end);
             }
-            None => self.open = Some((offset, offset + len)),
+            None => self.open.push((region, offset, end)),
         }
-        if let Some(region @ (start, end)) = self.open {
-            if end - start >= WRITEBACK_REGION {
-                self.open = None;
-                self.start(local, region);
-            }
+        if self.open.len() > OPEN_REGIONS {
+            let lowest = (0..self.open.len())
+                .min_by_key(|&i| self.open[i].0)
+                .unwrap_or(0);
+            let (_, lo, hi) = self.open.swap_remove(lowest);
+            self.start(local, (lo, hi));
         }
     }
 
@@ -296,8 +304,10 @@ impl Writeback {
 
     /// Settles everything still gathered or in write-back.
     pub fn finish(&mut self, local: &Local) {
-        if let Some(region) = self.open.take() {
-            self.start(local, region);
+        let mut open = std::mem::take(&mut self.open);
+        open.sort_unstable();
+        for (_, lo, hi) in open {
+            self.start(local, (lo, hi));
         }
         while let Some(region) = self.started.pop_front() {
             Self::settle(local, region);
