@@ -108,7 +108,7 @@ fn every_option_copies_what_nbdcopy_copies() {
         // Ours into a stale, longer file.
         let ours = dir.path().join("nbd.out");
         fs::write(&ours, vec![0xEE; data.len() + 1000]).unwrap();
-        let out = run_nbd(&with(options, &src, ours.to_str().unwrap()));
+        let out = run_nbd(with(options, &src, ours.to_str().unwrap()));
         assert!(out.status.success(), "{options:?}: {}", text(&out.stderr));
         assert!(out.stdout.is_empty(), "{options:?}: {}", text(&out.stdout));
         let verbose = options.contains(&"-v");
@@ -123,7 +123,7 @@ fn every_option_copies_what_nbdcopy_copies() {
         // Ours into an export full of garbage: zero runs must be zeroed.
         let destination = NbdkitBuilder::memory(data.len()).start();
         nbdcopy(&garbage, destination.uri());
-        let out = run_nbd(&with(options, &src, &destination.uri()));
+        let out = run_nbd(with(options, &src, &destination.uri()));
         assert!(out.status.success(), "{options:?}: {}", text(&out.stderr));
         assert!(
             read_export(&destination.uri()) == data,
@@ -270,7 +270,7 @@ fn progress_lines_on_a_descriptor_match_nbdcopy_format() {
         assert_eq!(lines.last().unwrap(), "100/100", "{tool:?}");
     }
     // A descriptor that is not open is an error before anything is copied.
-    let out = run_nbd(&["copy", "--progress=77", &src, "null:"]);
+    let out = run_nbd(["copy", "--progress=77", &src, "null:"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("--progress=77"),
@@ -384,7 +384,7 @@ fn block_devices_as_source_and_destination() {
 
     // A device smaller than the source is refused, naming the side.
     let big = export_of(&holey_data(1208, 7 * MIB), &[]);
-    let out = run_nbd(&["copy", &big.uri(), &device]);
+    let out = run_nbd(["copy", &big.uri(), &device]);
     assert_eq!(out.status.code(), Some(1));
     let message = text(&out.stderr);
     assert!(

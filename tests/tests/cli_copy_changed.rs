@@ -81,7 +81,7 @@ fn dirty_bytes(image: &Path) -> u64 {
 }
 
 /// The source served read-only with its bitmap, as `[ CMD ]` words.
-fn served<'a>(image: &'a str) -> Vec<&'a str> {
+fn served(image: &str) -> Vec<&str> {
     vec![
         "--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", BITMAP, image, "]",
     ]

@@ -118,7 +118,7 @@ fn a_destination_failing_writes_or_zeroes_fails_the_copy() {
             builder = builder.param(key, value);
         }
         let destination = builder.start();
-        let out = run_nbd(&["copy", &source.uri(), &destination.uri()]);
+        let out = run_nbd(["copy", &source.uri(), &destination.uri()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{filter_params:?}: {stderr}");
         let line = stderr.lines().next().unwrap_or_default();
