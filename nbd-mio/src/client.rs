@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nbd_io::{pump, Connecting, Endpoint, Error, Progress, Result, Socket, Target, UriPolicy};
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
+use nbd_proto::{BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Event};
 
 /// An NBD connection registered with a caller's mio [`Registry`].
 ///
@@ -424,6 +424,21 @@ impl Client {
     /// [`next_event`](Self::next_event) before the completion.
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         Ok(self.conn.block_status(count, offset, flags)?)
+    }
+
+    /// Takes the block status reports that arrived for `cookie` (one per
+    /// negotiated context) out of the event queue, leaving every other event.
+    pub fn take_block_status(&mut self, cookie: Cookie) -> Vec<BlockStatus> {
+        let mut mine = Vec::new();
+        let mut rest = std::collections::VecDeque::with_capacity(self.events.len());
+        for event in self.events.drain(..) {
+            match event {
+                Event::BlockStatus(status) if status.cookie == cookie => mine.push(status),
+                other => rest.push_back(other),
+            }
+        }
+        self.events = rest;
+        mine
     }
 
     /// Queues a write of zeroes.
