@@ -3,7 +3,9 @@
 //! ```text
 //! nbd info [--json] [--size] [-L|--list] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
-//! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
+//! nbd copy [-C N] [-T N] [-R N] [--request-size N] [--queue-size N] [-S N]
+//!          [--destination-is-zero] [--allocated] [--synchronous] [--flush]
+//!          [--no-extents] [--changed CONTEXT] [-p|--progress[=FD]] [-v] SRC DST
 //! nbd dump [--offset N] [--length N] URI
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
 //! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])

@@ -392,3 +392,63 @@ fn block_devices_as_source_and_destination() {
         "{message}"
     );
 }
+
+/// `nbd ARGS` with `input` on standard input; must succeed quietly.
+fn nbd_with_stdin(args: &[&str], input: &[u8]) {
+    use std::io::Write;
+    let mut child = Command::new(nbd_binary())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "nbd {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_stream_of_unknown_length_into_a_file_keeps_its_length() {
+    // Ends in zeroes, which the copy makes a hole: the file must still end
+    // where the stream did.
+    let mut data = holey_data(1209, 3 * MIB + 333);
+    let tail = data.len() - 200_000;
+    data[tail..].fill(0);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    fs::write(&out, vec![0xEE; 5 * MIB]).unwrap();
+    nbd_with_stdin(&["copy", "-", out.to_str().unwrap()], &data);
+    assert!(fs::read(&out).unwrap() == data);
+}
+
+#[test]
+fn a_server_program_gets_one_connection_whatever_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logfile = format!("logfile={}", log.to_str().unwrap());
+    nbd_quiet(&[
+        "copy",
+        "-C",
+        "4",
+        "-T",
+        "4",
+        "--",
+        "[",
+        "nbdkit",
+        "--filter=log",
+        "pattern",
+        "4M",
+        &logfile,
+        "]",
+        "null:",
+    ]);
+    assert_eq!(connections_logged(&log), 1);
+}

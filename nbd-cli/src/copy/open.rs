@@ -1,7 +1,7 @@
 //! Opening the two ends of a copy: what each operand is (NBD export, server
 //! program, regular file, block device, stream, `null:`), its size, how many
 //! connections it allows, and the first connection; later connections for
-//! more workers come from [`Opened::another`].
+//! more workers come from [`Again`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
