@@ -131,3 +131,25 @@ fn a_destination_failing_writes_or_zeroes_fails_the_copy() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn an_unreachable_side_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!(
+        "nbd+unix:///?socket={}",
+        dir.path().join("none.sock").display()
+    );
+    let server = NbdkitBuilder::memory(1 << 20).start();
+    for (src, dst, side) in [
+        (nowhere.clone(), "null:".to_string(), "source"),
+        (server.uri(), nowhere.clone(), "destination"),
+    ] {
+        let out = run_nbd(["copy", &src, &dst]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("nbd: {side}: ")) && stderr.contains("none.sock"),
+            "{stderr}"
+        );
+    }
+}

@@ -115,7 +115,9 @@ pub fn source(
         None if use_extents => config.meta_contexts.push(BASE_ALLOCATION.into()),
         None => {}
     }
-    let client = operand.connect(config.clone())?;
+    let client = operand
+        .connect(config.clone())
+        .map_err(|e| side::named(Side::Source, e))?;
     let size = client.size()?;
     let conn = client.connection();
     let extents = match changed {
@@ -205,7 +207,9 @@ pub fn destination(
         return Ok((opened, info(is_zero)));
     }
     let config = Config::default();
-    let client = operand.connect(config.clone())?;
+    let client = operand
+        .connect(config.clone())
+        .map_err(|e| side::named(Side::Destination, e))?;
     let conn = client.connection();
     if conn.is_read_only()? {
         return Err(side::named(
