@@ -89,7 +89,7 @@ pub struct CopyArgs {
     /// Copy only the runs that this dirty-bitmap meta context of the source
     /// marks (for example `qemu:dirty-bitmap:backup-0`), into an existing
     /// destination whose other bytes are kept: an incremental backup.
-    #[arg(long, value_name = "CONTEXT")]
+    #[arg(long, value_name = "CONTEXT", conflicts_with = "no_extents")]
     pub changed: Option<String>,
     /// Show progress: `-p` a bar on standard error (when it is a terminal),
     /// `--progress=FD` lines `N/100` on file descriptor FD.

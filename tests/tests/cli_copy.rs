@@ -323,6 +323,8 @@ fn progress_bar_on_a_terminal_and_silence_elsewhere() {
     assert!(out.status.success(), "{shown}");
     assert!(shown.contains("100%"), "no finished bar: {shown:?}");
     assert!(shown.contains("MiB"), "no byte counts: {shown:?}");
+    assert!(shown.contains("iB/s"), "no rate: {shown:?}");
+    assert!(shown.contains("ETA"), "no time left: {shown:?}");
     // Not a terminal: -p draws nothing and the copy still succeeds.
     nbd_quiet(&["copy", "-p", &source.uri(), "null:"]);
 }
