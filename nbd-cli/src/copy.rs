@@ -18,6 +18,7 @@
 //! Any failed read or write fails the copy, naming the side, the offset and
 //! the cause: nothing is reported done that was not.
 
+mod changes;
 mod local;
 mod open;
 mod ordered;

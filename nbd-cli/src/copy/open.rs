@@ -111,7 +111,11 @@ pub fn source(
     }
     let mut config = Config::default();
     match changed {
-        Some(context) => config.meta_contexts.push(context.into()),
+        Some(context) => {
+            config.meta_contexts.push(context.into());
+            // Where offered, dirty runs that read as zeroes need no reading.
+            config.meta_contexts.push(BASE_ALLOCATION.into());
+        }
         None if use_extents => config.meta_contexts.push(BASE_ALLOCATION.into()),
         None => {}
     }
@@ -121,7 +125,10 @@ pub fn source(
     let size = client.size()?;
     let conn = client.connection();
     let extents = match changed {
-        Some(context) if conn.can_meta_context(context) => Extents::Changed(context.into()),
+        Some(context) if conn.can_meta_context(context) => Extents::Changed {
+            context: context.into(),
+            allocation: conn.can_meta_context(BASE_ALLOCATION),
+        },
         Some(context) => {
             return Err(side::named(
                 Side::Source,

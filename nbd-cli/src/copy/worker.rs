@@ -14,15 +14,14 @@ use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Cookie};
 
+use super::changes;
 use super::local::{Local, Writeback};
 use super::ordered::{Ordered, Piece};
 use super::plan::Plan;
 use super::progress::Counter;
 use super::side::{self, Side};
-use crate::extents::{self, Run, STATE_ZERO};
+use crate::extents::{self, Run, BASE_ALLOCATION, STATE_ZERO};
 
-/// `qemu:dirty-bitmap:*` flag: the extent changed since the bitmap started.
-const STATE_DIRTY: u64 = 1;
 /// Largest single zero request.
 const ZERO_CHUNK: u64 = 1 << 30;
 
@@ -33,8 +32,15 @@ pub enum Extents {
     Ignore,
     /// `base:allocation`: runs that read as zeroes are zeroed, not read.
     Allocation,
-    /// A dirty-bitmap context: only dirty runs are copied, the rest is left alone.
-    Changed(String),
+    /// A dirty-bitmap context: only dirty runs are copied, the rest is left
+    /// alone; with `allocation`, dirty runs that read as zeroes are zeroed
+    /// without being read.
+    Changed {
+        /// The bitmap's meta context.
+        context: String,
+        /// Whether `base:allocation` was negotiated too.
+        allocation: bool,
+    },
 }
 
 /// Settings every worker shares.
@@ -249,10 +255,15 @@ impl<'a> Worker<'a> {
                     self.zero(offset, run_end - offset)?;
                     return Ok(true);
                 }
-                Extents::Changed(_) if run.flags & STATE_DIRTY == 0 => {
+                Extents::Changed { .. } if run.flags & changes::DIRTY == 0 => {
                     // Unchanged since the bitmap started: the destination has it.
                     self.next = run_end;
                     self.skip(run_end - offset);
+                    return Ok(true);
+                }
+                Extents::Changed { .. } if run.flags & changes::ZERO != 0 => {
+                    self.next = run_end;
+                    self.zero(offset, run_end - offset)?;
                     return Ok(true);
                 }
                 _ => len = len.min(run_end - offset),
@@ -308,11 +319,9 @@ impl<'a> Worker<'a> {
     /// The source run containing `self.next`, querying the extents of the
     /// rest of the piece when needed; `None` when extents are not used.
     fn current_run(&mut self) -> Result<Option<Run>, Error> {
-        let context = match &self.settings.extents {
-            Extents::Ignore => return Ok(None),
-            Extents::Allocation => extents::BASE_ALLOCATION,
-            Extents::Changed(context) => context.as_str(),
-        };
+        if self.settings.extents == Extents::Ignore {
+            return Ok(None);
+        }
         let Source::Nbd(client) = &mut self.src else {
             return Ok(None);
         };
@@ -325,8 +334,19 @@ impl<'a> Worker<'a> {
             self.runs.pop_front();
         }
         if self.runs.is_empty() {
-            let got = extents::query(client, context, next, self.piece_end - next)
-                .map_err(|e| side::failed(Side::Source, "block status", next, e))?;
+            let limit = self.piece_end - next;
+            let got = match &self.settings.extents {
+                Extents::Changed {
+                    context,
+                    allocation: true,
+                } => extents::query_each(client, &[context, BASE_ALLOCATION], next, limit)
+                    .map(|each| changes::merge(&each[0], each.get(1).map(Vec::as_slice))),
+                Extents::Changed { context, .. } => {
+                    extents::query(client, context, next, limit).map(|r| changes::merge(&r, None))
+                }
+                _ => extents::query(client, BASE_ALLOCATION, next, limit),
+            }
+            .map_err(|e| side::failed(Side::Source, "block status", next, e))?;
             self.runs.extend(got);
         }
         Ok(self.runs.front().copied())
