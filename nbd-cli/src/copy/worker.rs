@@ -126,8 +126,8 @@ pub struct Worker<'a> {
     exhausted: bool,
     /// Upcoming source runs of the current piece.
     runs: VecDeque<Run>,
-    /// Reads in flight: offset.
-    reads: HashMap<Cookie, u64>,
+    /// Reads in flight: offset and length.
+    reads: HashMap<Cookie, (u64, usize)>,
     /// Writes and zeroes in flight: offset, length, and the data to reuse.
     writes: HashMap<Cookie, (u64, u64, Bytes)>,
     /// Bytes of buffers in flight.
@@ -276,7 +276,7 @@ impl<'a> Worker<'a> {
                 let cookie = client
                     .aio_pread(buf, offset, CmdFlags::empty())
                     .map_err(|e| side::failed(Side::Source, "read", offset, e))?;
-                self.reads.insert(cookie, offset);
+                self.reads.insert(cookie, (offset, len));
                 self.queued += len;
                 self.next += len as u64;
             }
@@ -360,13 +360,20 @@ impl<'a> Worker<'a> {
                 done.push(c);
             }
             for c in done {
-                let offset = self.reads.remove(&c.cookie).ok_or_else(|| {
+                let (offset, len) = self.reads.remove(&c.cookie).ok_or_else(|| {
                     side::failed(Side::Source, "read", 0, "a reply to no read of this copy")
                 })?;
+                self.queued -= len;
                 c.result
                     .map_err(|e| side::failed(Side::Source, "read", offset, e))?;
-                let data = c.buffer.unwrap_or_default().freeze();
-                self.queued -= data.len();
+                // Never a short copy: the buffer comes back whole or it is an error.
+                let data = match c.buffer {
+                    Some(buf) if buf.len() == len => buf.freeze(),
+                    _ => {
+                        let why = "the read's buffer did not come back whole";
+                        return Err(side::failed(Side::Source, "read", offset, why));
+                    }
+                };
                 self.stats.read += data.len() as u64;
                 self.write(offset, data)?;
             }
@@ -550,7 +557,7 @@ impl<'a> Worker<'a> {
     fn name_dead_side(&self, e: Error) -> Error {
         if let Source::Nbd(client) = &self.src {
             if client.connection().error().is_some() {
-                let at = self.reads.values().min().copied().unwrap_or(self.next);
+                let at = self.reads.values().map(|r| r.0).min().unwrap_or(self.next);
                 return side::failed(Side::Source, "read", at, e);
             }
         }
