@@ -269,6 +269,21 @@ fn progress_lines_on_a_descriptor_match_nbdcopy_format() {
         }
         assert_eq!(lines.last().unwrap(), "100/100", "{tool:?}");
     }
+    // Standard error as the descriptor: it stays open for the error line.
+    let out = run_nbd(["copy", "--progress=2", &src, "null:"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stderr).lines().last(), Some("100/100"));
+    let out = run_nbd(["copy", "--progress=2", &src, "/nonexistent/dir/out"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("nbd: destination: "),
+        "{stderr}"
+    );
     // A descriptor that is not open is an error before anything is copied.
     let out = run_nbd(["copy", "--progress=77", &src, "null:"]);
     assert_eq!(out.status.code(), Some(1));

@@ -74,20 +74,20 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// Takes `fd` for progress lines; it must be open.
+    /// Writes progress lines to `fd`, which must be open. A duplicate is
+    /// written to, so `fd` itself (standard error, say) stays open after.
     pub fn open(fd: RawFd) -> io::Result<Lines> {
-        // Check that it is open before taking ownership, so a wrong number is
-        // a clear error instead of writes to nowhere.
-        // SAFETY: F_GETFD only inspects the descriptor table.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table; a bad
+        // number is an error return (EBADF), not undefined behaviour.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup == -1 {
             return Err(io::Error::other(format!(
                 "--progress={fd}: {}",
                 io::Error::last_os_error()
             )));
         }
-        // SAFETY: the descriptor is open and was given to this process for
-        // progress output; nothing else in the process uses it.
-        let out = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: `dup` was just created here and nothing else owns it.
+        let out = unsafe { File::from_raw_fd(dup) };
         Ok(Lines { out, last: None })
     }
 
