@@ -243,6 +243,7 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
             }
             counter.finish();
             if let Some(reporter) = reporter {
+                reporter.thread().unpark();
                 // The reporter only sleeps and prints; if it panicked the copy stands.
                 let _ = reporter.join();
             }

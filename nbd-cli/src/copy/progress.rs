@@ -101,7 +101,8 @@ impl Lines {
     }
 }
 
-/// Runs until `counter` is finished, showing `counter`'s progress out of
+/// Runs until `counter` is finished (unpark this thread after finishing it,
+/// so the last state shows at once), showing `counter`'s progress out of
 /// `total` bytes on `target`; ends with the final state (100% on success).
 pub fn report(target: Target, total: u64, counter: &Counter, lines: Option<Lines>) {
     match target {
@@ -114,8 +115,12 @@ pub fn report(target: Target, total: u64, counter: &Counter, lines: Option<Lines
     }
 }
 
+/// Waits a tenth of a second, or less if the copy ends (its end unparks
+/// the reporter thread); whether the copy is still running.
 fn tick(counter: &Counter) -> bool {
-    std::thread::sleep(Duration::from_millis(100));
+    if !counter.is_over() {
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
     !counter.is_over()
 }
 
