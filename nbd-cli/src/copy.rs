@@ -69,9 +69,10 @@ pub struct CopyArgs {
     /// Most bytes of requests in flight per connection.
     #[arg(long, default_value = "16M", value_parser = parse_queue_size)]
     pub queue_size: u64,
-    /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it off.
-    #[arg(short = 'S', long, default_value = "4096", value_parser = parse_size)]
-    pub sparse: u64,
+    /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it
+    /// off. Default: 4096, or the destination's preferred block size if larger.
+    #[arg(short = 'S', long, value_parser = parse_size)]
+    pub sparse: Option<u64>,
     /// The destination reads as zeroes already: zero runs are not written.
     #[arg(long, visible_alias = "target-is-zero")]
     pub destination_is_zero: bool,
@@ -136,6 +137,9 @@ impl CopyArgs {
     }
 }
 
+/// Nbdcopy's default block size of zero detection.
+const DEFAULT_SPARSE: u64 = 4096;
+
 /// Nbdcopy's default connection count where multi-conn is allowed.
 const DEFAULT_CONNECTIONS: usize = 4;
 
@@ -175,7 +179,9 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
         request_size: (args.request_size as usize)
             .min(src_info.max_request)
             .min(dst_info.max_request),
-        sparse: args.sparse as usize,
+        sparse: args
+            .sparse
+            .unwrap_or(DEFAULT_SPARSE.max(dst_info.preferred_block)) as usize,
         extents: src_info.extents.clone(),
         allocated: args.allocated,
         destination_is_zero: args.destination_is_zero || dst_info.is_zero,

@@ -469,3 +469,29 @@ fn a_server_program_gets_one_connection_whatever_is_asked() {
     ]);
     assert_eq!(connections_logged(&log), 1);
 }
+
+#[test]
+fn sparse_detection_follows_the_destination_preferred_block_size() {
+    let data = holey_data(1210, 2 * MIB);
+    let source = export_of(&data, &[]);
+    let prefers_64k = NbdkitBuilder::memory(data.len())
+        .filter("blocksize-policy")
+        .param("blocksize-preferred", "65536")
+        .start();
+    let plain = NbdkitBuilder::memory(data.len()).start();
+    for (destination, options, block) in [
+        (&prefers_64k, &[][..], "sparse 65536"),
+        (&plain, &[][..], "sparse 4096"),
+        (&prefers_64k, &["-S", "8192"][..], "sparse 8192"),
+    ] {
+        let mut args = vec!["copy", "-v"];
+        args.extend_from_slice(options);
+        let (src, dst) = (source.uri(), destination.uri());
+        args.extend([src.as_str(), dst.as_str()]);
+        let out = run_nbd(&args);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(block), "{options:?}: {stderr}");
+        assert!(read_export(&destination.uri()) == data);
+    }
+}

@@ -162,6 +162,8 @@ fn nbd_opened<E>(operand: &Operand, config: Config, multi_conn: bool, first: E) 
 pub struct DestinationInfo {
     /// It reads as zeroes already (a file just created or emptied).
     pub is_zero: bool,
+    /// Its preferred block size (0 where it says none).
+    pub preferred_block: u64,
     /// Largest request it takes.
     pub max_request: usize,
     /// Whether it advertised multi-conn (`None`: not an NBD export).
@@ -179,6 +181,7 @@ pub fn destination(
     if let Some(path) = operand.local() {
         let info = |is_zero| DestinationInfo {
             is_zero,
+            preferred_block: 0,
             max_request: usize::MAX,
             multi_conn: None,
         };
@@ -235,6 +238,7 @@ pub fn destination(
     let multi_conn = conn.can_multi_conn()?;
     let info = DestinationInfo {
         is_zero: false,
+        preferred_block: conn.block_sizes().map_or(0, |b| u64::from(b.preferred)),
         max_request: client.max_request(),
         multi_conn: Some(multi_conn),
     };
