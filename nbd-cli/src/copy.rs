@@ -19,6 +19,8 @@
 //! the cause: nothing is reported done that was not.
 
 mod changes;
+mod close;
+mod crew;
 mod local;
 mod open;
 mod ordered;
@@ -33,14 +35,11 @@ use std::thread;
 use std::time::Duration;
 
 use nbd_blocking::{Client, Error};
-use nbd_proto::CmdFlags;
 
 use crate::operand::{self, Operand};
 use crate::size::parse_size;
 use plan::Plan;
-use progress::Counter;
-use side::Side;
-use worker::{Destination, Done, Settings, Source, Stats, Worker};
+use worker::Settings;
 
 /// Options of `nbd copy`, as nbdcopy's.
 #[derive(Debug, clap::Args)]
@@ -155,37 +154,8 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
     let (source, src_info) = open::source(src, changed, !args.no_extents)?;
     let (destination, dst_info) = open::destination(dst, src_info.size, changed.is_some())?;
 
-    let workers = if args.synchronous {
-        1
-    } else {
-        let connections = args.connections.map_or(DEFAULT_CONNECTIONS, |c| c as usize);
-        let threads = match args.threads {
-            0 => thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n as usize,
-        };
-        connections
-            .min(threads)
-            .min(source.max_workers)
-            .min(destination.max_workers)
-            .max(1)
-    };
-    let settings = Settings {
-        requests: if args.synchronous {
-            1
-        } else {
-            args.requests as usize
-        },
-        queue_size: args.queue_size as usize,
-        request_size: (args.request_size as usize)
-            .min(src_info.max_request)
-            .min(dst_info.max_request),
-        sparse: args
-            .sparse
-            .unwrap_or(DEFAULT_SPARSE.max(dst_info.preferred_block)) as usize,
-        extents: src_info.extents.clone(),
-        allocated: args.allocated,
-        destination_is_zero: args.destination_is_zero || dst_info.is_zero,
-    };
+    let workers = worker_count(args, source.max_workers.min(destination.max_workers));
+    let settings = settings(args, &src_info, &dst_info);
     if args.verbose {
         eprintln!(
             "nbd copy: {src} -> {dst}: size {}, multi-conn {} -> {}, {workers} worker(s), \
@@ -204,63 +174,22 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
     }
 
     let plan = Plan::new(src_info.size.unwrap_or(u64::MAX));
-    let counter = Counter::default();
-    let results =
-        thread::scope(|scope| {
-            let reporter = match (progress_target, src_info.size) {
-                (Some(target), Some(total)) => {
-                    let counter = &counter;
-                    Some(scope.spawn(move || progress::report(target, total, counter, lines)))
-                }
-                _ => None,
-            };
-            let (settings, plan, counter) = (&settings, &plan, &counter);
-            let size = src_info.size;
-            let (src_again, dst_again) = (&source.again, &destination.again);
-            let helpers: Vec<_> = (1..workers)
-                .map(|_| {
-                    scope.spawn(move || {
-                        let ends = src_again
-                            .source()
-                            .and_then(|s| Ok((s, dst_again.destination()?)));
-                        match ends {
-                            Ok((s, d)) => Worker::new(s, d, settings, plan, counter, size).run(),
-                            Err(e) => {
-                                plan.fail();
-                                Err(e)
-                            }
-                        }
-                    })
-                })
-                .collect();
-            let first = Worker::new(
-                source.first,
-                destination.first,
-                settings,
-                plan,
-                counter,
-                size,
-            );
-            let mut results = vec![first.run()];
-            for helper in helpers {
-                results.push(helper.join().unwrap_or_else(|_| {
-                    Err(Error::Io(io::Error::other("a copy worker panicked")))
-                }));
-            }
-            counter.finish();
-            if let Some(reporter) = reporter {
-                reporter.thread().unpark();
-                // The reporter only sleeps and prints; if it panicked the copy stands.
-                let _ = reporter.join();
-            }
-            results
-        });
+    let reporter = progress_target.map(|target| (target, lines));
+    let results = crew::run(
+        source,
+        destination,
+        &settings,
+        &plan,
+        src_info.size,
+        reporter,
+        workers,
+    );
 
     let mut done = Vec::with_capacity(results.len());
     for result in results {
         done.push(result?);
     }
-    let stats = finish(done, args.flush, src_info.size)?;
+    let stats = close::finish(done, args.flush, src_info.size)?;
     if args.verbose {
         eprintln!(
             "nbd copy: read {} bytes from the source; wrote {}, zeroed {}, left alone {} \
@@ -271,59 +200,47 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
     Ok(ExitCode::SUCCESS)
 }
 
+/// How many workers copy: one per connection pair, at most `-C` and `-T`
+/// and what both ends allow; one under `--synchronous`.
+fn worker_count(args: &CopyArgs, ends_allow: usize) -> usize {
+    if args.synchronous {
+        return 1;
+    }
+    let connections = args.connections.map_or(DEFAULT_CONNECTIONS, |c| c as usize);
+    let threads = match args.threads {
+        0 => thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    connections.min(threads).min(ends_allow).max(1)
+}
+
+/// The workers' settings, from the options and what the ends said.
+fn settings(args: &CopyArgs, src: &open::SourceInfo, dst: &open::DestinationInfo) -> Settings {
+    Settings {
+        requests: if args.synchronous {
+            1
+        } else {
+            args.requests as usize
+        },
+        queue_size: args.queue_size as usize,
+        request_size: (args.request_size as usize)
+            .min(src.max_request)
+            .min(dst.max_request),
+        sparse: args
+            .sparse
+            .unwrap_or(DEFAULT_SPARSE.max(dst.preferred_block)) as usize,
+        extents: src.extents.clone(),
+        allocated: args.allocated,
+        destination_is_zero: args.destination_is_zero || dst.is_zero,
+    }
+}
+
 fn yes_no(flag: Option<bool>) -> &'static str {
     match flag {
         Some(true) => "yes",
         Some(false) => "no",
         None => "n/a",
     }
-}
-
-/// Flushes the destination if asked, closes every connection cleanly, and
-/// sums what the workers moved.
-fn finish(done: Vec<Done>, flush: bool, size: Option<u64>) -> Result<Stats, Error> {
-    let mut stats = Stats::default();
-    let mut flushed = false;
-    for worker in done {
-        stats += worker.stats;
-        if let Source::Nbd(client) = worker.src {
-            client
-                .shutdown()
-                .map_err(|e| side::named(Side::Source, e))?;
-        }
-        match worker.dst {
-            Destination::Nbd { mut client, .. } => {
-                // Every worker has finished, so one flush covers all the
-                // connections' writes (the multi-conn promise).
-                if flush && !flushed && client.connection().can_flush()? {
-                    client
-                        .flush(CmdFlags::empty())
-                        .map_err(|e| side::named(Side::Destination, format!("flush: {e}")))?;
-                    flushed = true;
-                }
-                client
-                    .shutdown()
-                    .map_err(|e| side::named(Side::Destination, e))?;
-            }
-            Destination::Local(file, _) => {
-                if size.is_none() {
-                    // A stream of unknown length: the file is as long as it was.
-                    file.set_len(stats.read)
-                        .map_err(|e| side::named(Side::Destination, e))?;
-                }
-                if flush && !flushed {
-                    file.sync()
-                        .map_err(|e| side::named(Side::Destination, format!("flush: {e}")))?;
-                    flushed = true;
-                }
-            }
-            Destination::Stream(mut out) => out
-                .finish()
-                .map_err(|e| side::named(Side::Destination, e))?,
-            Destination::Null => {}
-        }
-    }
-    Ok(stats)
 }
 
 /// Waits until some socket can move.

@@ -1,0 +1,78 @@
+//! The workers of one copy on their threads: the first on the calling
+//! thread with the ends already open, the others on threads of their own,
+//! each opening its own ends; and the progress reporter beside them.
+
+use std::io;
+use std::thread;
+
+use nbd_blocking::Error;
+
+use super::open::Opened;
+use super::plan::Plan;
+use super::progress::{self, Counter};
+use super::worker::{Destination, Done, Settings, Source, Worker};
+
+/// Runs `workers` workers over `plan` until it is done or one has failed,
+/// with progress shown as `reporter` asks (a total is needed: none for a
+/// stream of unknown `size`). Returns each worker's result, the first
+/// worker's first.
+pub fn run(
+    source: Opened<Source>,
+    destination: Opened<Destination>,
+    settings: &Settings,
+    plan: &Plan,
+    size: Option<u64>,
+    reporter: Option<(progress::Target, Option<progress::Lines>)>,
+    workers: usize,
+) -> Vec<Result<Done, Error>> {
+    let counter = Counter::default();
+    let counter = &counter;
+    thread::scope(|scope| {
+        let reporter = match (reporter, size) {
+            (Some((target, lines)), Some(total)) => {
+                Some(scope.spawn(move || progress::report(target, total, counter, lines)))
+            }
+            _ => None,
+        };
+        let (src_again, dst_again) = (&source.again, &destination.again);
+        let helpers: Vec<_> = (1..workers)
+            .map(|_| {
+                scope.spawn(move || {
+                    let ends = src_again
+                        .source()
+                        .and_then(|s| Ok((s, dst_again.destination()?)));
+                    match ends {
+                        Ok((s, d)) => Worker::new(s, d, settings, plan, counter, size).run(),
+                        Err(e) => {
+                            plan.fail();
+                            Err(e)
+                        }
+                    }
+                })
+            })
+            .collect();
+        let first = Worker::new(
+            source.first,
+            destination.first,
+            settings,
+            plan,
+            counter,
+            size,
+        );
+        let mut results = vec![first.run()];
+        for helper in helpers {
+            results.push(
+                helper
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Io(io::Error::other("a copy worker panicked")))),
+            );
+        }
+        counter.finish();
+        if let Some(reporter) = reporter {
+            reporter.thread().unpark();
+            // The reporter only sleeps and prints; if it panicked the copy stands.
+            let _ = reporter.join();
+        }
+        results
+    })
+}
