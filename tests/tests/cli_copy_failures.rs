@@ -2,6 +2,8 @@
 //! side, or a destination failing its writes or zeroes, ends the command with
 //! exit code 1 and one line naming the side, the offset and the cause.
 
+use std::fs;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,10 +43,20 @@ fn finish(mut child: Child) -> (Option<i32>, String) {
     )
 }
 
-/// Kills `victim` once the copy is well under way, then checks the copy's end.
-fn kill_during_copy(mut victim: ServerHandle, src: &str, dst: &str, side: &str) {
+/// Kills `victim` once the copy is well under way (its log filter, writing
+/// to `log`, has seen the copy connect, and a moment has passed for requests
+/// to be in flight), then checks the copy's end.
+fn kill_during_copy(mut victim: ServerHandle, log: &Path, src: &str, dst: &str, side: &str) {
     let child = spawn_copy(src, dst);
-    thread::sleep(Duration::from_millis(700));
+    let deadline = Instant::now() + LIMIT;
+    while !fs::read_to_string(log).is_ok_and(|l| l.contains(" Connect ")) {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never connected to the {side}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(300));
     victim.kill();
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(1), "{side} killed: {stderr}");
@@ -59,11 +71,14 @@ fn kill_during_copy(mut victim: ServerHandle, src: &str, dst: &str, side: &str) 
 fn a_source_killed_mid_copy_fails_the_copy_naming_the_source() {
     for dst in ["null:", "file"] {
         // Slow reads: the copy is still running when the server dies.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
         let source = NbdkitBuilder::pattern(SIZE)
             .filter("delay")
             .param("delay-read", "20ms")
+            .filter("log")
+            .param("logfile", &log)
             .start();
-        let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("out.bin");
         let dst = if dst == "file" {
             file.to_str().unwrap().to_string()
@@ -71,19 +86,23 @@ fn a_source_killed_mid_copy_fails_the_copy_naming_the_source() {
             dst.to_string()
         };
         let src = source.uri();
-        kill_during_copy(source, &src, &dst, "source");
+        kill_during_copy(source, &log, &src, &dst, "source");
     }
 }
 
 #[test]
 fn a_destination_killed_mid_copy_fails_the_copy_naming_the_destination() {
     let source = NbdkitBuilder::pattern(SIZE).start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
     let destination = NbdkitBuilder::memory(SIZE)
         .filter("delay")
         .param("delay-write", "20ms")
+        .filter("log")
+        .param("logfile", &log)
         .start();
     let dst = destination.uri();
-    kill_during_copy(destination, &source.uri(), &dst, "destination");
+    kill_during_copy(destination, &log, &source.uri(), &dst, "destination");
 }
 
 #[test]
@@ -118,7 +137,15 @@ fn a_destination_failing_writes_or_zeroes_fails_the_copy() {
             builder = builder.param(key, value);
         }
         let destination = builder.start();
-        let out = run_nbd(["copy", &source.uri(), &destination.uri()]);
+        // 4 KiB writes: 2048 of them, so that even the 5% rate fails some
+        // (all succeeding has a chance of 0.95^2048).
+        let out = run_nbd([
+            "copy",
+            "--request-size",
+            "4K",
+            &source.uri(),
+            &destination.uri(),
+        ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{filter_params:?}: {stderr}");
         let line = stderr.lines().next().unwrap_or_default();
