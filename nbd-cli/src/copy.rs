@@ -189,11 +189,12 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
     for result in results {
         done.push(result?);
     }
+    let ran = done.len();
     let stats = close::finish(done, args.flush, src_info.size)?;
     if args.verbose {
         eprintln!(
-            "nbd copy: read {} bytes from the source; wrote {}, zeroed {}, left alone {} \
-             on the destination",
+            "nbd copy: {ran} worker(s) ran; read {} bytes from the source; wrote {}, \
+             zeroed {}, left alone {} on the destination",
             stats.read, stats.written, stats.zeroed, stats.skipped
         );
     }

@@ -241,6 +241,32 @@ fn connections_follow_multi_conn_on_both_sides() {
     assert_eq!(connections_logged(&single_log), 1);
     assert!(read_export(&single.uri()) == data);
 
+    // A server that advertises multi-conn but turns extra clients away:
+    // the workers that connected copy everything.
+    let limited = NbdkitBuilder::memory(data.len())
+        .filter("limit")
+        .param("limit", "1")
+        .start();
+    let out = run_nbd([
+        "copy",
+        "-v",
+        "-C",
+        "4",
+        "-T",
+        "4",
+        &source.uri(),
+        &limited.uri(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("1 worker(s) ran"), "{stderr}");
+    assert!(read_export(&limited.uri()) == data);
+
+    // --synchronous: one connection.
+    let before = connections_logged(&src_log);
+    nbd_quiet(&["copy", "--synchronous", "-C", "4", &source.uri(), "null:"]);
+    assert_eq!(connections_logged(&src_log) - before, 1);
+
     // -C 1 means one, even where both allow more.
     let before = connections_logged(&src_log);
     nbd_quiet(&["copy", "-C", "1", "-T", "4", &source.uri(), "null:"]);

@@ -15,7 +15,8 @@ use super::worker::{Destination, Done, Settings, Source, Worker};
 /// Runs `workers` workers over `plan` until it is done or one has failed,
 /// with progress shown as `reporter` asks (a total is needed: none for a
 /// stream of unknown `size`). Returns each worker's result, the first
-/// worker's first.
+/// worker's first; a worker that could not open its ends takes no part
+/// (the others copy its share) and has no result.
 pub fn run(
     source: Opened<Source>,
     destination: Opened<Destination>,
@@ -42,11 +43,13 @@ pub fn run(
                         .source()
                         .and_then(|s| Ok((s, dst_again.destination()?)));
                     match ends {
-                        Ok((s, d)) => Worker::new(s, d, settings, plan, counter, size).run(),
-                        Err(e) => {
-                            plan.fail();
-                            Err(e)
-                        }
+                        Ok((s, d)) => Worker::new(s, d, settings, plan, counter, size)
+                            .run()
+                            .map(Some),
+                        // A server may advertise multi-conn and still turn
+                        // extra clients away: the pieces go to the workers
+                        // that did connect, so the copy is whole all the same.
+                        Err(_) => Ok(None),
                     }
                 })
             })
@@ -61,11 +64,14 @@ pub fn run(
         );
         let mut results = vec![first.run()];
         for helper in helpers {
-            results.push(
-                helper
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Io(io::Error::other("a copy worker panicked")))),
-            );
+            let result = helper
+                .join()
+                .unwrap_or_else(|_| Err(Error::Io(io::Error::other("a copy worker panicked"))));
+            match result {
+                Ok(Some(done)) => results.push(Ok(done)),
+                Ok(None) => {}
+                Err(e) => results.push(Err(e)),
+            }
         }
         counter.finish();
         if let Some(reporter) = reporter {
