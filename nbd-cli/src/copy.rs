@@ -97,9 +97,6 @@ pub struct CopyArgs {
     #[arg(short = 'p', long, value_name = "FD", num_args = 0..=1, require_equals = true,
           default_missing_value = "")]
     pub progress: Option<String>,
-    /// Say on standard error how the copy runs and what it moved.
-    #[arg(short = 'v', long)]
-    pub verbose: bool,
 }
 
 fn parse_request_size(s: &str) -> Result<u64, String> {
@@ -136,6 +133,9 @@ impl CopyArgs {
     }
 }
 
+/// The trace target of the copy's own lines.
+const TRACE: &str = "nbd copy";
+
 /// Nbdcopy's default block size of zero detection.
 const DEFAULT_SPARSE: u64 = 4096;
 
@@ -156,9 +156,11 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
 
     let workers = worker_count(args, source.max_workers.min(destination.max_workers));
     let settings = settings(args, &src_info, &dst_info);
-    if args.verbose {
-        eprintln!(
-            "nbd copy: {src} -> {dst}: size {}, multi-conn {} -> {}, {workers} worker(s), \
+    // With `nbd -v` (the protocol trace), how the copy runs and, at the end,
+    // what it moved.
+    log::debug!(
+        target: TRACE,
+        "{src} -> {dst}: size {}, multi-conn {} -> {}, {workers} worker(s), \
              {} request(s) of {} bytes, queue {} bytes, sparse {}, extents {:?}, \
              destination is zero: {}",
             src_info.size.map_or("unknown".into(), |s| s.to_string()),
@@ -169,9 +171,8 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
             settings.queue_size,
             settings.sparse,
             settings.extents,
-            settings.destination_is_zero,
-        );
-    }
+        settings.destination_is_zero,
+    );
 
     let plan = Plan::new(src_info.size.unwrap_or(u64::MAX));
     let reporter = progress_target.map(|target| (target, lines));
@@ -191,13 +192,12 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
     }
     let ran = done.len();
     let stats = close::finish(done, args.flush, src_info.size)?;
-    if args.verbose {
-        eprintln!(
-            "nbd copy: {ran} worker(s) ran; read {} bytes from the source; wrote {}, \
-             zeroed {}, left alone {} on the destination",
-            stats.read, stats.written, stats.zeroed, stats.skipped
-        );
-    }
+    log::debug!(
+        target: TRACE,
+        "{ran} worker(s) ran; read {} bytes from the source; wrote {}, \
+         zeroed {}, left alone {} on the destination",
+        stats.read, stats.written, stats.zeroed, stats.skipped
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,9 +20,11 @@ use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::negotiate::Negotiation;
 use crate::slab::Cookie;
 use crate::tls::{TlsLayer, TlsSession};
+use crate::trace;
 use crate::transmit::Transmission;
 
 mod commands;
+mod counters;
 mod options;
 
 /// Where a connection is in its life, as libnbd's `aio_is_*` calls see it.
@@ -292,6 +294,9 @@ impl Connection {
         if let State::Ready(tx) = &mut self.state {
             tx.note_input(&self.core);
         }
+        if offer.target != RecvTarget::Tls {
+            self.core.stats.bytes_received += n as u64;
+        }
         match offer.target {
             RecvTarget::Caller => {
                 // Only transmission offers a caller's region, and nothing but
@@ -418,6 +423,7 @@ impl Connection {
             match tls.read_plaintext(self.core.stage.space()) {
                 Ok(k) => {
                     if k > 0 {
+                        self.core.stats.bytes_received += k as u64;
                         self.core.stage.commit(k);
                         self.process();
                         moved = true;
@@ -458,6 +464,7 @@ impl Connection {
 
     /// Negotiation is over: its state is dropped and transmission starts.
     fn enter_ready(&mut self) {
+        trace::phase("transmission");
         self.state = State::Ready(Transmission::new());
         self.core.events.push_back(Event::Ready);
     }
@@ -774,6 +781,7 @@ impl Connection {
                 return;
             }
         }
+        trace::dead(&error);
         self.shut_parser();
         self.core
             .events
@@ -801,6 +809,7 @@ impl Connection {
                 return;
             }
         }
+        trace::phase("closed");
         self.shut_parser();
         self.core.events.push_back(Event::Closed { error: None });
     }

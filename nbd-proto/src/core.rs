@@ -14,6 +14,7 @@ use crate::event::Event;
 use crate::info::{ExportInfo, HandshakeStyle};
 use crate::output::Output;
 use crate::stage::Stage;
+use crate::stats::Stats;
 
 /// The state every phase reads or writes.
 pub(crate) struct Core {
@@ -32,6 +33,8 @@ pub(crate) struct Core {
     pub(crate) extended: bool,
     /// Negotiated meta contexts: id and name.
     pub(crate) meta: Vec<(u32, String)>,
+    /// Traffic counters; bytes sent are counted by `output` itself.
+    pub(crate) stats: Stats,
 }
 
 impl Core {
@@ -47,6 +50,7 @@ impl Core {
             structured: false,
             extended: false,
             meta: Vec::new(),
+            stats: Stats::default(),
         }
     }
 }
