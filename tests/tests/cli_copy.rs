@@ -366,6 +366,16 @@ fn progress_bar_on_a_terminal_and_silence_elsewhere() {
     assert!(shown.contains("MiB"), "no byte counts: {shown:?}");
     assert!(shown.contains("iB/s"), "no rate: {shown:?}");
     assert!(shown.contains("ETA"), "no time left: {shown:?}");
+    // A stream of unknown length: bytes and rate, no percentage.
+    let out = on_a_terminal(&format!(
+        "head -c 3000000 /dev/zero | {nbd} copy -p - null:"
+    ));
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("2.86 MiB") && shown.contains("iB/s"),
+        "{shown:?}"
+    );
     // Not a terminal: -p draws nothing and the copy still succeeds.
     nbd_quiet(&["copy", "-p", &source.uri(), "null:"]);
 }

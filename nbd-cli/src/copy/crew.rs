@@ -13,10 +13,10 @@ use super::progress::{self, Counter};
 use super::worker::{Destination, Done, Settings, Source, Worker};
 
 /// Runs `workers` workers over `plan` until it is done or one has failed,
-/// with progress shown as `reporter` asks (a total is needed: none for a
-/// stream of unknown `size`). Returns each worker's result, the first
-/// worker's first; a worker that could not open its ends takes no part
-/// (the others copy its share) and has no result.
+/// with progress shown as `reporter` asks (out of `size`, where known).
+/// Returns each worker's result, the first worker's first; a worker that
+/// could not open its ends takes no part (the others copy its share) and
+/// has no result.
 pub fn run(
     source: Opened<Source>,
     destination: Opened<Destination>,
@@ -29,12 +29,9 @@ pub fn run(
     let counter = Counter::default();
     let counter = &counter;
     thread::scope(|scope| {
-        let reporter = match (reporter, size) {
-            (Some((target, lines)), Some(total)) => {
-                Some(scope.spawn(move || progress::report(target, total, counter, lines)))
-            }
-            _ => None,
-        };
+        let reporter = reporter.map(|(target, lines)| {
+            scope.spawn(move || progress::report(target, size, counter, lines))
+        });
         let (src_again, dst_again) = (&source.again, &destination.again);
         let helpers: Vec<_> = (1..workers)
             .map(|_| {

@@ -103,15 +103,15 @@ impl Lines {
 
 /// Runs until `counter` is finished (unpark this thread after finishing it,
 /// so the last state shows at once), showing `counter`'s progress out of
-/// `total` bytes on `target`; ends with the final state (100% on success).
-pub fn report(target: Target, total: u64, counter: &Counter, lines: Option<Lines>) {
-    match target {
-        Target::Terminal => bar(total, counter),
-        Target::Descriptor(_) => {
-            if let Some(lines) = lines {
-                descriptor(total, counter, lines)
-            }
-        }
+/// `total` bytes (`None`: a stream of unknown length, shown as bytes and rate
+/// only) on `target`; ends with the final state (100% on success).
+pub fn report(target: Target, total: Option<u64>, counter: &Counter, lines: Option<Lines>) {
+    match (target, total, lines) {
+        (Target::Terminal, Some(total), _) => bar(total, counter),
+        (Target::Terminal, None, _) => spinner(counter),
+        (Target::Descriptor(_), Some(total), Some(lines)) => descriptor(total, counter, lines),
+        // A stream of unknown length has no percentage to write.
+        (Target::Descriptor(_), _, _) => while tick(counter) {},
     }
 }
 
@@ -154,6 +154,23 @@ fn bar(total: u64, counter: &Counter) {
     } else {
         bar.abandon();
     }
+}
+
+/// Bytes and rate for a copy of unknown length.
+fn spinner(counter: &Counter) {
+    if !io::stderr().is_terminal() {
+        while tick(counter) {}
+        return;
+    }
+    let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    spinner.set_style(style);
+    while tick(counter) {
+        spinner.set_position(counter.done());
+    }
+    spinner.set_position(counter.done());
+    spinner.finish();
 }
 
 #[cfg(test)]
