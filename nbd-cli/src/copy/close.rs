@@ -25,12 +25,12 @@ pub fn finish(done: Vec<Done>, flush: bool, size: Option<u64>) -> Result<Stats, 
                 // Every worker has finished, so one flush covers all the
                 // connections' writes (the multi-conn promise).
                 if flush && !flushed && client.connection().can_flush()? {
-                    client
-                        .flush(CmdFlags::empty())
-                        .map_err(|e| match crate::deadline::timed_out(&e) {
+                    client.flush(CmdFlags::empty()).map_err(
+                        |e| match crate::deadline::timed_out(&e) {
                             true => crate::deadline::explain(e, "destination", "the flush"),
                             false => side::named(Side::Destination, format!("flush: {e}")),
-                        })?;
+                        },
+                    )?;
                     flushed = true;
                 }
                 client

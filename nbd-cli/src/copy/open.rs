@@ -249,9 +249,11 @@ impl Again {
     /// Another source end for one more worker.
     pub fn source(&self) -> Result<Source, Error> {
         match self {
-            Again::Nbd(operand, config) => Ok(Source::Nbd(Box::new(
-                connect(operand, config, Side::Source)?,
-            ))),
+            Again::Nbd(operand, config) => Ok(Source::Nbd(Box::new(connect(
+                operand,
+                config,
+                Side::Source,
+            )?))),
             Again::LocalSource(file) => Ok(Source::Local(file.clone())),
             _ => Err(side::named(Side::Source, "serves one worker only")),
         }

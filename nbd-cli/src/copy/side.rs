@@ -36,6 +36,19 @@ pub fn named(side: Side, cause: impl fmt::Display) -> Error {
     Error::Io(io::Error::other(format!("{side}: {cause}")))
 }
 
+/// A request's failed reply: as [`failed`], except that a `--timeout` that
+/// passed is said the way `crate::deadline` says it, naming what was awaited.
+pub fn reply_failed(side: Side, what: &str, offset: u64, cause: Error) -> Error {
+    if !crate::deadline::timed_out(&cause) {
+        return failed(side, what, offset, cause);
+    }
+    let awaited = match side {
+        Side::Source => "replies to reads and extent queries",
+        Side::Destination => "replies to writes",
+    };
+    crate::deadline::explain(cause, &side.to_string(), awaited)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

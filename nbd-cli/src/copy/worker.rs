@@ -365,7 +365,7 @@ impl<'a> Worker<'a> {
                 })?;
                 self.queued -= len;
                 c.result
-                    .map_err(|e| side::failed(Side::Source, "read", offset, e))?;
+                    .map_err(|e| side::reply_failed(Side::Source, "read", offset, e.into()))?;
                 // Never a short copy: the buffer comes back whole or it is an error.
                 let data = match c.buffer {
                     Some(buf) if buf.len() == len => buf.freeze(),
@@ -385,7 +385,7 @@ impl<'a> Worker<'a> {
                 })?;
                 let what = if data.is_empty() { "zero" } else { "write" };
                 c.result
-                    .map_err(|e| side::failed(Side::Destination, what, offset, e))?;
+                    .map_err(|e| side::reply_failed(Side::Destination, what, offset, e.into()))?;
                 self.queued -= data.len();
                 self.progress.add(len);
                 // Inline recycle: `self.dst` is borrowed by the loop.
