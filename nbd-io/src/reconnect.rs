@@ -4,11 +4,11 @@
 //!
 //! The adapter's side of it is described on [`Journal`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::{CmdFlags, Completion, Connection, Cookie, Error, TransmissionFlags};
+use nbd_proto::{CmdFlags, Completion, Connection, Cookie, CookieMap, Error, TransmissionFlags};
 
 /// When to reconnect, how often, and how long to wait between attempts.
 ///
@@ -339,7 +339,7 @@ pub struct Journal {
     /// By submission number (the caller's cookie without [`JOURNAL_COOKIE`]).
     entries: BTreeMap<u64, Entry>,
     /// Wire cookie on the current connection -> submission number.
-    wire: HashMap<Cookie, u64>,
+    wire: CookieMap<Cookie, u64>,
     /// Entries waiting to be sent (`wire` is `None`), so that submitting
     /// stays O(1) in the steady state.
     held: usize,

@@ -6,11 +6,11 @@
 //! multi-conn promise makes cover the writes of every connection. Trims and
 //! zeroes count as writes for that; caches and block status queries do not.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use mio::{Registry, Token};
-use nbd_proto::{BlockStatus, CmdFlags, Config, Cookie};
+use nbd_proto::{BlockStatus, CmdFlags, Config, Cookie, CookieMap, CookieSet};
 
 use nbd_io::{Error, Result, Target, UriPolicy};
 
@@ -35,7 +35,7 @@ struct PendingFlush {
     id: MultiCookie,
     flags: CmdFlags,
     /// Writes that must complete before the flush goes out.
-    waiting_for: HashSet<MultiCookie>,
+    waiting_for: CookieSet<MultiCookie>,
 }
 
 /// N connections to one export whose server advertises multi-conn.
@@ -52,12 +52,12 @@ pub struct MultiConn {
     next: usize,
     next_id: u64,
     /// (connection, cookie) to the caller's id.
-    ids: HashMap<(usize, Cookie), MultiCookie>,
-    writes_in_flight: HashSet<MultiCookie>,
+    ids: CookieMap<(usize, Cookie), MultiCookie>,
+    writes_in_flight: CookieSet<MultiCookie>,
     /// Block status queries in flight.
-    queries_in_flight: HashSet<MultiCookie>,
+    queries_in_flight: CookieSet<MultiCookie>,
     /// Reports of finished block status queries, until taken.
-    statuses: HashMap<MultiCookie, Vec<BlockStatus>>,
+    statuses: CookieMap<MultiCookie, Vec<BlockStatus>>,
     flushes: Vec<PendingFlush>,
     completions: VecDeque<MultiCompletion>,
     /// The caller asked to disconnect: no new commands; each connection is
@@ -129,10 +129,10 @@ impl MultiConn {
             base: base.0,
             next: 0,
             next_id: 1,
-            ids: HashMap::new(),
-            writes_in_flight: HashSet::new(),
-            queries_in_flight: HashSet::new(),
-            statuses: HashMap::new(),
+            ids: CookieMap::default(),
+            writes_in_flight: CookieSet::default(),
+            queries_in_flight: CookieSet::default(),
+            statuses: CookieMap::default(),
             flushes: Vec::new(),
             completions: VecDeque::new(),
             disconnecting: false,

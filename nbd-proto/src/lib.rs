@@ -53,6 +53,7 @@
 mod config;
 mod connection;
 pub mod context;
+mod cookie_hash;
 mod core;
 mod coverage;
 mod deadline;
@@ -74,6 +75,7 @@ pub mod wire;
 
 pub use config::Config;
 pub use connection::{Connection, Direction, Phase};
+pub use cookie_hash::{CookieHasher, CookieMap, CookieSet};
 pub use error::{Errno, Error, Result, ServerText};
 pub use event::{BlockStatus, Completion, Event, ReadChunk};
 pub use flags::{CmdFlags, HandshakeFlags, Strict, TransmissionFlags};

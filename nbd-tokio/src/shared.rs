@@ -2,12 +2,10 @@
 //! one short-held lock, and a slot per command in flight where its reply
 //! waits for its future.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
-use nbd_proto::{BlockStatus, Completion, Connection, Cookie, Event, ReadChunk};
+use nbd_proto::{BlockStatus, Completion, Connection, Cookie, CookieMap, Event, ReadChunk};
 use tokio::sync::Notify;
 
 /// One export from an export list (opt mode).
@@ -34,7 +32,7 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 conn,
-                slots: HashMap::default(),
+                slots: CookieMap::default(),
                 exports: Vec::new(),
                 contexts: Vec::new(),
                 option_result: None,
@@ -57,7 +55,7 @@ impl Shared {
 pub(crate) struct State {
     pub(crate) conn: Connection,
     /// One slot per command issued and not yet taken by its future.
-    slots: HashMap<Cookie, Slot, BuildHasherDefault<CookieHasher>>,
+    slots: CookieMap<Cookie, Slot>,
     /// Opt mode: exports listed by the option in flight.
     pub(crate) exports: Vec<ExportEntry>,
     /// Opt mode: meta contexts listed or selected by the option in flight.
@@ -66,31 +64,6 @@ pub(crate) struct State {
     pub(crate) option_result: Option<nbd_proto::Result<()>>,
     /// The driver has ended and closed the socket.
     pub(crate) driver_done: bool,
-}
-
-/// Hashes a cookie with one multiplication instead of SipHash: cookies are
-/// made by the core (unique while in flight), not chosen by the server, so
-/// no one can aim collisions at the map; three hashes per command were a
-/// tenth of the adapter's instructions per 4 KiB read.
-#[derive(Default)]
-pub(crate) struct CookieHasher(u64);
-
-impl Hasher for CookieHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        // Fibonacci hashing: spreads the low bits into the high ones the
-        // table looks at.
-        self.0 = (self.0 ^ value).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
 }
 
 /// Where one command's reply waits for its future.
