@@ -19,7 +19,7 @@ use crate::flags::{Strict, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::negotiate::Negotiation;
 use crate::slab::Cookie;
-use crate::tls::{TlsLayer, TlsSession};
+use crate::tls::{TlsConnector, TlsLayer, TlsSession};
 use crate::transmit::Transmission;
 
 mod commands;
@@ -204,10 +204,68 @@ impl Connection {
         conn
     }
 
-    /// Runs every byte through `session` from now on (the seam STARTTLS will use).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Gives the connection its source of TLS sessions, used when the server
+    /// acknowledges `NBD_OPT_STARTTLS` (see [`TlsConnector`] for why it is a
+    /// connector). Needed for [`Config::tls`] other than
+    /// [`TlsMode::Disable`](crate::TlsMode::Disable) and for
+    /// [`opt_starttls`](Self::opt_starttls); set it before the server's
+    /// greeting arrives. Replaces any earlier one.
+    pub fn set_tls_connector(&mut self, connector: Box<dyn TlsConnector>) {
+        self.core.tls_connector = Some(connector);
+    }
+
+    /// Whether the connection switched to TLS (libnbd's `get_tls_negotiated`):
+    /// true from the server's acknowledgement of `NBD_OPT_STARTTLS` on. Every
+    /// later byte, the TLS handshake first, runs through the session, so a
+    /// connection where this is true and that reaches transmission finished
+    /// the TLS handshake. With [`TlsMode::Allow`](crate::TlsMode::Allow) a
+    /// false here after the handshake means the server was used in plaintext.
+    pub fn tls_negotiated(&self) -> bool {
+        self.core.tls_on
+    }
+
+    /// Runs every byte through `session` from now on.
     pub(crate) fn install_tls(&mut self, session: Box<dyn TlsSession>) {
         self.tls = Some(TlsLayer::new(session));
+        self.core.tls_on = true;
+    }
+
+    /// The server acknowledged `NBD_OPT_STARTTLS`: switch to a new session,
+    /// forget what plaintext negotiated, and let the handshake go on inside.
+    ///
+    /// Any plaintext already read past the acknowledgement is an injection
+    /// attack (an honest server waits for the client's first TLS message), and
+    /// an acknowledgement of a request still waiting to be sent can only be
+    /// forged: either ends the connection.
+    fn start_tls(&mut self) {
+        if !self.core.stage.is_empty() {
+            return self.kill(Error::Tls(format!(
+                "{} bytes arrived in plaintext after the server acknowledged NBD_OPT_STARTTLS, \
+                 before the TLS handshake: refusing them as an injection",
+                self.core.stage.len()
+            )));
+        }
+        if !self.core.output.is_empty() {
+            return self.kill(Error::Protocol(
+                "NBD_OPT_STARTTLS was acknowledged before the request was sent".into(),
+            ));
+        }
+        let started = match self.core.tls_connector.as_mut() {
+            Some(connector) => connector.start(),
+            // The option is only sent with a connector present.
+            None => Err(Error::Tls("no TLS connector to make a session".into())),
+        };
+        let session = match started {
+            Ok(session) => session,
+            Err(e) => return self.kill(e),
+        };
+        self.install_tls(session);
+        self.core.forget_negotiated();
+        if let State::Handshake(negotiation) = &mut self.state {
+            if let Err(e) = negotiation.tls_started(&mut self.core) {
+                self.kill(e);
+            }
+        }
     }
 
     // ------------------------------------------------------------ bytes in
@@ -450,6 +508,7 @@ impl Connection {
                 Step::Blocked => return,
                 Step::Progressed => {}
                 Step::Ready => self.enter_ready(),
+                Step::StartTls => self.start_tls(),
                 Step::Close => self.close_clean(),
                 Step::Kill(error) => self.kill(error),
             }

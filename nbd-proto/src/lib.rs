@@ -78,6 +78,6 @@ pub use flags::{CmdFlags, HandshakeFlags, Strict, TransmissionFlags};
 pub use info::{BlockSizes, ExportInfo, HandshakeStyle};
 pub use opt::{NbdOption, OptionReplyError};
 pub use slab::Cookie;
-pub use tls::TlsSession;
+pub use tls::{TlsConnector, TlsMode, TlsSession};
 pub use transmit::{MAX_ERROR_PAYLOAD, MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
 pub use wire::Extent;
