@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{pump, Error, Result, Socket, Target, UriPolicy};
+use nbd_io::{pump, Endpoint, Error, Result, Socket, Target, UriPolicy};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
@@ -98,9 +98,16 @@ impl Client {
     /// `connect_socket`), for example one made with [`Socket::from_fd`].
     /// The client switches it to non-blocking mode and owns it from now on.
     pub fn connect_socket(socket: Socket, config: Config) -> Result<Self> {
+        Self::connect_socket_with(socket, Connection::new(config))
+    }
+
+    /// Drives `conn`, a connection not yet started (for example one with a
+    /// TLS connector, as [`nbd_io::tls::connection_for`] makes), over a
+    /// socket that is already connected, until it is ready or negotiating.
+    pub fn connect_socket_with(socket: Socket, conn: Connection) -> Result<Self> {
         socket.set_nonblocking(true)?;
         let mut client = Client {
-            conn: Connection::new(config),
+            conn,
             socket,
             completed: VecDeque::new(),
             chunks: Vec::new(),
@@ -155,21 +162,19 @@ impl Client {
     /// Connects to an NBD URI if `policy` accepts it (libnbd's
     /// `set_uri_allow_transports`, `set_uri_allow_tls`,
     /// `set_uri_allow_local_file`); the URI's export name replaces
-    /// `config.export_name`. TLS URIs (`nbds`) are refused with
-    /// [`Error::Unsupported`] until this client speaks TLS.
-    pub fn connect_uri_with_policy(
-        uri: &str,
-        mut config: Config,
-        policy: &UriPolicy,
-    ) -> Result<Self> {
-        let endpoint = policy.resolve(uri)?;
-        if endpoint.tls.is_some() {
-            return Err(Error::Unsupported(format!(
-                "{uri}: TLS is not supported yet"
-            )));
-        }
-        config.export_name = endpoint.export_name;
-        Self::connect(&endpoint.target, config)
+    /// `config.export_name`. A TLS URI (`nbds`) requires TLS, set up from
+    /// its `tls-*` parameters (see [`nbd_io::tls`]).
+    pub fn connect_uri_with_policy(uri: &str, config: Config, policy: &UriPolicy) -> Result<Self> {
+        Self::connect_endpoint(&policy.resolve(uri)?, config)
+    }
+
+    /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
+    /// caller's): its target, its export name in place of
+    /// `config.export_name`, and, for an `nbds` endpoint, TLS required with
+    /// its settings. Files the TLS settings name are read before connecting.
+    pub fn connect_endpoint(endpoint: &Endpoint, config: Config) -> Result<Self> {
+        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        Self::connect_socket_with(nbd_io::connect(&endpoint.target)?, conn)
     }
 
     /// Sets how long the client may wait without any progress from the server

@@ -20,6 +20,9 @@
 //!   `set_uri_allow_local_file`), with every query parameter of the URI
 //!   specification recognised and any other diagnosed;
 //! - [`pump`]: the byte pump between a socket and an `nbd_proto::Connection`;
+//! - [`tls`]: the TLS backends (X.509 with rustls, PSK with OpenSSL) behind
+//!   the core's session seam, and [`tls::connection_for`], the connection an
+//!   endpoint asks for;
 //! - [`Error`]: one error type.
 //!
 //! # One vocabulary in every adapter
@@ -54,6 +57,7 @@ pub mod pump;
 mod server;
 mod socket;
 mod target;
+pub mod tls;
 
 pub use connect::connect;
 pub use error::{Error, Result};

@@ -122,7 +122,7 @@ impl Client {
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::start(Link::Connecting(connecting), config, registry, token)
+        Self::start(Link::Connecting(connecting), Connection::new(config), registry, token)
     }
 
     /// Runs NBD over a socket that is already connected (libnbd's
@@ -135,7 +135,7 @@ impl Client {
         token: Token,
     ) -> Result<Self> {
         socket.set_nonblocking(true)?;
-        Self::start(Link::Open(socket), config, registry, token)
+        Self::start(Link::Open(socket), Connection::new(config), registry, token)
     }
 
     /// Connects to an NBD URI accepted by the default [`UriPolicy`]; its
@@ -153,25 +153,21 @@ impl Client {
 
     /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
     /// caller's): its target, with its export name replacing
-    /// `config.export_name`. A URI asking for TLS is refused
-    /// ([`Error::Unsupported`]): this adapter has no TLS yet.
+    /// `config.export_name`. An `nbds` endpoint requires TLS, set up from its
+    /// `tls-*` parameters (see [`nbd_io::tls`]); the files they name are read
+    /// before connecting.
     pub fn connect_endpoint(
         endpoint: &Endpoint,
-        mut config: Config,
+        config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        if endpoint.tls.is_some() {
-            return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported by the mio adapter yet",
-                endpoint.target
-            )));
-        }
-        config.export_name = endpoint.export_name.clone();
-        Self::connect(&endpoint.target, config, registry, token)
+        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        let connecting = Connecting::start(&endpoint.target)?;
+        Self::start(Link::Connecting(connecting), conn, registry, token)
     }
 
-    fn start(link: Link, config: Config, registry: &Registry, token: Token) -> Result<Self> {
+    fn start(link: Link, conn: Connection, registry: &Registry, token: Token) -> Result<Self> {
         let fd = link.fd().ok_or_else(|| {
             nbd_proto::Error::InvalidArgument(
                 "the connect is over: its socket was already handed out".into(),
@@ -184,7 +180,7 @@ impl Client {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         Ok(Client {
-            conn: Connection::new(config),
+            conn,
             link,
             token,
             registry,
