@@ -197,7 +197,7 @@ fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<Exit
         }
         "read-only" => c.is_read_only()?,
         "rotational" => c.is_rotational()?,
-        "tls" => false,
+        "tls" => c.tls_negotiated(),
         _ => unreachable!("checked above"),
     };
     client.shutdown()?;
@@ -280,7 +280,12 @@ fn describe(c: &Connection, name: &str, uri: Option<&str>) -> Result<ExportRepor
 fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> String {
     let protocol = c.protocol().unwrap_or("unknown");
     if as_json {
-        let mut json = render_json(protocol, c.structured_replies_negotiated(), exports);
+        let mut json = render_json(
+            protocol,
+            c.tls_negotiated(),
+            c.structured_replies_negotiated(),
+            exports,
+        );
         json.push('\n');
         return json;
     }
@@ -291,9 +296,14 @@ fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> St
     };
     // Writing to a String cannot fail.
     let mut out = String::new();
+    let tls = if c.tls_negotiated() {
+        "with"
+    } else {
+        "without"
+    };
     let _ = writeln!(
         out,
-        "protocol: {protocol} without TLS, using {packets} packets"
+        "protocol: {protocol} {tls} TLS, using {packets} packets"
     );
     for e in exports {
         let _ = writeln!(out, "export={}:", json::quote(&e.name));
@@ -328,11 +338,11 @@ fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> St
     out
 }
 
-fn render_json(protocol: &str, structured: bool, exports: &[ExportReport]) -> String {
+fn render_json(protocol: &str, tls: bool, structured: bool, exports: &[ExportReport]) -> String {
     let head = json::fields(
         &[
             ("protocol", Value::Str(protocol.into())),
-            ("TLS", Value::Bool(false)),
+            ("TLS", Value::Bool(tls)),
             ("structured", Value::Bool(structured)),
         ],
         0,

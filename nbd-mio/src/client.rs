@@ -122,7 +122,12 @@ impl Client {
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::start(Link::Connecting(connecting), Connection::new(config), registry, token)
+        Self::start(
+            Link::Connecting(connecting),
+            Connection::new(config),
+            registry,
+            token,
+        )
     }
 
     /// Runs NBD over a socket that is already connected (libnbd's

@@ -142,5 +142,6 @@ pub fn default_certificate_dirs() -> Vec<PathBuf> {
 /// Reads a file for a TLS setting, naming it and the setting in the error.
 #[cfg(any(feature = "rustls", feature = "openssl-psk"))]
 fn read_setting_file(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }

@@ -21,9 +21,7 @@ use std::sync::Arc;
 
 use nbd_proto::{TlsConnector, TlsSession};
 use openssl::error::ErrorStack;
-use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslMethod, SslMode, SslStream, SslVersion,
-};
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslMode, SslStream, SslVersion};
 
 use super::read_setting_file;
 use crate::error::{Error, Result};

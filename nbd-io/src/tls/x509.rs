@@ -104,10 +104,8 @@ impl X509Connector {
         let webpki = if roots.is_empty() {
             None
         } else {
-            let builder = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            );
+            let builder =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
             let builder = if crls.is_empty() {
                 builder
             } else {
@@ -220,7 +218,12 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> 
     let pem = read_setting_file(path, "certificate revocation list")?;
     CertificateRevocationListDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("certificate revocation list {}: {e}", path.display())))
+        .map_err(|e| {
+            Error::Tls(format!(
+                "certificate revocation list {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// The client certificate and key, when both are there (one without the
@@ -241,8 +244,16 @@ fn load_client_auth(
         (cert, _) => Err(Error::Tls(format!(
             "{}: {} without {}",
             files.dir.display(),
-            if cert { "client-cert.pem" } else { "client-key.pem" },
-            if cert { "client-key.pem" } else { "client-cert.pem" },
+            if cert {
+                "client-cert.pem"
+            } else {
+                "client-key.pem"
+            },
+            if cert {
+                "client-key.pem"
+            } else {
+                "client-cert.pem"
+            },
         ))),
     }
 }
@@ -389,9 +400,7 @@ fn describe(error: &rustls::Error, context: &Context) -> String {
                     "the certificate is not valid for that name (it names {})",
                     presented.join(", ")
                 ),
-                CertificateError::Revoked => {
-                    "the certificate is revoked by ca-crl.pem".to_string()
-                }
+                CertificateError::Revoked => "the certificate is revoked by ca-crl.pem".to_string(),
                 CertificateError::BadSignature => {
                     "the certificate's signature does not verify".to_string()
                 }
