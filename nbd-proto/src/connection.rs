@@ -881,7 +881,12 @@ impl Connection {
         };
         match unexpected {
             None => self.close_clean(),
-            Some(error) => self.kill(error),
+            Some(error) => {
+                // A TLS session may know better why the server went away
+                // (credentials refused in or right after its handshake).
+                let why = self.tls.as_mut().and_then(TlsLayer::explain_end_of_stream);
+                self.kill(why.unwrap_or(error));
+            }
         }
     }
 

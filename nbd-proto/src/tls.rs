@@ -96,6 +96,14 @@ pub trait TlsSession: Send {
     fn write_tls(&mut self, out: &mut Vec<u8>) -> Result<(), Error>;
     /// Whether ciphertext is waiting to go out (handshake messages, alerts, data).
     fn wants_write(&self) -> bool;
+    /// The server closed the connection when the protocol did not expect it:
+    /// the error that explains it, if the session knows one (the handshake
+    /// was not over, or the server hung up before any data, as servers do
+    /// when they refuse the client's certificate or key). `None` (the
+    /// default) leaves the connection's own "server closed the connection".
+    fn explain_end_of_stream(&mut self) -> Option<Error> {
+        None
+    }
 }
 
 /// Buffers around a session: ciphertext read from and waiting for the socket.
@@ -167,6 +175,11 @@ impl TlsLayer {
     /// Whether ciphertext is waiting to go out, here or in the session.
     pub(crate) fn wants_write(&self) -> bool {
         !self.pending_cipher().is_empty() || self.session.wants_write()
+    }
+
+    /// The session's explanation of an unexpected end of stream, if any.
+    pub(crate) fn explain_end_of_stream(&mut self) -> Option<Error> {
+        self.session.explain_end_of_stream()
     }
 
     pub(crate) fn pending_cipher(&self) -> &[u8] {

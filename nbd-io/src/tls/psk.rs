@@ -86,6 +86,7 @@ impl TlsConnector for PskConnector {
         let mut session = PskSession {
             stream,
             plain_out: Vec::new(),
+            heard_from_server: false,
             username: self.username.clone(),
             file: self.file.clone(),
         };
@@ -185,6 +186,8 @@ impl Write for Buffers {
 struct PskSession {
     stream: SslStream<Buffers>,
     plain_out: Vec<u8>,
+    /// Whether any application data arrived (the server accepted the key).
+    heard_from_server: bool,
     username: Arc<str>,
     file: Arc<str>,
 }
@@ -238,7 +241,10 @@ impl TlsSession for PskSession {
             return Ok(0);
         }
         let result = match self.stream.ssl_read(out) {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                self.heard_from_server |= n > 0;
+                Ok(n)
+            }
             Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(0),
             // The server's close_notify: the socket's end of stream follows.
             Err(e) if e.code() == ErrorCode::ZERO_RETURN => Ok(0),
@@ -266,6 +272,21 @@ impl TlsSession for PskSession {
     fn wants_write(&self) -> bool {
         !self.stream.get_ref().outgoing.is_empty()
             || (!self.plain_out.is_empty() && self.stream.ssl().is_init_finished())
+    }
+
+    fn explain_end_of_stream(&mut self) -> Option<nbd_proto::Error> {
+        let when = if !self.stream.ssl().is_init_finished() {
+            "during the TLS handshake"
+        } else if !self.heard_from_server {
+            "right after the TLS handshake, before any data"
+        } else {
+            return None;
+        };
+        Some(nbd_proto::Error::Tls(format!(
+            "the server closed the connection {when}: it does not know user {:?} or has \
+             another key for it than {} has",
+            self.username, self.file
+        )))
     }
 }
 

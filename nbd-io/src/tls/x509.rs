@@ -177,6 +177,7 @@ impl TlsConnector for X509Connector {
         Ok(Box::new(RustlsSession {
             conn,
             context: self.context.clone(),
+            heard_from_server: false,
         }))
     }
 }
@@ -335,6 +336,8 @@ impl ServerCertVerifier for Verifier {
 struct RustlsSession {
     conn: ClientConnection,
     context: Arc<Context>,
+    /// Whether any application data arrived (the server accepted us).
+    heard_from_server: bool,
 }
 
 impl TlsSession for RustlsSession {
@@ -351,7 +354,10 @@ impl TlsSession for RustlsSession {
 
     fn read_plaintext(&mut self, out: &mut [u8]) -> nbd_proto::Result<usize> {
         match self.conn.reader().read(out) {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                self.heard_from_server |= n > 0;
+                Ok(n)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(nbd_proto::Error::Tls(format!("TLS: {e}"))),
         }
@@ -375,6 +381,26 @@ impl TlsSession for RustlsSession {
 
     fn wants_write(&self) -> bool {
         self.conn.wants_write()
+    }
+
+    fn explain_end_of_stream(&mut self) -> Option<nbd_proto::Error> {
+        let name = self.context.shown_name();
+        let when = if self.conn.is_handshaking() {
+            "during the TLS handshake"
+        } else if !self.heard_from_server {
+            "right after the TLS handshake, before any data"
+        } else {
+            return None;
+        };
+        let hint = if self.context.client_cert {
+            "it may not accept our client certificate"
+        } else {
+            "it may want a client certificate: client-cert.pem and client-key.pem in the \
+             certificates directory"
+        };
+        Some(nbd_proto::Error::Tls(format!(
+            "{name} closed the connection {when} ({hint})"
+        )))
     }
 }
 
