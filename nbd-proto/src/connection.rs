@@ -19,7 +19,7 @@ use crate::flags::{Strict, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::negotiate::Negotiation;
 use crate::slab::Cookie;
-use crate::tls::{TlsConnector, TlsLayer, TlsSession};
+use crate::tls::{TlsConnector, TlsLayer};
 use crate::transmit::Transmission;
 
 mod commands;
@@ -225,8 +225,9 @@ impl Connection {
     }
 
     /// Runs every byte through `session` from now on.
-    pub(crate) fn install_tls(&mut self, session: Box<dyn TlsSession>) {
-        self.tls = Some(TlsLayer::new(session));
+    #[cfg(test)]
+    pub(crate) fn install_tls(&mut self, session: Box<dyn crate::tls::TlsSession>) {
+        self.tls = Some(TlsLayer::new(session, false));
         self.core.tls_on = true;
     }
 
@@ -239,11 +240,7 @@ impl Connection {
     /// forged: either ends the connection.
     fn start_tls(&mut self) {
         if !self.core.stage.is_empty() {
-            return self.kill(Error::Tls(format!(
-                "{} bytes arrived in plaintext after the server acknowledged NBD_OPT_STARTTLS, \
-                 before the TLS handshake: refusing them as an injection",
-                self.core.stage.len()
-            )));
+            return self.kill(injection_after_starttls());
         }
         if !self.core.output.is_empty() {
             return self.kill(Error::Protocol(
@@ -259,7 +256,8 @@ impl Connection {
             Ok(session) => session,
             Err(e) => return self.kill(e),
         };
-        self.install_tls(session);
+        self.tls = Some(TlsLayer::new(session, true));
+        self.core.tls_on = true;
         self.core.forget_negotiated();
         if let State::Handshake(negotiation) = &mut self.state {
             if let Err(e) = negotiation.tls_started(&mut self.core) {
@@ -362,6 +360,9 @@ impl Connection {
             RecvTarget::Stage => {
                 self.core.stage.commit(n);
                 self.process();
+            }
+            RecvTarget::Tls if self.tls.as_ref().is_some_and(TlsLayer::awaits_client) => {
+                self.kill(injection_after_starttls());
             }
             RecvTarget::Tls => self.tls_input(n),
         }
@@ -1115,4 +1116,15 @@ impl Connection {
             _ => false,
         }
     }
+}
+
+/// Server bytes between the `NBD_OPT_STARTTLS` acknowledgement and the
+/// client's first TLS message: the same error whether they were read with the
+/// acknowledgement (plaintext in the stage) or after it.
+fn injection_after_starttls() -> Error {
+    Error::Tls(
+        "plaintext bytes arrived after the server acknowledged NBD_OPT_STARTTLS, before the \
+         client's first TLS message: refusing them as an injection"
+            .into(),
+    )
 }

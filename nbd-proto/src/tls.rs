@@ -114,16 +114,30 @@ pub(crate) struct TlsLayer {
     /// Ciphertext not yet taken by the socket.
     cipher_out: Vec<u8>,
     cipher_out_sent: usize,
+    /// Server bytes are refused until the client's first TLS message went
+    /// out: in TLS the client speaks first, so anything earlier was injected.
+    client_first: bool,
 }
 
 impl TlsLayer {
-    pub(crate) fn new(session: Box<dyn TlsSession>) -> Self {
+    /// A layer around `session`; with `client_first`, server bytes are
+    /// refused until ciphertext has gone out (see [`Self::awaits_client`]).
+    pub(crate) fn new(session: Box<dyn TlsSession>, client_first: bool) -> Self {
         TlsLayer {
             session,
             cipher_in: vec![0; 16 * 1024 + 256],
             cipher_out: Vec::new(),
             cipher_out_sent: 0,
+            client_first,
         }
+    }
+
+    /// Whether the client has not yet sent its first TLS message, so that any
+    /// server byte now is an injection (the server cannot answer a hello it
+    /// has not seen). Whatever way the injected bytes were cut into reads,
+    /// the connection refuses them the same way.
+    pub(crate) fn awaits_client(&self) -> bool {
+        self.client_first
     }
 
     /// Where the adapter reads ciphertext to.
@@ -187,6 +201,9 @@ impl TlsLayer {
     }
 
     pub(crate) fn consume_cipher(&mut self, n: usize) {
+        if n > 0 {
+            self.client_first = false;
+        }
         self.cipher_out_sent += n.min(self.cipher_out.len() - self.cipher_out_sent);
         if self.cipher_out_sent == self.cipher_out.len() {
             self.cipher_out.clear();

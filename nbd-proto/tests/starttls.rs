@@ -231,6 +231,27 @@ fn replies_only_a_man_in_the_middle_sends_end_a_required_connection() {
 }
 
 #[test]
+fn injected_bytes_are_refused_the_same_way_however_they_are_read() {
+    let injected = b"\0\0\0\x03 forged option reply".to_vec();
+    let mut errors = Vec::new();
+    for piece in [1, 7, 19, 20, 21, usize::MAX] {
+        let (mut conn, _) = client(Config::default().tls(TlsMode::Require), 64);
+        let behaviour = StartTls::AckThenPlaintext(injected.clone());
+        let mut server = StartTlsServer::new(behaviour, FakeServer::builder());
+        drive(&mut conn, &mut server, piece);
+        assert!(conn.is_dead(), "pieces of {piece}");
+        assert_eq!(
+            server.wire_in().len(),
+            FLAGS_AND_STARTTLS,
+            "pieces of {piece}"
+        );
+        errors.push(tls_error(&conn));
+    }
+    assert!(errors[0].contains("injection"), "{}", errors[0]);
+    assert!(errors.iter().all(|e| *e == errors[0]), "{errors:?}");
+}
+
+#[test]
 fn an_early_acknowledgement_is_refused() {
     // The acknowledgement arrives before the client sent STARTTLS at all: only
     // a party that guessed the client's next move sends that.

@@ -216,6 +216,7 @@ fn nbd_fails(args: &[&str]) -> String {
 }
 
 fn one_line_error(out: &Output, what: &str) -> String {
+    eprintln!("{what}: {}", text(&out.stderr).trim_end());
     assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
     let err = text(&out.stderr);
     assert_eq!(
@@ -274,6 +275,7 @@ fn connect_error(uri: &str) -> String {
         Err(e) => e.to_string(),
     };
     assert_eq!(err.lines().count(), 1, "{err}");
+    eprintln!("refused as expected: {err}");
     err
 }
 
@@ -570,5 +572,29 @@ fn a_tls_failure_is_an_nbd_error_of_kind_tls() {
         }
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("connected with an untrusted certificate"),
+    }
+}
+
+// ---------------------------------------------------------------- downgrades
+
+/// An `nbds` URI to a server that cannot or will not speak TLS ends before
+/// anything but the client flags and `NBD_OPT_STARTTLS` went out (the exact
+/// bytes are asserted against the fake servers of nbd-proto's tests).
+#[test]
+fn nbds_to_a_plaintext_server_is_refused_not_downgraded() {
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", false);
+    let cases = [
+        (NbdkitBuilder::memory(MIB).flag("--tls=off"), "refused it"),
+        (NbdkitBuilder::memory(MIB).oldstyle(), "oldstyle"),
+    ];
+    for (builder, says) in cases {
+        let server = builder.start();
+        let uri = tls_uri(&server, &certs_param(&client_dir));
+        let err = connect_error(&uri);
+        assert!(err.contains("TLS is required"), "{err}");
+        assert!(err.contains(says), "{err}");
+        let line = nbd_fails(&["info", &uri]);
+        assert!(line.contains("TLS is required"), "{line}");
     }
 }

@@ -43,10 +43,11 @@ struct Context {
 }
 
 impl Context {
+    /// The server as a message names it: by the name checked, if any.
     fn shown_name(&self) -> String {
         match &self.name {
             Some(name) => name.clone(),
-            None => "the server (no host name to check)".into(),
+            None => "the server".into(),
         }
     }
 }
