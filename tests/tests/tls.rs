@@ -18,8 +18,9 @@ use nbd_proto::{CmdFlags, Config};
 use nbd_tests::testkit::{pattern_bytes, run_nbd};
 use nbd_tests::{require_tool, NbdkitBuilder, QemuNbdBuilder, ServerHandle};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedKey, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedKey, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -49,15 +50,18 @@ impl Ca {
         Ca { cert, key }
     }
 
-    /// A leaf certificate for `names` (DNS names, or IP addresses).
+    /// A leaf certificate for `names` (DNS names, or IP addresses), with
+    /// serial number `serial`.
     fn issue(
         &self,
         names: &[&str],
         purpose: ExtendedKeyUsagePurpose,
         expired: bool,
+        serial: u64,
     ) -> CertifiedKey {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = Some(SerialNumber::from(serial));
         for name in names {
             params.subject_alt_names.push(match name.parse() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -90,13 +94,17 @@ impl Ca {
             &["localhost", "127.0.0.1"],
             ExtendedKeyUsagePurpose::ServerAuth,
             expired,
+            SERVER_SERIAL,
         )
     }
 
     fn client(&self) -> CertifiedKey {
-        self.issue(&["client"], ExtendedKeyUsagePurpose::ClientAuth, false)
+        self.issue(&["client"], ExtendedKeyUsagePurpose::ClientAuth, false, 7)
     }
 }
+
+/// The serial number of every server certificate.
+const SERVER_SERIAL: u64 = 0x5e7e;
 
 /// Writes a directory in the layout of nbdkit and qemu (server side) or
 /// libnbd (client side).
@@ -433,6 +441,48 @@ fn certificate_refusals_name_the_check_and_the_name() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn a_certificate_revoked_by_ca_crl_pem_is_refused() {
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", false);
+    let server = nbdkit_x509(&pki, NbdkitBuilder::memory(MIB).tcp(), false);
+    let uri = tls_uri(&server, &certs_param(&client_dir));
+    // Without a CRL the certificate is good.
+    let client = Client::connect_uri(&uri).unwrap();
+    client.shutdown().unwrap();
+    let revoke = |serial: u64| {
+        CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2090, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: rcgen::date_time_ymd(2020, 1, 1),
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&pki.ca.cert, &pki.ca.key)
+        .unwrap()
+        .pem()
+        .unwrap()
+    };
+    // A CRL naming another certificate changes nothing.
+    fs::write(client_dir.join("ca-crl.pem"), revoke(SERVER_SERIAL + 1)).unwrap();
+    let client = Client::connect_uri(&uri).unwrap();
+    client.shutdown().unwrap();
+    // One naming the server's is a refusal that says so.
+    fs::write(client_dir.join("ca-crl.pem"), revoke(SERVER_SERIAL)).unwrap();
+    let err = connect_error(&uri);
+    assert!(
+        err.contains("certificate check failed for 127.0.0.1"),
+        "{err}"
+    );
+    assert!(err.contains("revoked"), "{err}");
 }
 
 // ---------------------------------------------------------------- PSK
