@@ -304,10 +304,22 @@ fn nbdkit_x509_over_unix_and_tcp_with_both_adapters_and_nbdinfo() {
             expected[4096 * 3..][..64 * 1024]
         );
         assert_info_matches_nbdinfo(&uri);
-        // nbd info --is tls says yes, as nbdinfo does.
+        // nbd info --is tls says yes, as nbdinfo does, and the text form
+        // starts with nbdinfo's protocol line.
         assert!(run_nbd(["info", "--is", "tls", uri.as_str()])
             .status
             .success());
+        let ours = text(&nbd_ok(&["info", &uri]));
+        let theirs = Command::new(require_tool("nbdinfo"))
+            .arg(&uri)
+            .output()
+            .unwrap();
+        let first = |s: &str| s.lines().next().unwrap_or_default().to_string();
+        assert_eq!(first(&ours), first(&text(&theirs.stdout)), "{uri}");
+        assert!(
+            ours.starts_with("protocol: newstyle-fixed with TLS"),
+            "{ours}"
+        );
     }
     // The name checked on TCP is the host of the URI (127.0.0.1, in the
     // certificate); tls-hostname can name another that is in it too.
