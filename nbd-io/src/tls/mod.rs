@@ -145,3 +145,86 @@ fn read_setting_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> TlsRequest {
+        TlsRequest::default()
+    }
+
+    fn error_of(request: &TlsRequest, target: &Target) -> String {
+        match connector(request, target) {
+            Ok(_) => panic!("{request:?}: a connector was made"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_name_checked_is_tls_hostname_then_the_tcp_host() {
+        let tcp = Target::Tcp {
+            host: "server.example".into(),
+            port: 10809,
+        };
+        let unix = Target::Unix("/s".into());
+        assert_eq!(
+            server_name(&request(), &tcp).as_deref(),
+            Some("server.example")
+        );
+        assert_eq!(server_name(&request(), &unix), None);
+        let named = TlsRequest {
+            hostname: Some("other.example".into()),
+            ..request()
+        };
+        assert_eq!(server_name(&named, &tcp).as_deref(), Some("other.example"));
+        assert_eq!(server_name(&named, &unix).as_deref(), Some("other.example"));
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_errors_before_connecting() {
+        let unix = Target::Unix("/s".into());
+        let anon = TlsRequest {
+            kind: Some(TlsKind::Anonymous),
+            ..request()
+        };
+        assert!(error_of(&anon, &unix).contains("anonymous TLS is not supported"));
+        let both = TlsRequest {
+            kind: Some(TlsKind::X509),
+            psk_file: Some("/k".into()),
+            ..request()
+        };
+        assert!(error_of(&both, &unix).contains("choose one"));
+        let psk_without_file = TlsRequest {
+            kind: Some(TlsKind::Psk),
+            ..request()
+        };
+        let err = error_of(&psk_without_file, &unix);
+        assert!(
+            err.contains("tls-psk-file") || err.contains("openssl-psk"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "rustls")]
+    #[test]
+    fn a_certificates_directory_is_checked_when_the_connector_is_made() {
+        let unix = Target::Unix("/s".into());
+        let missing = TlsRequest {
+            certificates: Some("/nonexistent/pki".into()),
+            ..request()
+        };
+        assert!(error_of(&missing, &unix).contains("/nonexistent/pki: no such directory"));
+        let dir = std::env::temp_dir().join(format!("nbd-io-x509-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), "not a certificate\n").unwrap();
+        let garbage = TlsRequest {
+            certificates: Some(dir.clone()),
+            ..request()
+        };
+        let err = error_of(&garbage, &unix);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("ca-cert.pem"), "{err}");
+        assert!(err.contains("no certificate in it"), "{err}");
+    }
+}
