@@ -474,13 +474,32 @@ impl Connection {
                     Err(e) => return self.kill(e),
                 }
             }
-            match tls.read_plaintext(self.core.stage.space()) {
-                Ok(k) => {
-                    if k > 0 {
-                        self.core.stage.commit(k);
-                        self.process();
-                        moved = true;
+            // Plaintext is steered as bytes are without TLS: a read payload
+            // due with nothing staged goes straight into the caller's buffer
+            // (one copy out of the session, none through the stage).
+            let (read, to_caller) = match &mut self.state {
+                State::Ready(tx) => {
+                    let read_ahead = tx.read_ahead();
+                    match tx.caller_region(self.core.stage.is_empty()) {
+                        Some(region) => (tls.read_plaintext(region), true),
+                        None => {
+                            let space = self.core.stage.space();
+                            let n = space.len().min(read_ahead);
+                            (tls.read_plaintext(&mut space[..n]), false)
+                        }
                     }
+                }
+                _ => (tls.read_plaintext(self.core.stage.space()), false),
+            };
+            match read {
+                Ok(0) => {}
+                Ok(k) => {
+                    match &mut self.state {
+                        State::Ready(tx) if to_caller => tx.caller_read(&mut self.core, k),
+                        _ => self.core.stage.commit(k),
+                    }
+                    self.process();
+                    moved = true;
                 }
                 Err(e) => return self.kill(e),
             }
