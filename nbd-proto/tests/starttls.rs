@@ -32,7 +32,18 @@ fn client(config: Config, max_take: usize) -> (Connection, Arc<AtomicUsize>) {
 /// Moves bytes both ways until neither side has anything to say, handing the
 /// server's bytes over in pieces of at most `piece`; returns the events.
 fn drive(conn: &mut Connection, server: &mut StartTlsServer, piece: usize) -> Vec<String> {
+    drive_pieces(conn, server, &[piece])
+}
+
+/// As [`drive`], with the server's bytes cut into pieces of the sizes in
+/// `pieces`, used in turn.
+fn drive_pieces(
+    conn: &mut Connection,
+    server: &mut StartTlsServer,
+    pieces: &[usize],
+) -> Vec<String> {
     let mut events = Vec::new();
+    let mut next_piece = pieces.iter().copied().cycle();
     for _ in 0..100_000 {
         let mut moved = false;
         let out = conn.take_output();
@@ -41,11 +52,14 @@ fn drive(conn: &mut Connection, server: &mut StartTlsServer, piece: usize) -> Ve
             moved = true;
         }
         let back = server.take_output();
-        for chunk in back.chunks(piece.max(1)) {
+        let mut rest = &back[..];
+        while !rest.is_empty() {
+            let n = next_piece.next().unwrap_or(usize::MAX).clamp(1, rest.len());
             if conn.direction().is_read() {
                 // A dead connection reports its error in the events.
-                let _ = conn.handle_input(chunk);
+                let _ = conn.handle_input(&rest[..n]);
             }
+            rest = &rest[n..];
             moved = true;
         }
         while let Some(e) = conn.poll_event() {
@@ -461,4 +475,42 @@ fn opt_starttls_needs_a_connector() {
     assert!(conn.is_negotiating());
     assert_eq!(conn.opt_starttls().unwrap_err().errno(), Errno::NotSup);
     assert!(conn.take_output().is_empty());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Through STARTTLS, the switch and a few commands, random cuts of the
+    /// server's stream and random session granularity change nothing: the
+    /// same events, and the same bytes on the wire.
+    #[test]
+    fn random_splits_through_the_switch_change_nothing(
+        pieces in proptest::collection::vec(1usize..40, 1..12),
+        max_take in 1usize..64,
+        reads in proptest::collection::vec((0u64..60_000, 1usize..4096), 1..6),
+    ) {
+        let image: Vec<u8> = (0..1u32 << 16).map(|i| (i % 251) as u8).collect();
+        let run = |pieces: &[usize], max_take: usize| {
+            let (mut conn, _) = client(Config::default().tls(TlsMode::Require), max_take);
+            let mut server =
+                StartTlsServer::new(StartTls::Ack, FakeServer::builder().contents(&image).split_reads(true));
+            let mut events = drive_pieces(&mut conn, &mut server, pieces);
+            for &(offset, len) in &reads {
+                conn.pread(BytesMut::zeroed(len), offset, CmdFlags::empty()).unwrap();
+            }
+            conn.flush(CmdFlags::empty()).unwrap();
+            events.extend(drive_pieces(&mut conn, &mut server, pieces));
+            // Completion events carry the read buffers, contents included.
+            let completed = events.iter().filter(|e| e.contains("Completed")).count();
+            conn.disconnect().unwrap();
+            events.extend(drive_pieces(&mut conn, &mut server, pieces));
+            (events, completed, xor(&server.wire_in()[FLAGS_AND_STARTTLS..]))
+        };
+        let whole = run(&[usize::MAX], 1 << 20);
+        proptest::prop_assert_eq!(whole.1, reads.len() + 1);
+        let closed_cleanly = whole.0.last().unwrap().starts_with("Closed { error: None");
+        proptest::prop_assert!(closed_cleanly);
+        let cut = run(&pieces, max_take);
+        proptest::prop_assert_eq!(cut, whole);
+    }
 }
