@@ -757,6 +757,16 @@ impl Client {
         Ok(std::mem::take(&mut self.contexts))
     }
 
+    /// Asks the server to start TLS (opt mode, libnbd's `opt_starttls`); the
+    /// connection needs a TLS connector (see
+    /// [`nbd_proto::Connection::opt_starttls`]). A refusal is returned as the
+    /// error and leaves the connection negotiating in plaintext; a failed TLS
+    /// handshake ends the connection.
+    pub fn opt_starttls(&mut self) -> Result<()> {
+        self.conn.opt_starttls()?;
+        self.wait_option()
+    }
+
     /// Asks for structured replies (opt mode).
     pub fn opt_structured_reply(&mut self) -> Result<()> {
         self.conn.opt_structured_reply()?;

@@ -469,6 +469,14 @@ impl Client {
         self.send()
     }
 
+    /// Opt mode: asks the server to start TLS (libnbd's `aio_opt_starttls`;
+    /// see [`nbd_proto::Connection::opt_starttls`]). The result arrives as
+    /// an `OptionDone` event.
+    pub fn aio_opt_starttls(&mut self) -> Result<()> {
+        self.conn.opt_starttls()?;
+        self.send()
+    }
+
     /// Opt mode: ends negotiation.
     pub fn aio_opt_abort(&mut self) -> Result<()> {
         self.conn.opt_abort()?;

@@ -735,3 +735,43 @@ fn a_mixed_workload_in_flight_through_tls_matches_its_model() {
     }
     client.shutdown().unwrap();
 }
+
+// ---------------------------------------------------------------- opt mode
+
+/// Opt mode against a server where TLS is optional: the export list in
+/// plaintext, then `opt_starttls`, then the export through TLS; the
+/// plaintext negotiation is forgotten at the switch.
+#[test]
+fn opt_starttls_with_the_blocking_adapter() {
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", false);
+    let server = NbdkitBuilder::pattern(MIB)
+        .flag("--tls=on")
+        .flag(format!("--tls-certificates={}", pki.server_dir().display()))
+        .start();
+    let endpoint = nbd_io::UriPolicy::default()
+        .resolve(&tls_uri(&server, &certs_param(&client_dir)))
+        .unwrap();
+    let request = endpoint.tls.clone().expect("an nbds endpoint");
+    let mut conn = nbd_proto::Connection::new(Config::default().opt_mode(true));
+    conn.set_tls_connector(nbd_io::tls::connector(&request, &endpoint.target).unwrap());
+    let socket = nbd_io::connect(&endpoint.target).unwrap();
+    let mut client = Client::connect_socket_with(socket, conn).unwrap();
+    assert!(client.connection().is_negotiating());
+    assert!(!client.connection().tls_negotiated());
+    assert!(client.connection().structured_replies_negotiated());
+    assert_eq!(client.opt_list().unwrap().len(), 1);
+    client.opt_starttls().unwrap();
+    assert!(client.connection().tls_negotiated());
+    assert!(!client.connection().structured_replies_negotiated());
+    // Once on, asking again is refused without a word to the server.
+    let again = client.opt_starttls().unwrap_err();
+    assert_eq!(again.errno(), Some(nbd_proto::Errno::Inval), "{again}");
+    assert!(client.connection().is_negotiating());
+    client.opt_structured_reply().unwrap();
+    client.opt_go().unwrap();
+    let mut head = vec![0; 4096];
+    client.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, pattern_bytes(4096));
+    client.shutdown().unwrap();
+}
