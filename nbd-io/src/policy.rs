@@ -358,6 +358,36 @@ mod tests {
     }
 
     #[test]
+    fn every_tls_parameter_is_carried_for_every_tls_scheme() {
+        let p = UriPolicy {
+            local_files: true,
+            ..UriPolicy::default()
+        };
+        let params = "tls-type=x509&tls-certificates=/pki&tls-psk-file=/k&tls-username=u\
+                      &tls-hostname=h.example&tls-verify-peer=false";
+        for base in [
+            "nbds://host/e?",
+            "nbds+unix:///e?socket=/s&",
+            "nbds+vsock://3/e?",
+        ] {
+            let uri = format!("{base}{params}");
+            let tls = p.resolve(&uri).unwrap().tls.expect("TLS required");
+            assert_eq!(
+                tls,
+                TlsRequest {
+                    kind: Some(TlsKind::X509),
+                    certificates: Some("/pki".into()),
+                    psk_file: Some("/k".into()),
+                    username: Some("u".into()),
+                    hostname: Some("h.example".into()),
+                    verify_peer: Some(false),
+                },
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
     fn tls_settings_on_a_plaintext_uri_are_diagnosed() {
         let p = UriPolicy {
             local_files: true,

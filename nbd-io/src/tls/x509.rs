@@ -162,8 +162,9 @@ impl X509Connector {
             Some(n) => ServerName::try_from(n.clone())
                 .map_err(|e| Error::Tls(format!("{n:?} is no host name for TLS: {e}")))?,
             // A placeholder rustls needs; the verifier ignores the name.
-            None => ServerName::try_from("localhost")
-                .map_err(|e| Error::Tls(format!("rustls: {e}")))?,
+            None => {
+                ServerName::try_from("localhost").map_err(|e| Error::Tls(format!("rustls: {e}")))?
+            }
         };
         Ok(X509Connector {
             config: Arc::new(config),
