@@ -70,3 +70,32 @@ fn a_mixed_workload_matches_the_image_in_every_reply_style() {
         assert!(server.image_bytes() == model, "{name}: the image differs");
     }
 }
+
+#[test]
+fn stats_count_a_4k_read_over_a_socket() {
+    let server = FakeServer::builder()
+        .size(SIZE)
+        .structured(false)
+        .extended(false)
+        .build();
+    let (client_end, thread) = spawn_unix(server).unwrap();
+    let socket = Socket::from_fd(client_end.into(), "stats");
+    let mut client = Client::connect_socket(socket, Config::default()).unwrap();
+    let before = client.stats();
+    assert!(
+        before.chunks_sent >= 1 && before.chunks_received >= 2,
+        "{before:?}"
+    );
+    client
+        .pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())
+        .unwrap();
+    let after = client.stats();
+    // A compact request header out; a simple reply header and the data in.
+    assert_eq!(after.bytes_sent - before.bytes_sent, 28);
+    assert_eq!(after.bytes_received - before.bytes_received, 16 + 4096);
+    assert_eq!(after.chunks_sent - before.chunks_sent, 1);
+    assert_eq!(after.chunks_received - before.chunks_received, 1);
+    assert_eq!(client.stats(), client.connection().stats());
+    client.shutdown().unwrap();
+    thread.join().unwrap().unwrap();
+}

@@ -1,13 +1,19 @@
-//! `nbd dump`: a hex dump of an export, 16 bytes a line, repeated lines folded to `*`.
+//! `nbd dump`: a hex dump of an export, laid out as nbddump lays it out
+//! (see [`crate::hexdump`]). What the server's `base:allocation` reports as
+//! zero is not read but printed as zeroes, so a mostly empty export dumps in
+//! a few block status requests.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use nbd_proto::Config;
 
+use crate::extents::{self, BASE_ALLOCATION, STATE_ZERO};
 use crate::failure::Failure;
+use crate::hexdump::HexDump;
 use crate::operand::{self, Operand};
 use crate::size::parse_size;
+use crate::unknown_export;
 
 /// Options of `nbd dump`.
 #[derive(Debug, clap::Args)]
@@ -17,14 +23,33 @@ pub struct DumpArgs {
     #[arg(value_name = "URI | [ CMD ARGS ... ]", required = true)]
     pub server: Vec<String>,
     /// Where to start (suffixes K, M, G allowed).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(short = 'o', long, default_value = "0", value_parser = parse_size)]
     pub offset: u64,
-    /// How many bytes to show (default: to the end).
-    #[arg(long, value_parser = parse_size)]
+    /// Dump up to N bytes, then stop (default: to the end of the export).
+    #[arg(short = 'n', long, visible_alias = "limit", value_name = "N", value_parser = parse_size)]
     pub length: Option<u64>,
+    /// Colour the output (the default when standard output is a terminal).
+    #[arg(
+        long,
+        visible_alias = "colour",
+        alias = "colors",
+        alias = "colours",
+        overrides_with = "no_color"
+    )]
+    pub color: bool,
+    /// Plain output, even on a terminal.
+    #[arg(
+        long,
+        visible_alias = "no-colour",
+        alias = "no-colors",
+        alias = "no-colours",
+        overrides_with = "color"
+    )]
+    pub no_color: bool,
 }
 
-const READ_CHUNK: u64 = 1 << 20;
+/// Largest read, and largest span asked about at once.
+const CHUNK: u64 = 1 << 20;
 
 impl DumpArgs {
     /// The one operand: the server.
@@ -32,11 +57,20 @@ impl DumpArgs {
         let [server] = operand::exactly(&self.server, ["URI or [ CMD ARGS ... ]"])?;
         Ok(server)
     }
+
+    /// Whether to colour: as asked, else when standard output is a terminal.
+    fn colour(&self) -> bool {
+        if self.color || self.no_color {
+            return self.color;
+        }
+        io::stdout().is_terminal()
+    }
 }
 
 /// Runs `nbd dump` against `server`.
 pub fn run(args: &DumpArgs, server: &Operand) -> Result<ExitCode, Failure> {
-    let mut client = server.connect(Config::default())?;
+    let config = Config::default().meta_context(BASE_ALLOCATION);
+    let mut client = unknown_export::connect(server, config)?;
     let size = client.size()?;
     if args.offset > size {
         return Err(nbd_proto::Error::InvalidArgument(format!(
@@ -45,136 +79,41 @@ pub fn run(args: &DumpArgs, server: &Operand) -> Result<ExitCode, Failure> {
         ))
         .into());
     }
-    let end = match args.length {
-        Some(len) => args
-            .offset
-            .checked_add(len)
-            .filter(|&e| e <= size)
-            .ok_or_else(|| {
-                nbd_proto::Error::InvalidArgument(format!(
-                    "{len} bytes at {} run past the export size {size}",
-                    args.offset
-                ))
-            })?,
-        None => size,
-    };
+    // As nbddump: a length past the end dumps to the end.
+    let end = args.offset + args.length.unwrap_or(u64::MAX).min(size - args.offset);
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let mut dumper = HexDump::default();
-    let mut at = args.offset;
-    let chunk = READ_CHUNK.min(client.max_request() as u64);
+    let mut dump = HexDump::new(args.offset, end, args.colour());
+    let skip_zeroes = client.connection().can_meta_context(BASE_ALLOCATION);
+    let chunk = CHUNK.min(client.max_request() as u64);
     let mut buf = vec![0u8; chunk as usize];
+    let mut at = args.offset;
     while at < end {
-        let n = (end - at).min(chunk) as usize;
-        client.read_exact_at(&mut buf[..n], at)?;
-        dumper
-            .feed(&mut out, at, &buf[..n])
-            .map_err(Failure::Stdout)?;
-        at += n as u64;
+        let span = (end - at).min(chunk);
+        let runs = if skip_zeroes {
+            extents::query(&mut client, BASE_ALLOCATION, at, span)?
+        } else {
+            vec![extents::Run {
+                offset: at,
+                length: span,
+                flags: 0,
+            }]
+        };
+        for run in runs {
+            if run.flags & STATE_ZERO != 0 {
+                dump.feed_zeroes(&mut out, run.length)
+                    .map_err(Failure::Stdout)?;
+            } else {
+                let data = &mut buf[..run.length as usize];
+                client.read_exact_at(data, run.offset)?;
+                dump.feed(&mut out, data).map_err(Failure::Stdout)?;
+            }
+            at = run.offset + run.length;
+        }
     }
-    dumper
-        .finish(&mut out, end)
+    dump.finish(&mut out)
         .and_then(|()| out.flush())
         .map_err(Failure::Stdout)?;
     client.shutdown()?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Formats lines as `hexdump -C` does, folding runs of identical lines.
-#[derive(Default)]
-pub struct HexDump {
-    partial: Vec<u8>,
-    partial_at: u64,
-    last: Option<[u8; 16]>,
-    folded: bool,
-}
-
-impl HexDump {
-    /// Adds `data`, which starts at export offset `at`.
-    pub fn feed(&mut self, out: &mut impl Write, at: u64, data: &[u8]) -> io::Result<()> {
-        let mut data = data;
-        let mut at = at;
-        if self.partial.is_empty() {
-            self.partial_at = at;
-        }
-        while !data.is_empty() {
-            let take = (16 - self.partial.len()).min(data.len());
-            self.partial.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            at += take as u64;
-            if self.partial.len() == 16 {
-                let line: [u8; 16] = self.partial[..].try_into().expect("16 bytes");
-                self.line(out, self.partial_at, &line)?;
-                self.partial.clear();
-                self.partial_at = at;
-            }
-        }
-        Ok(())
-    }
-
-    fn line(&mut self, out: &mut impl Write, at: u64, bytes: &[u8]) -> io::Result<()> {
-        if bytes.len() == 16 && self.last.as_ref().is_some_and(|l| l[..] == *bytes) {
-            if !self.folded {
-                writeln!(out, "*")?;
-                self.folded = true;
-            }
-            return Ok(());
-        }
-        self.folded = false;
-        self.last = bytes.try_into().ok();
-        write!(out, "{at:016x} ")?;
-        for i in 0..16 {
-            if i == 8 {
-                write!(out, " ")?;
-            }
-            match bytes.get(i) {
-                Some(b) => write!(out, " {b:02x}")?,
-                None => write!(out, "   ")?,
-            }
-        }
-        let text: String = bytes
-            .iter()
-            .map(|&b| {
-                if (0x20..0x7f).contains(&b) {
-                    b as char
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        writeln!(out, "  |{text}|")
-    }
-
-    /// Ends the dump: the last short line, then the end offset.
-    pub fn finish(mut self, out: &mut impl Write, end: u64) -> io::Result<()> {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.line(out, self.partial_at, &rest)?;
-        }
-        writeln!(out, "{end:016x}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn folds_repeats_and_prints_text() {
-        let mut out = Vec::new();
-        let mut d = HexDump::default();
-        let mut data = vec![0u8; 48];
-        data.extend_from_slice(b"hello");
-        d.feed(&mut out, 0, &data[..20]).unwrap();
-        d.feed(&mut out, 20, &data[20..]).unwrap();
-        d.finish(&mut out, 53).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].starts_with("0000000000000000  00 00"));
-        assert_eq!(lines[1], "*");
-        assert!(lines[2].starts_with("0000000000000030  68 65 6c 6c 6f"));
-        assert!(lines[2].ends_with("|hello|"));
-        assert_eq!(lines[3], "0000000000000035");
-    }
 }

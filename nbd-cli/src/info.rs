@@ -1,16 +1,17 @@
 //! `nbd info`: what an export (or a server's exports) looks like, as nbdinfo shows it.
 
-use std::fmt::Write as _;
+use std::io::{self, IsTerminal};
 use std::process::ExitCode;
 
-use nbd_blocking::Error;
+use nbd_blocking::{Client, Error};
 use nbd_proto::uri::NbdUri;
-use nbd_proto::{Config, Connection};
+use nbd_proto::Config;
 
+use crate::content;
 use crate::failure::{self, Failure};
-use crate::json::{self, Value};
+use crate::json;
 use crate::operand::{self, Operand};
-use crate::size::human_size;
+use crate::report::{self, ExportReport, Style};
 use crate::unknown_export;
 
 /// Options of `nbd info`.
@@ -25,8 +26,35 @@ pub struct InfoArgs {
     #[arg(long)]
     pub json: bool,
     /// Print only the size in bytes (with --json too, as nbdinfo 1.14 does).
-    #[arg(long, conflicts_with_all = ["list", "question"])]
+    #[arg(long, conflicts_with_all = ["list", "question", "uri"])]
     pub size: bool,
+    /// Print only the export's URI (with --json, as a JSON string).
+    #[arg(long, conflicts_with_all = ["list", "question", "map"])]
+    pub uri: bool,
+    /// Show what file(1) makes of the first bytes (the default without --list).
+    #[arg(long, conflicts_with = "no_content")]
+    pub content: bool,
+    /// Do not read the export to show its content (the default with --list).
+    #[arg(long)]
+    pub no_content: bool,
+    /// Colour the text output (the default when standard output is a terminal).
+    #[arg(
+        long,
+        visible_alias = "colour",
+        alias = "colors",
+        alias = "colours",
+        overrides_with = "no_color"
+    )]
+    pub color: bool,
+    /// Plain text output, even on a terminal.
+    #[arg(
+        long,
+        visible_alias = "no-colour",
+        alias = "no-colors",
+        alias = "no-colours",
+        overrides_with = "color"
+    )]
+    pub no_color: bool,
     /// List every export of the server.
     #[arg(short = 'L', long, conflicts_with = "question")]
     pub list: bool,
@@ -82,6 +110,27 @@ impl InfoArgs {
             .find_map(|(feature, negated)| Some((feature.as_deref()?, negated)))
     }
 
+    /// Whether to probe the content: as asked, else only for one export.
+    fn probe_content(&self) -> bool {
+        if self.content || self.no_content {
+            return self.content;
+        }
+        !self.list
+    }
+
+    /// How to print the report.
+    fn style(&self) -> Style {
+        let colour = if self.color || self.no_color {
+            self.color
+        } else {
+            io::stdout().is_terminal()
+        };
+        Style {
+            json: self.json,
+            colour: colour && !self.json,
+        }
+    }
+
     /// The one operand: the server.
     pub fn server(&self) -> Result<Operand, String> {
         let [server] = operand::exactly(&self.server, ["URI or [ CMD ARGS ... ]"])?;
@@ -107,6 +156,9 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
         failure::print(&format!("{size}\n"))?;
         return Ok(ExitCode::SUCCESS);
     }
+    if args.uri {
+        return print_uri(args, server);
+    }
     // Opt mode, so the meta contexts can be listed before the export is selected.
     let config = Config::default().opt_mode(true).full_info(true);
     let mut client = server.connect(config)?;
@@ -130,11 +182,34 @@ pub fn run(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
         .canonical_name()
         .unwrap_or(conn.export_name())
         .to_string();
-    let mut export = describe(conn, &name, server.uri())?;
+    let mut export = ExportReport::of(conn, &name, server.uri())?;
     export.contexts = contexts;
-    let report = render_exports(args.json, conn, &[export]);
+    if args.probe_content() {
+        export.content = content::probe(&mut client);
+    }
+    let report = report::render(args.style(), client.connection(), &[export]);
     client.shutdown()?;
     failure::print(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--uri`: the URI the export is reached by, once the server has accepted
+/// it (as nbdinfo, which connects first); a server program has none.
+fn print_uri(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
+    let Some(uri) = server.uri() else {
+        return Err(nbd_proto::Error::NotSupported(format!(
+            "--uri: {server} is a server program started by this command: it has no URI"
+        ))
+        .into());
+    };
+    let client = unknown_export::connect(server, Config::default())?;
+    client.shutdown()?;
+    let line = if args.json {
+        json::quote(uri)
+    } else {
+        uri.to_string()
+    };
+    failure::print(&format!("{line}\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -208,7 +283,9 @@ fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<Exit
     })
 }
 
-/// Lists every export through opt mode, asking about each in turn.
+/// Lists every export through opt mode, asking about each in turn; with
+/// `--content`, each export is also read over a connection of its own (as
+/// nbdinfo does), since reading ends the negotiation.
 fn list(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
     let mut client = server.connect(Config::default().opt_mode(true).full_info(true))?;
     let base: Option<NbdUri> = server.uri().map(str::parse).transpose()?;
@@ -229,153 +306,33 @@ fn list(args: &InfoArgs, server: &Operand) -> Result<ExitCode, Failure> {
             uri.export_name = entry.name.clone();
             uri.to_string()
         });
-        let mut export = describe(client.connection(), &entry.name, uri.as_deref())?;
+        let mut export = ExportReport::of(client.connection(), &entry.name, uri.as_deref())?;
         if export.description.is_none() && !entry.description.is_empty() {
             export.description = Some(entry.description.clone());
         }
+        if client.connection().structured_replies_negotiated() {
+            // As nbdinfo: a server that refuses the listing just has no contexts shown.
+            export.contexts = client.opt_list_meta_context(&[]).ok();
+        }
+        if args.probe_content() {
+            export.content = content_of(server, &entry.name)?;
+        }
         exports.push(export);
     }
-    let report = render_exports(args.json, client.connection(), &exports);
+    let report = report::render(args.style(), client.connection(), &exports);
     client.opt_abort()?;
     failure::print(&report)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// What is printed about one export.
-struct ExportReport {
-    name: String,
-    description: Option<String>,
-    /// `None` for a server program the command started, as nbdinfo omits it.
-    uri: Option<String>,
-    size: u64,
-    contexts: Option<Vec<String>>,
-    flags: Vec<(&'static str, bool)>,
-    block_sizes: Option<nbd_proto::BlockSizes>,
-}
-
-fn describe(c: &Connection, name: &str, uri: Option<&str>) -> Result<ExportReport, Error> {
-    Ok(ExportReport {
-        name: name.to_string(),
-        description: c.description().map(str::to_string),
-        uri: uri.map(str::to_string),
-        size: c.size()?,
-        contexts: None,
-        flags: vec![
-            ("is_rotational", c.is_rotational()?),
-            ("is_read_only", c.is_read_only()?),
-            ("can_cache", c.can_cache()?),
-            ("can_df", c.can_df()?),
-            ("can_fast_zero", c.can_fast_zero()?),
-            ("can_flush", c.can_flush()?),
-            ("can_fua", c.can_fua()?),
-            ("can_multi_conn", c.can_multi_conn()?),
-            ("can_trim", c.can_trim()?),
-            ("can_zero", c.can_zero()?),
-        ],
-        block_sizes: c.block_sizes(),
-    })
-}
-
-/// The report of `exports`, as text or JSON, as nbdinfo prints it.
-fn render_exports(as_json: bool, c: &Connection, exports: &[ExportReport]) -> String {
-    let protocol = c.protocol().unwrap_or("unknown");
-    if as_json {
-        let mut json = render_json(
-            protocol,
-            c.tls_negotiated(),
-            c.structured_replies_negotiated(),
-            exports,
-        );
-        json.push('\n');
-        return json;
+/// The content of export `name` of `server`, read over a new connection.
+fn content_of(server: &Operand, name: &str) -> Result<Option<String>, Error> {
+    let mut client: Client = server.connect(Config::default().opt_mode(true))?;
+    if client.connection().is_negotiating() {
+        client.set_export_name(name)?;
+        select(&mut client, server)?;
     }
-    let packets = if c.structured_replies_negotiated() {
-        "structured"
-    } else {
-        "simple"
-    };
-    // Writing to a String cannot fail.
-    let mut out = String::new();
-    let tls = if c.tls_negotiated() {
-        "with"
-    } else {
-        "without"
-    };
-    let _ = writeln!(
-        out,
-        "protocol: {protocol} {tls} TLS, using {packets} packets"
-    );
-    for e in exports {
-        let _ = writeln!(out, "export={}:", json::quote(&e.name));
-        if let Some(d) = &e.description {
-            let _ = writeln!(out, "\tdescription: {d}");
-        }
-        // As nbdinfo: the human form only where it says something new.
-        let human = human_size(e.size);
-        if human == e.size.to_string() {
-            let _ = writeln!(out, "\texport-size: {}", e.size);
-        } else {
-            let _ = writeln!(out, "\texport-size: {} ({human})", e.size);
-        }
-        if let Some(uri) = &e.uri {
-            let _ = writeln!(out, "\turi: {uri}");
-        }
-        if let Some(contexts) = &e.contexts {
-            let _ = writeln!(out, "\tcontexts:");
-            for c in contexts {
-                let _ = writeln!(out, "\t\t{c}");
-            }
-        }
-        for (k, v) in &e.flags {
-            let _ = writeln!(out, "\t{k}: {v}");
-        }
-        if let Some(b) = e.block_sizes {
-            let _ = writeln!(out, "\tblock_size_minimum: {}", b.minimum);
-            let _ = writeln!(out, "\tblock_size_preferred: {}", b.preferred);
-            let _ = writeln!(out, "\tblock_size_maximum: {}", b.maximum);
-        }
-    }
-    out
-}
-
-fn render_json(protocol: &str, tls: bool, structured: bool, exports: &[ExportReport]) -> String {
-    let head = json::fields(
-        &[
-            ("protocol", Value::Str(protocol.into())),
-            ("TLS", Value::Bool(tls)),
-            ("structured", Value::Bool(structured)),
-        ],
-        0,
-    );
-    let bodies: Vec<String> = exports
-        .iter()
-        .map(|e| {
-            let mut f = vec![("export-name", Value::Str(e.name.clone()))];
-            if let Some(d) = &e.description {
-                f.push(("description", Value::Str(d.clone())));
-            }
-            if let Some(uri) = &e.uri {
-                f.push(("uri", Value::Str(uri.clone())));
-            }
-            let mut body = json::fields(&f, 1);
-            if let Some(contexts) = &e.contexts {
-                let items: Vec<String> = contexts
-                    .iter()
-                    .map(|c| format!("\t\t{}", json::quote(c)))
-                    .collect();
-                body.push_str(&format!(",\n\t\"contexts\": [\n{}\n\t]", items.join(",\n")));
-            }
-            let mut f = Vec::new();
-            f.extend(e.flags.iter().map(|(k, v)| (*k, Value::Bool(*v))));
-            if let Some(b) = e.block_sizes {
-                f.push(("block_size_minimum", Value::Num(b.minimum.into())));
-                f.push(("block_size_preferred", Value::Num(b.preferred.into())));
-                f.push(("block_size_maximum", Value::Num(b.maximum.into())));
-            }
-            f.push(("export-size", Value::Num(e.size)));
-            f.push(("export-size-str", Value::Str(human_size(e.size))));
-            format!("\t{{\n{body},\n{}\n\t}}", json::fields(&f, 1))
-        })
-        .collect();
-    format!("{{\n{head},\n\"exports\": [\n{} ]\n}}", bodies.join(",\n"))
+    let content = content::probe(&mut client);
+    client.shutdown()?;
+    Ok(content)
 }

@@ -1,31 +1,38 @@
 //! The `nbd` command: inspect, dump and copy NBD exports.
 //!
 //! ```text
-//! nbd info [--json] [--size] [-L|--list] URI
+//! nbd info [--json] [--size|--uri] [-L|--list] [--content|--no-content] [--color|--no-color] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
 //! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
-//! nbd dump [--offset N] [--length N] URI
+//! nbd dump [-o|--offset N] [-n|--length N] [--color|--no-color] URI
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
 //! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])
 //! ```
 //! `[ CMD ARGS ... ]` in place of a URI starts that server program by socket
 //! activation (as libnbd's tools do) and stops it when the command ends.
 //!
+//! `-v` / `--verbose` (or `LIBNBD_DEBUG=1`) prints the library's protocol
+//! trace to standard error.
+//!
 //! Errors are one line on standard error and exit code 1; usage errors exit 1
 //! too, so that a mistyped option is never read as the "no" (2) with which
 //! `--can` / `--is` / `--has` answer, as nbdinfo does. A reader of standard output
 //! that goes away (`nbd dump URI | head`) ends the command quietly.
 
+mod content;
 mod copy;
 mod dump;
 mod extents;
 mod failure;
+mod hexdump;
 mod info;
 mod json;
 mod map;
 mod operand;
+mod report;
 mod size;
 mod unknown_export;
+mod verbose;
 
 use std::process::ExitCode;
 
@@ -35,6 +42,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "nbd", version, about)]
 struct Cli {
+    /// Print the protocol trace (options, replies, commands) to standard
+    /// error; `LIBNBD_DEBUG=1` does the same.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +62,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_clap_message(e));
+    if verbose::wanted(cli.verbose) {
+        verbose::enable();
+    }
     let result = match &cli.command {
         Command::Info(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("info", e));

@@ -10,6 +10,7 @@ use crate::extents::{self, Run};
 use crate::failure::{self, Failure};
 use crate::json;
 use crate::operand::Operand;
+use crate::unknown_export;
 
 /// Runs `--map` (and `--totals`).
 pub fn run(
@@ -19,7 +20,7 @@ pub fn run(
     as_json: bool,
 ) -> Result<ExitCode, Failure> {
     let config = Config::default().meta_context(context.to_string());
-    let mut client = server.connect(config)?;
+    let mut client = unknown_export::connect(server, config)?;
     if !client.connection().can_meta_context(context) {
         return Err(nbd_proto::Error::NotSupported(format!(
             "--map: server does not support metadata context {context:?}"

@@ -206,6 +206,12 @@ impl Client {
         &self.conn
     }
 
+    /// Traffic counters of this connection (libnbd's `stats_bytes_sent`,
+    /// `stats_bytes_received`, `stats_chunks_sent`, `stats_chunks_received`).
+    pub fn stats(&self) -> nbd_proto::Stats {
+        self.conn.stats()
+    }
+
     /// Mutable protocol state, for settings such as strict mode.
     pub fn connection_mut(&mut self) -> &mut Connection {
         &mut self.conn

@@ -20,9 +20,11 @@ use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::negotiate::Negotiation;
 use crate::slab::Cookie;
 use crate::tls::{TlsConnector, TlsLayer};
+use crate::trace;
 use crate::transmit::Transmission;
 
 mod commands;
+mod counters;
 mod options;
 
 /// Where a connection is in its life, as libnbd's `aio_is_*` calls see it.
@@ -348,6 +350,9 @@ impl Connection {
         if let State::Ready(tx) = &mut self.state {
             tx.note_input(&self.core);
         }
+        if offer.target != RecvTarget::Tls {
+            self.core.stats.bytes_received += n as u64;
+        }
         match offer.target {
             RecvTarget::Caller => {
                 // Only transmission offers a caller's region, and nothing but
@@ -494,6 +499,7 @@ impl Connection {
             match read {
                 Ok(0) => {}
                 Ok(k) => {
+                    self.core.stats.bytes_received += k as u64;
                     match &mut self.state {
                         State::Ready(tx) if to_caller => tx.caller_read(&mut self.core, k),
                         _ => self.core.stage.commit(k),
@@ -537,6 +543,7 @@ impl Connection {
 
     /// Negotiation is over: its state is dropped and transmission starts.
     fn enter_ready(&mut self) {
+        trace::phase("transmission");
         self.state = State::Ready(Transmission::new());
         self.core.events.push_back(Event::Ready);
     }
@@ -853,6 +860,7 @@ impl Connection {
                 return;
             }
         }
+        trace::dead(&error);
         self.shut_parser();
         self.core
             .events
@@ -880,6 +888,7 @@ impl Connection {
                 return;
             }
         }
+        trace::phase("closed");
         self.shut_parser();
         self.core.events.push_back(Event::Closed { error: None });
     }

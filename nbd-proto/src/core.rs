@@ -14,6 +14,7 @@ use crate::event::Event;
 use crate::info::{ExportInfo, HandshakeStyle};
 use crate::output::Output;
 use crate::stage::Stage;
+use crate::stats::Stats;
 use crate::tls::TlsConnector;
 
 /// The state every phase reads or writes.
@@ -37,6 +38,8 @@ pub(crate) struct Core {
     pub(crate) tls_connector: Option<Box<dyn TlsConnector>>,
     /// Every byte runs through a TLS session now.
     pub(crate) tls_on: bool,
+    /// Traffic counters; bytes sent are counted by `output` itself.
+    pub(crate) stats: Stats,
 }
 
 impl Core {
@@ -54,6 +57,7 @@ impl Core {
             meta: Vec::new(),
             tls_connector: None,
             tls_on: false,
+            stats: Stats::default(),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::opt::{NbdOption, OptionReplyError};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
 use crate::tls::TlsMode;
+use crate::trace;
 use crate::wire::consts::*;
 use crate::wire::{
     decode_string, ExportNameReply, GreetingStart, Info, InfoRequest, MetaContextReply,
@@ -275,6 +276,7 @@ impl Negotiation {
         let Some(bytes) = core.stage.take::<{ GreetingStart::LEN }>() else {
             return Step::Blocked;
         };
+        core.stats.chunks_received += 1;
         match GreetingStart::decode(&bytes) {
             Ok(GreetingStart::Oldstyle) if core.config.tls == TlsMode::Require => {
                 return Step::Kill(Error::Tls(
@@ -283,8 +285,14 @@ impl Negotiation {
                         .into(),
                 ))
             }
-            Ok(GreetingStart::Oldstyle) => self.expect = Expect::OldstyleRest,
-            Ok(GreetingStart::Newstyle) => self.expect = Expect::HandshakeFlags,
+            Ok(GreetingStart::Oldstyle) => {
+                trace::greeting("oldstyle");
+                self.expect = Expect::OldstyleRest;
+            }
+            Ok(GreetingStart::Newstyle) => {
+                trace::greeting("newstyle");
+                self.expect = Expect::HandshakeFlags;
+            }
             Err(e) => return Step::Kill(e.into()),
         }
         Step::Progressed
@@ -299,6 +307,7 @@ impl Negotiation {
             // Unreachable: `take` gave exactly the length the decoder needs.
             Err(e) => return Step::Kill(e.into()),
         };
+        trace::export(rest.size, rest.flags as u16);
         core.style = Some(HandshakeStyle::Oldstyle);
         core.info.size = Some(rest.size);
         // The low 16 bits are the transmission flags; the high ones are unused.
@@ -325,6 +334,7 @@ impl Negotiation {
         }
         core.output
             .push_with(|b| b.extend_from_slice(&sent.to_be_bytes()));
+        trace::handshake_flags(server, sent);
         core.client_flags = Some(sent);
         self.no_zeroes = sent & FLAG_C_NO_ZEROES != 0;
         if sent & FLAG_C_FIXED_NEWSTYLE != 0 {
@@ -451,6 +461,8 @@ impl Negotiation {
 
     fn send_option(&mut self, core: &mut Core, option: u32, data: &[u8], pending: PendingOpt) {
         self.listed = 0;
+        trace::option_sent(option, data.len());
+        core.stats.chunks_sent += 1;
         core.output
             .push_with(|b| OptionRequest::encode_with(option, data, b));
         self.pending = Some(pending);
@@ -475,6 +487,8 @@ impl Negotiation {
 
     fn send_export_name(&mut self, core: &mut Core) {
         let name = core.config.export_name.as_bytes();
+        trace::option_sent(OPT_EXPORT_NAME, name.len());
+        core.stats.chunks_sent += 1;
         core.output
             .push_with(|b| OptionRequest::encode_with(OPT_EXPORT_NAME, name, b));
         self.pending = Some(PendingOpt::ExportName);
@@ -589,6 +603,8 @@ impl Negotiation {
             Ok(h) => h,
             Err(e) => return Step::Kill(e.into()),
         };
+        trace::option_reply(&header);
+        core.stats.chunks_received += 1;
         let Some(pending) = self.pending else {
             return Step::Kill(Error::Protocol(format!(
                 "option reply for {} when no option was sent",
@@ -850,6 +866,8 @@ impl Negotiation {
             // Unreachable: `take` gave exactly the length the decoder needs.
             Err(e) => return Step::Kill(e.into()),
         };
+        // No magic starts this answer: as libnbd, it is not a chunk of its own.
+        trace::export(reply.size, reply.flags);
         core.info.size = Some(reply.size);
         core.info.flags = Some(TransmissionFlags::from_bits_retain(reply.flags));
         self.pending = None;

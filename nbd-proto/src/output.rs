@@ -20,6 +20,8 @@ pub(crate) struct Output {
     tail: BytesMut,
     /// Total unsent bytes.
     pending: usize,
+    /// Bytes marked sent since the connection began (its `bytes_sent`).
+    sent_total: u64,
 }
 
 impl Output {
@@ -29,6 +31,7 @@ impl Output {
             front_sent: 0,
             tail: BytesMut::new(),
             pending: 0,
+            sent_total: 0,
         }
     }
 
@@ -94,6 +97,7 @@ impl Output {
     pub(crate) fn consume(&mut self, mut n: usize) {
         n = n.min(self.pending);
         self.pending -= n;
+        self.sent_total += n as u64;
         while n > 0 {
             match self.queue.front() {
                 Some(piece) => {
@@ -113,6 +117,11 @@ impl Output {
                 }
             }
         }
+    }
+
+    /// Every byte marked sent so far.
+    pub(crate) fn sent_total(&self) -> u64 {
+        self.sent_total
     }
 
     pub(crate) fn clear(&mut self) {

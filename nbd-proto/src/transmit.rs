@@ -56,6 +56,7 @@ use crate::event::{BlockStatus, Completion, Event, ReadChunk};
 use crate::flags::{CmdFlags, Strict, TransmissionFlags};
 use crate::slab::{Cookie, Slab};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
+use crate::trace;
 use crate::wire::consts::*;
 use crate::wire::{
     BlockStatusChunk, ChunkHeader, ErrorChunk, HoleChunk, RequestHeader, SimpleReply,
@@ -803,6 +804,8 @@ impl Transmission {
     }
 
     fn on_simple_reply(&mut self, core: &mut Core, reply: SimpleReply) -> Step {
+        trace::simple_reply(&reply);
+        core.stats.chunks_received += 1;
         let cookie = Cookie::from_raw(reply.cookie);
         let structured = core.structured;
         let Some(cmd) = self.commands.get_mut(cookie) else {
@@ -856,6 +859,8 @@ impl Transmission {
     }
 
     fn on_chunk_header(&mut self, core: &mut Core, header: ChunkHeader) -> Step {
+        trace::chunk(&header);
+        core.stats.chunks_received += 1;
         let cookie = Cookie::from_raw(header.cookie);
         let Some(cmd) = self.commands.get_mut(cookie) else {
             return unknown_cookie(header.cookie);
@@ -1238,6 +1243,8 @@ impl Transmission {
 
 /// Queues a request header in the negotiated form.
 fn push_request(core: &mut Core, header: &RequestHeader) {
+    trace::request(header);
+    core.stats.chunks_sent += 1;
     if core.extended {
         core.output.push_with(|b| header.encode_extended(b));
     } else {
@@ -1294,7 +1301,7 @@ fn status_limit(extended: bool, count: u64) -> u64 {
 }
 
 /// Name of a chunk type, for messages.
-fn chunk_type_name(chunk_type: u16) -> String {
+pub(crate) fn chunk_type_name(chunk_type: u16) -> String {
     match chunk_type {
         REPLY_TYPE_NONE => "NONE".into(),
         REPLY_TYPE_OFFSET_DATA => "OFFSET_DATA".into(),

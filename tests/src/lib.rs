@@ -28,6 +28,7 @@ pub mod clients;
 mod endpoint;
 mod handle;
 mod launch;
+pub mod libnbd_1_14;
 mod nbd_server;
 mod nbdkit;
 mod process;

@@ -19,6 +19,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
     ("nbdsh", "libnbd-bin"),
+    ("nbddump", "libnbd-bin"),
+    ("file", "file"),
 ];
 
 /// The Debian package that ships `program`, if the harness knows it.

@@ -1,5 +1,6 @@
-//! One behavioural suite, run through both I/O adapters of the client: the
-//! blocking `nbd_blocking::Client` and the mio `nbd_mio::Client`.
+//! One behavioural suite, run through every I/O adapter of the client: the
+//! blocking `nbd_blocking::Client`, the mio `nbd_mio::Client` and the tokio
+//! `nbd_tokio::Client`.
 //!
 //! The test bodies live once, in `behaviour/suite.rs`, and call each
 //! adapter's own `aio_` calls (`h.client.aio_pread(..)`, ...): the vocabulary
@@ -9,11 +10,13 @@
 //!
 //! - `behaviour/blocking.rs`: the client, waiting with `Client::poll`;
 //! - `behaviour/mio.rs`: the client with a mio `Poll` of its own, waiting with
-//!   `Poll::poll` and `Client::handle_event`, as an application's loop would.
+//!   `Poll::poll` and `Client::handle_event`, as an application's loop would;
+//! - `behaviour/tokio.rs`: the client's futures, kept by the harness and
+//!   polled inside `step` on a runtime of the harness's own (`tokio/aio.rs`).
 //!
 //! Each harness module mounts `suite.rs` as its child `suite`, so every
 //! scenario is one `#[test]` per adapter (`blocking::suite::NAME`,
-//! `mio::suite::NAME`) and both adapters must pass exactly the same
+//! `mio::suite::NAME`, `tokio::suite::NAME`) and every adapter must pass exactly the same
 //! assertions against the same servers: nbdkit (memory, pattern, eval with
 //! delays, error and delay filters) and qemu-nbd (raw and qcow2 images).
 //!
@@ -32,6 +35,8 @@ use bytes::BytesMut;
 mod blocking;
 #[path = "behaviour/mio.rs"]
 mod mio;
+#[path = "behaviour/tokio.rs"]
+mod tokio;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

@@ -1,5 +1,6 @@
 //! Every benchmark mode finishes: the side-by-side bench clients (nbd-blocking's
-//! `bench`, nbd-mio's `mio_bench`, with one and four connections) run each mode
+//! `bench`, nbd-mio's `mio_bench` and nbd-tokio's `tokio_bench`, the last two
+//! with one and four connections) run each mode
 //! (read and write with 4 KiB and 256 KiB requests, 64 in flight, and qd1)
 //! against a small nbdkit memory export, and each must exit successfully
 //! within a generous bound, printing the one line `shared/bench/side-by-side.sh`
@@ -27,7 +28,7 @@ fn workspace_root() -> &'static Path {
         .expect("tests/ has a parent")
 }
 
-/// Builds the two bench examples once (the same profile as these tests, so
+/// Builds the bench examples once (the same profile as these tests, so
 /// an up-to-date build is a no-op) and returns their paths by name.
 fn examples() -> &'static [(String, PathBuf)] {
     static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
@@ -45,6 +46,10 @@ fn examples() -> &'static [(String, PathBuf)] {
                 "nbd-mio",
                 "--example",
                 "mio_bench",
+                "-p",
+                "nbd-tokio",
+                "--example",
+                "tokio_bench",
             ])
             .stderr(Stdio::inherit())
             .output()
@@ -63,12 +68,12 @@ fn examples() -> &'static [(String, PathBuf)] {
             }
             let name = msg["target"]["name"].as_str().unwrap_or_default();
             if let Some(exe) = msg["executable"].as_str() {
-                if name == "bench" || name == "mio_bench" {
+                if matches!(name, "bench" | "mio_bench" | "tokio_bench") {
                     found.push((name.to_owned(), PathBuf::from(exe)));
                 }
             }
         }
-        assert_eq!(found.len(), 2, "bench executables found: {found:?}");
+        assert_eq!(found.len(), 3, "bench executables found: {found:?}");
         found
     })
 }
@@ -193,6 +198,16 @@ fn mio_bench_every_mode_finishes() {
 #[test]
 fn mio_bench_four_connections_every_mode_finishes() {
     every_mode("mio_bench", &["--connections", "4"]);
+}
+
+#[test]
+fn tokio_bench_every_mode_finishes() {
+    every_mode("tokio_bench", &[]);
+}
+
+#[test]
+fn tokio_bench_four_connections_every_mode_finishes() {
+    every_mode("tokio_bench", &["--connections", "4"]);
 }
 
 /// The line shape check itself rejects what side-by-side.sh could not parse.

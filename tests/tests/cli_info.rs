@@ -1,12 +1,18 @@
 //! `nbd info`'s options against real servers, each compared with what
 //! libnbd's `nbdinfo` answers on the same server: the yes/no questions and
-//! their negations, `-L`, `--size --json`, usage errors, and the message for
-//! an export the server does not have.
+//! their negations, `-L`, `--size --json`, `--content` / `--no-content`,
+//! `contexts` in listings, `--color`, usage errors, and the message for an
+//! export the server does not have; and the options newer than the installed
+//! nbdinfo (`--uri`, the `"extended"` field), checked by what they say.
 
 use std::process::{Command, Output};
 
+use nbd_tests::libnbd_1_14::as_nbdinfo_1_14;
 use nbd_tests::testkit::{nbd_binary, run_nbd};
-use nbd_tests::{require_tool, NbdServerBuilder, NbdkitBuilder, QemuNbdBuilder};
+use nbd_tests::{
+    require_tool, ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder,
+    ServerHandle,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -219,7 +225,15 @@ fn an_unknown_export_is_named_and_list_suggested() {
         let theirs = nbdinfo_run(&[&uri]);
         assert_eq!(theirs.status.code(), Some(1));
         assert!(text(&theirs.stderr).contains("--list"));
-        for options in [&[][..], &["--size"][..], &["--can", "read"][..]] {
+        for options in [
+            &[][..],
+            &["--size"][..],
+            &["--can", "read"][..],
+            &["--map"][..],
+            &["--map", "--totals", "--json"][..],
+            &["--uri"][..],
+            &["--json", "--content"][..],
+        ] {
             let mut args = options.to_vec();
             args.push(&uri);
             let line = unknown_export_message(&args);
@@ -240,4 +254,275 @@ fn an_unknown_export_is_named_and_list_suggested() {
 fn a_host_name_that_does_not_resolve_is_named() {
     let line = unknown_export_message(&["nbd://no-such-host.invalid/"]);
     assert!(line.contains("\"no-such-host.invalid\""), "{line}");
+}
+
+/// A 1 MiB image whose first sector is an MBR boot sector to file(1).
+fn mbr_image() -> Vec<u8> {
+    let mut image = vec![0u8; MIB as usize];
+    image[510] = 0x55;
+    image[511] = 0xaa;
+    image
+}
+
+/// nbdkit, qemu-nbd and nbd-server, each serving [`mbr_image`] (nbd-server
+/// also a second, empty export), with a name for messages.
+fn three_servers() -> Vec<(&'static str, ServerHandle)> {
+    vec![
+        ("nbdkit", NbdkitBuilder::bytes(&mbr_image()).start()),
+        (
+            "qemu-nbd",
+            QemuNbdBuilder::from_bytes(ImageFormat::Raw, &mbr_image())
+                .export_name("disk")
+                .shared(8)
+                .persistent(true)
+                .start(),
+        ),
+        (
+            "nbd-server",
+            NbdServerBuilder::new()
+                .export_with(NbdServerExport::with_bytes("boot", &mbr_image()))
+                .export("blank", MIB)
+                .start(),
+        ),
+    ]
+}
+
+/// `nbd info ARGS`, which must succeed; its standard output.
+fn nbd_info(args: &[&str]) -> String {
+    let out = run_nbd(["info"].iter().chain(args));
+    assert!(
+        out.status.success(),
+        "nbd info {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `nbdinfo ARGS`, which must succeed; its standard output.
+fn nbdinfo_ok(args: &[&str]) -> String {
+    let out = nbdinfo_run(args);
+    assert!(
+        out.status.success(),
+        "nbdinfo {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+#[test]
+fn content_and_listings_match_nbdinfo_on_three_servers() {
+    require_tool("file");
+    for (what, server) in three_servers() {
+        let uri = match what {
+            "nbd-server" => server.uri_for("boot"),
+            _ => server.uri(),
+        };
+        for args in [
+            &["--list"][..],
+            &["--list", "--json"][..],
+            &["--list", "--content"][..],
+            &["--list", "--content", "--json"][..],
+            &["--no-content"][..],
+            &["--no-content", "--json"][..],
+        ] {
+            // nbd-server 3.24 answers NBD_OPT_INFO with size 0: nbdinfo
+            // believes it for one export and reads nothing ("empty"), while
+            // `nbd info` shows what NBD_OPT_GO tells and reads the content
+            // after it. Only the listing (size 0 in both) compares as is.
+            let listing = args.contains(&"--list") && !args.contains(&"--content");
+            if what == "nbd-server" && !listing {
+                continue;
+            }
+            let mut with_uri = args.to_vec();
+            with_uri.push(&uri);
+            let ours = as_nbdinfo_1_14(&nbd_info(&with_uri));
+            let theirs = nbdinfo_ok(&with_uri);
+            assert_eq!(ours, theirs, "{what}: nbd info {args:?}");
+        }
+        // The single-export report reads the content by default; nbd-server
+        // is left out, as nbdinfo believes its NBD_OPT_INFO size of 0 there.
+        if what != "nbd-server" {
+            for args in [&[][..], &["--json"][..]] {
+                let mut with_uri = args.to_vec();
+                with_uri.push(&uri);
+                let ours = as_nbdinfo_1_14(&nbd_info(&with_uri));
+                assert_eq!(ours, nbdinfo_ok(&with_uri), "{what}: nbd info {args:?}");
+            }
+        }
+        // What was compared: file(1)'s word for the boot sector, and the
+        // contexts each export offers, in the listing too.
+        let listed = nbd_info(&["--list", "--content", "--json", &uri]);
+        let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+        let exports = listed["exports"].as_array().expect("exports");
+        assert!(!exports.is_empty(), "{what}");
+        let boot = exports
+            .iter()
+            .find(|e| e["export-name"] != "blank")
+            .expect("the boot export");
+        assert_eq!(boot["content"], "DOS/MBR boot sector", "{what}");
+        // Contexts are listed where structured replies make them usable
+        // (nbd-server 3.24 has none), as nbdinfo lists them.
+        let structured = listed["structured"] == true;
+        match boot["contexts"].as_array() {
+            Some(contexts) => {
+                assert!(structured, "{what}");
+                assert!(
+                    contexts.iter().any(|c| c == "base:allocation"),
+                    "{what}: {contexts:?}"
+                );
+            }
+            None => assert!(!structured, "{what}: no contexts listed"),
+        }
+        let plain = nbd_info(&["--list", "--json", &uri]);
+        assert!(
+            !plain.contains("\"content\""),
+            "{what}: no content by default with --list"
+        );
+        let single = nbd_info(&["--no-content", &uri]);
+        assert!(!single.contains("\tcontent:"), "{what}");
+        // Both at once is a usage error in both tools.
+        let both = ["--content", "--no-content", uri.as_str()];
+        assert_eq!(nbdinfo_run(&both).status.code(), Some(1));
+        assert_eq!(nbd_info_code(&both).0, Some(1), "{what}");
+    }
+}
+
+#[test]
+fn colour_matches_nbdinfo_and_is_off_when_piped() {
+    let server = NbdkitBuilder::bytes(&mbr_image()).readonly().start();
+    let uri = server.uri();
+    for args in [
+        &["--color"][..],
+        &["--colour", "--list"][..],
+        &["--no-color", "--color"][..],
+    ] {
+        let mut with_uri = args.to_vec();
+        with_uri.push(&uri);
+        let ours = nbd_info(&with_uri);
+        assert!(
+            ours.contains("\x1b[22;32m") && ours.contains("\x1b[22;31m"),
+            "{ours:?}"
+        );
+        assert_eq!(as_nbdinfo_1_14(&ours), nbdinfo_ok(&with_uri), "{args:?}");
+    }
+    // On a terminal (given by util-linux's `script`), colour is the default.
+    if nbd_tests::tool_exists("script") {
+        let line = format!("{} info --no-content '{uri}'", nbd_binary().display());
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .expect("script runs");
+        assert!(text(&out.stdout).contains("\x1b[1;30mexport="), "{out:?}");
+    }
+    // Piped, or asked not to, or JSON: no escapes.
+    for args in [
+        &[][..],
+        &["--color", "--no-color"][..],
+        &["--color", "--json"][..],
+    ] {
+        let mut with_uri = args.to_vec();
+        with_uri.push(&uri);
+        assert!(!nbd_info(&with_uri).contains('\x1b'), "{args:?}");
+    }
+}
+
+#[test]
+fn uri_prints_the_uri_and_json_quotes_it() {
+    // nbdinfo 1.14 has no --uri; it prints the URI its report shows.
+    let server = NbdkitBuilder::memory(MIB).export_name("named").start();
+    let uri = server.uri_for("named");
+    assert_eq!(nbd_info(&["--uri", &uri]), format!("{uri}\n"));
+    let json = nbd_info(&["--uri", "--json", &uri]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("a JSON string");
+    assert_eq!(parsed, uri.as_str());
+    let report = nbd_info(&["--json", &uri]);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["exports"][0]["uri"], uri.as_str());
+    // A server program has no URI.
+    let out = run_nbd(["info", "--uri", "--", "[", "nbdkit", "memory", "1M", "]"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no URI"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn extended_headers_and_block_sizes_are_shown_as_the_newest_nbdinfo_shows_them() {
+    let nbdkit = NbdkitBuilder::memory(MIB)
+        .filter("blocksize-policy")
+        .param("blocksize-preferred", "4K")
+        .param("blocksize-maximum", "32M")
+        .start();
+    let qemu = QemuNbdBuilder::raw(MIB).shared(4).start();
+    // nbdkit 1.32 has no extended headers, qemu-nbd 8.2 on has.
+    for (server, extended) in [(&nbdkit, false), (&qemu, true)] {
+        let uri = server.uri();
+        let json: serde_json::Value =
+            serde_json::from_str(&nbd_info(&["--json", &uri])).expect("JSON");
+        assert_eq!(json["extended"], extended, "{uri}");
+        let text = nbd_info(&["--no-content", &uri]);
+        let packets = if extended { "extended" } else { "structured" };
+        assert!(
+            text.starts_with(&format!(
+                "protocol: newstyle-fixed without TLS, using {packets} packets\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("\tblock_size_preferred: 4096 (4K)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\tblock_size_maximum: 33554432 (32M)\n"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn verbose_and_libnbd_debug_print_the_protocol_trace_to_stderr() {
+    let server = NbdkitBuilder::memory(MIB).start();
+    let uri = server.uri();
+    let run = |args: &[&str], debug: Option<&str>| -> Output {
+        let mut command = Command::new(nbd_binary());
+        command.args(args).env_remove("LIBNBD_DEBUG");
+        if let Some(value) = debug {
+            command.env("LIBNBD_DEBUG", value);
+        }
+        command.output().expect("nbd runs")
+    };
+    let quiet = run(&["info", "--size", &uri], None);
+    assert_eq!(text(&quiet.stdout), format!("{MIB}\n"));
+    assert!(quiet.stderr.is_empty(), "{}", text(&quiet.stderr));
+    assert!(run(&["info", "--size", &uri], Some("0")).stderr.is_empty());
+    for (args, debug) in [
+        (&["info", "--size", &uri][..], Some("1")),
+        (&["-v", "info", "--size", &uri][..], None),
+        (&["info", "--verbose", "--size", &uri][..], None),
+    ] {
+        let out = run(args, debug);
+        assert!(out.status.success(), "{args:?}");
+        // The report is untouched; the trace is on stderr, every line marked.
+        assert_eq!(text(&out.stdout), format!("{MIB}\n"), "{args:?}");
+        let trace = text(&out.stderr);
+        assert!(
+            trace.lines().all(|l| l.starts_with("nbd: debug: ")),
+            "{trace}"
+        );
+        for needle in [
+            "recv greeting: newstyle",
+            "send option NBD_OPT_GO",
+            "recv option reply NBD_REP_ACK (0x1) to NBD_OPT_GO",
+            "state: transmission",
+            "send command NBD_CMD_DISC",
+            "state: closed",
+        ] {
+            assert!(
+                trace.contains(needle),
+                "{args:?}: no {needle:?} in\n{trace}"
+            );
+        }
+    }
 }

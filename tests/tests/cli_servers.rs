@@ -278,8 +278,8 @@ fn copy_into_server_commands_on_either_side() {
     assert!(fs::read(&target).unwrap() == pattern_bytes(MIB));
 }
 
-/// `(offset, bytes)` of a data line of a hex dump, in either `nbd dump`'s
-/// (`hexdump -C`) layout or `nbddump`'s; `None` for any other line.
+/// `(offset, bytes)` of a data line of a hex dump in nbddump's layout
+/// (which `nbd dump` shares); `None` for any other line.
 fn dump_line(line: &str) -> Option<(u64, Vec<u8>)> {
     let (offset, rest) = line.split_once([' ', ':'])?;
     let hex = &rest[..rest.find('|')?];
@@ -296,10 +296,7 @@ fn dump_lines(dump: &str) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// The bytes a dump of `start..end` shows, with each `*` (lines repeating
-/// the one before) expanded. The two layouts fold alike, but a dump that
-/// ends inside a folded run ends differently (`nbddump` shows the last line
-/// of the run, `hexdump -C` only the end offset), so dumps are compared by
-/// what they say.
+/// the one before) expanded, so dumps are compared by what they say.
 fn dump_bytes(dump: &str, start: u64, end: u64) -> Vec<u8> {
     let mut bytes: Vec<u8> = Vec::new();
     let mut folded = false;

@@ -49,6 +49,21 @@ struct Stress<'a, D: Driver> {
     lost: u64,
 }
 
+/// The name of the test file running now (`stress`, `tokio_stress`, ...), read
+/// off the test binary, whose name is the file's with a hash appended.
+fn test_binary() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .and_then(|s| s.to_str())
+        .unwrap_or("stress");
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_owned(),
+        _ => stem.to_owned(),
+    }
+}
+
 impl<D: Driver> Stress<'_, D> {
     /// Panics with everything needed to find and replay the failure.
     fn fail(&self, index: u64, what: &str) -> ! {
@@ -56,7 +71,8 @@ impl<D: Driver> Stress<'_, D> {
         panic!(
             "stress {test}: {what}\n  at operation {index} of seed {seed} ({adapter} adapter, {server}); \
              {depth} in flight\n  replay: NBD_STRESS_SEED={seed} NBD_STRESS_OPS={ops} \
-             cargo test -p nbd-tests --test stress {test} -- --exact --include-ignored",
+             cargo test -p nbd-tests --test {binary} {test} -- --exact --include-ignored",
+            binary = test_binary(),
             test = run.test,
             seed = run.seed,
             adapter = D::NAME,
