@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{pump, Endpoint, Error, Result, Socket, Target, UriPolicy};
+use nbd_io::{pump, Endpoint, Error, Reconnected, Request, Result, Socket, Target, UriPolicy};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
 
+use crate::reconnect::Reconnect;
 use crate::wait;
 
 /// Most reads per drive step before writes get another turn. A read shorter
@@ -41,10 +42,16 @@ pub struct ExportEntry {
 /// (`opt_list`, `opt_go`, ...) wait too.
 ///
 /// No call waits forever in silence: [`Client::poll`] returns at once when
-/// nothing is in flight and nothing is waiting to be sent, and with
-/// [`Client::set_timeout`] every wait (blocking calls, `poll`, `poll_many`)
-/// fails with [`Error::TimedOut`] once the server has made no progress for
-/// that long while something is pending.
+/// nothing is in flight and nothing is waiting to be sent. Time limits are
+/// the core's ([`Config::handshake_timeout`], [`Config::command_timeout`],
+/// [`Config::stall_timeout`]; see `nbd_proto::Connection::handle_timeout`):
+/// every wait here (connecting, the handshake, blocking calls, `poll`,
+/// `poll_many`) sleeps in poll(2) no longer than the earlier of the caller's
+/// own timeout and the connection's next deadline
+/// (`Connection::poll_timeout`), then passes the time in. So a wait costs no
+/// CPU, and a deadline fires within one poll(2) wake-up of its instant: a
+/// command past its deadline completes with `ETIMEDOUT` (the connection goes
+/// on), a stalled server or a slow handshake ends the connection.
 ///
 /// ```no_run
 /// use nbd_blocking::Client;
@@ -58,19 +65,22 @@ pub struct ExportEntry {
 /// # Ok::<(), nbd_blocking::Error>(())
 /// ```
 pub struct Client {
-    conn: Connection,
-    socket: Socket,
-    completed: VecDeque<Completion>,
+    pub(crate) conn: Connection,
+    pub(crate) socket: Socket,
+    pub(crate) completed: VecDeque<Completion>,
     chunks: Vec<ReadChunk>,
     statuses: Vec<BlockStatus>,
     contexts: Vec<(u32, String)>,
     exports: Vec<ExportEntry>,
     option_result: Option<nbd_proto::Result<()>>,
-    closed: bool,
-    timeout: Option<Duration>,
-    /// When bytes last moved (or the client was last idle): the start of the
-    /// stall that [`Client::set_timeout`] bounds.
-    last_progress: Instant,
+    pub(crate) closed: bool,
+    /// Where the client connected and with what settings: what a reconnect
+    /// needs (`None` for a client made from a socket).
+    pub(crate) origin: Option<(Target, Config)>,
+    /// Automatic reconnect, when turned on ([`Client::set_reconnect`]).
+    pub(crate) reconnect: Option<Box<Reconnect>>,
+    /// Reconnects not yet taken by [`Client::take_reconnects`].
+    pub(crate) reconnects: VecDeque<Reconnected>,
 }
 
 impl Client {
@@ -82,6 +92,12 @@ impl Client {
     /// options. A server the target started is stopped when the client is
     /// dropped.
     ///
+    /// [`Config::handshake_timeout`] bounds connecting and the handshake
+    /// together: its clock starts before the connect
+    /// ([`nbd_io::connect_within`]). A connect that does not finish in time
+    /// is [`Error::TimedOut`]; a handshake that does not, the core's
+    /// `TimedOut` error (errno `ETIMEDOUT` either way).
+    ///
     /// ```no_run
     /// use nbd_blocking::{Client, Target};
     /// use nbd_proto::Config;
@@ -91,12 +107,21 @@ impl Client {
     /// # Ok::<(), nbd_blocking::Error>(())
     /// ```
     pub fn connect(target: &Target, config: Config) -> Result<Self> {
-        Self::connect_socket(nbd_io::connect(target)?, config)
+        let started = Instant::now();
+        let deadline = config
+            .handshake_timeout
+            .and_then(|t| started.checked_add(t));
+        let socket = nbd_io::connect_within(target, deadline)?;
+        let origin = (target.clone(), config.clone());
+        let mut client = Self::negotiate(socket, Connection::new(config), started)?;
+        client.origin = Some(origin);
+        Ok(client)
     }
 
     /// Negotiates over a socket that is already connected (libnbd's
     /// `connect_socket`), for example one made with [`Socket::from_fd`].
     /// The client switches it to non-blocking mode and owns it from now on.
+    /// [`Config::handshake_timeout`] bounds the handshake from this call on.
     pub fn connect_socket(socket: Socket, config: Config) -> Result<Self> {
         Self::connect_socket_with(socket, Connection::new(config))
     }
@@ -104,8 +129,16 @@ impl Client {
     /// Drives `conn`, a connection not yet started (for example one with a
     /// TLS connector, as [`nbd_io::tls::connection_for`] makes), over a
     /// socket that is already connected, until it is ready or negotiating.
+    /// [`Config::handshake_timeout`] bounds the handshake from this call on.
     pub fn connect_socket_with(socket: Socket, conn: Connection) -> Result<Self> {
+        Self::negotiate(socket, conn, Instant::now())
+    }
+
+    /// Negotiates over `socket`, the handshake's clock running from `started`.
+    fn negotiate(socket: Socket, mut conn: Connection, started: Instant) -> Result<Self> {
         socket.set_nonblocking(true)?;
+        // The handshake deadline starts at the first time passed in.
+        conn.handle_timeout(started);
         let mut client = Client {
             conn,
             socket,
@@ -116,8 +149,9 @@ impl Client {
             exports: Vec::new(),
             option_result: None,
             closed: false,
-            timeout: None,
-            last_progress: Instant::now(),
+            origin: None,
+            reconnect: None,
+            reconnects: VecDeque::new(),
         };
         client.run_until(|c| c.conn.is_ready() || c.conn.is_negotiating())?;
         Ok(client)
@@ -172,21 +206,47 @@ impl Client {
     /// caller's): its target, its export name in place of
     /// `config.export_name`, and, for an `nbds` endpoint, TLS required with
     /// its settings. Files the TLS settings name are read before connecting.
-    pub fn connect_endpoint(endpoint: &Endpoint, config: Config) -> Result<Self> {
+    ///
+    /// A plaintext endpoint is connected as [`Client::connect`] connects its
+    /// target. A TLS one the same way (the handshake timeout covers the
+    /// connect), but it cannot reconnect yet: [`Client::set_reconnect`]
+    /// needs the TLS settings kept with the target, which it does not keep.
+    pub fn connect_endpoint(endpoint: &Endpoint, mut config: Config) -> Result<Self> {
+        if endpoint.tls.is_none() {
+            config.export_name = endpoint.export_name.clone();
+            return Self::connect(&endpoint.target, config);
+        }
+        let started = Instant::now();
+        let deadline = config
+            .handshake_timeout
+            .and_then(|t| started.checked_add(t));
         let conn = nbd_io::tls::connection_for(endpoint, config)?;
-        Self::connect_socket_with(nbd_io::connect(&endpoint.target)?, conn)
+        let socket = nbd_io::connect_within(&endpoint.target, deadline)?;
+        Self::negotiate(socket, conn, started)
     }
 
-    /// Sets how long the client may wait without any progress from the server
-    /// while something is pending before it fails with [`Error::TimedOut`];
-    /// `None` waits forever.
+    /// Sets the stall timeout ([`Config::stall_timeout`], through
+    /// `Connection::set_stall_timeout`): how long the server may send nothing
+    /// while commands are in flight; `None` (the default) waits as long as
+    /// the server takes.
     ///
-    /// It bounds the blocking calls, [`Client::poll`] and [`Client::poll_many`]
-    /// alike: a loop that polls with a short timeout gets `TimedOut` once the
-    /// server has stalled for this long, rather than spinning. The commands
-    /// stay in flight; the connection is still usable.
+    /// When it passes, the connection ends: every wait (blocking calls,
+    /// [`Client::poll`], [`Client::poll_many`]) returns the core's
+    /// `TimedOut` error ([`Error::errno`] is `ETIMEDOUT`), and every pending
+    /// command completes once with `ConnectionLost` wrapping it, its buffer
+    /// handed back. (Before the core kept time, this limit left the commands
+    /// in flight; a connection whose server stalled is now over, which is
+    /// what a caller can act on.) For a limit on one command that keeps the
+    /// connection, use [`Client::set_command_timeout`].
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
-        self.timeout = timeout;
+        self.conn.set_stall_timeout(timeout);
+    }
+
+    /// Sets [`Config::command_timeout`] for the commands issued from now on:
+    /// a command not answered in time completes alone with `ETIMEDOUT`; its
+    /// late reply is dropped when it comes and the connection goes on.
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.conn.set_command_timeout(timeout);
     }
 
     // ------------------------------------------------------------ the core and socket
@@ -229,10 +289,14 @@ impl Client {
     /// a connection that closed cleanly). A loop that polls until its commands
     /// complete therefore never sleeps forever on a server that owes it nothing.
     ///
+    /// It also passes the time in: a command whose deadline passed completes
+    /// (with `ETIMEDOUT`), which counts as something moving. The wait is cut
+    /// short at the connection's next deadline.
+    ///
     /// Errors: the connection's own error once it is dead (its commands have
     /// completed with errors, still available from
-    /// [`Client::next_completion`]); [`Error::TimedOut`] when the timeout of
-    /// [`Client::set_timeout`] passed without progress while something is pending.
+    /// [`Client::next_completion`]), including the core's `TimedOut` when the
+    /// stall timeout of [`Client::set_timeout`] ended it.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<bool> {
         Self::poll_many(&mut [self], timeout)
     }
@@ -243,20 +307,22 @@ impl Client {
     /// This lets one thread copy between two exports without busy-waiting. As
     /// with [`Client::poll`], it returns `Ok(false)` at once when no client has
     /// anything to wait for, returns the error of a client whose connection is
-    /// dead, and fails with [`Error::TimedOut`] when a client's own
-    /// [`Client::set_timeout`] passed without progress.
+    /// dead (a stall timeout of [`Client::set_timeout`] included). The wait is
+    /// cut short at the earliest deadline of any client.
     pub fn poll_many(clients: &mut [&mut Client], timeout: Option<Duration>) -> Result<bool> {
         if Self::try_io_each(clients)? {
             return Ok(true);
         }
-        for c in clients.iter() {
+        for c in clients.iter_mut() {
+            c.recover()?;
             c.check_dead()?;
         }
+        let now = Instant::now();
         let mut wait = timeout;
         let mut waits = Vec::with_capacity(clients.len());
         for c in clients.iter() {
             if !c.nothing_to_wait_for() {
-                wait = c.wait_limit(wait);
+                wait = earlier(wait, c.until_deadline(now));
                 waits.push((c.socket.as_fd(), c.conn.direction()));
             }
         }
@@ -266,27 +332,32 @@ impl Client {
         if wait::any_ready(&waits, wait)? && Self::try_io_each(clients)? {
             return Ok(true);
         }
-        for c in clients.iter() {
-            c.check_dead()?;
-            c.check_stalled()?;
+        let mut expired = false;
+        for c in clients.iter_mut() {
+            expired |= c.pass_time();
         }
-        Ok(false)
+        for c in clients.iter_mut() {
+            c.recover()?;
+            c.check_dead()?;
+        }
+        Ok(expired)
     }
 
-    /// Moves what each client can move now; whether any moved.
+    /// Moves what each client can move now, and passes the time in; whether
+    /// anything moved or a deadline completed a command.
     fn try_io_each(clients: &mut [&mut Client]) -> Result<bool> {
         let mut progressed = false;
         for c in clients.iter_mut() {
             progressed |= c.try_io()?;
+            progressed |= c.pass_time();
         }
         Ok(progressed)
     }
 
     /// Whether waiting on the socket would be pointless: nothing in flight,
-    /// nothing to send, no handshake step under way, or the
-    /// connection is over. While this holds the stall clock keeps restarting,
-    /// so a client idle for an hour is not "stalled" when it next issues a
-    /// command.
+    /// nothing to send, no handshake step under way, or the connection is
+    /// over. (The late reply of a timed-out command is not waited for: it
+    /// is read, and dropped, whenever the socket is next driven.)
     fn nothing_to_wait_for(&self) -> bool {
         let settled = self.conn.in_flight() == 0
             && !self.conn.wants_write()
@@ -294,22 +365,22 @@ impl Client {
         settled || self.conn.direction() == Direction::None
     }
 
-    /// The caller's `timeout`, shortened to what is left of the stall timeout.
-    fn wait_limit(&self, timeout: Option<Duration>) -> Option<Duration> {
-        let left = self
-            .timeout
-            .map(|t| t.saturating_sub(self.last_progress.elapsed()));
-        match (timeout, left) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    /// How long from `now` until the connection's next deadline; `None`
+    /// when nothing is timed. Zero when the connection wants the time now.
+    fn until_deadline(&self, now: Instant) -> Option<Duration> {
+        self.conn
+            .poll_timeout()
+            .map(|at| at.saturating_duration_since(now))
     }
 
-    fn check_stalled(&self) -> Result<()> {
-        match self.timeout {
-            Some(t) if self.last_progress.elapsed() >= t => Err(Error::TimedOut),
-            _ => Ok(()),
-        }
+    /// Passes the current time to the connection and collects what that
+    /// finished; whether a command completed or the connection died.
+    fn pass_time(&mut self) -> bool {
+        let before = self.completed.len();
+        let was_dead = self.conn.is_dead();
+        self.conn.handle_timeout(Instant::now());
+        self.collect_events();
+        self.completed.len() != before || self.conn.is_dead() != was_dead
     }
 
     fn check_dead(&self) -> Result<()> {
@@ -319,15 +390,10 @@ impl Client {
         }
     }
 
-    /// Writes and reads what can move now. Restarts the stall clock when
-    /// anything moved.
+    /// Writes and reads what can move now; whether anything moved.
     fn try_io(&mut self) -> Result<bool> {
         let moved = self.pump()?;
-        let moved = moved.wrote || moved.read;
-        if moved || self.nothing_to_wait_for() {
-            self.last_progress = Instant::now();
-        }
-        Ok(moved)
+        Ok(moved.wrote || moved.read)
     }
 
     /// One turn of `nbd-io`'s byte pump: writes what is pending until the
@@ -345,7 +411,22 @@ impl Client {
             })
         });
         self.collect_events();
-        moved
+        match moved {
+            // A socket that failed killed the connection; with reconnect on
+            // that is no error yet: the next wait connects again.
+            Err(_)
+                if self
+                    .reconnect
+                    .as_ref()
+                    .is_some_and(|r| r.keeps_lost(&self.conn)) =>
+            {
+                Ok(Moved {
+                    wrote: false,
+                    read: true,
+                })
+            }
+            other => other,
+        }
     }
 
     /// Waits with poll(2) until the socket is ready in the direction the
@@ -358,9 +439,24 @@ impl Client {
     fn collect_events(&mut self) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Completed(c) => self.completed.push_back(c),
-                Event::ReadChunk(chunk) => self.chunks.push(chunk),
-                Event::BlockStatus(status) => self.statuses.push(status),
+                Event::Completed(c) => {
+                    if let Some(c) = self.caller_completion(c) {
+                        self.completed.push_back(c);
+                    }
+                }
+                Event::ReadChunk(mut chunk) => {
+                    match &mut chunk {
+                        ReadChunk::Data { cookie, .. }
+                        | ReadChunk::Hole { cookie, .. }
+                        | ReadChunk::Error { cookie, .. } => *cookie = self.caller_cookie(*cookie),
+                        _ => {}
+                    }
+                    self.chunks.push(chunk)
+                }
+                Event::BlockStatus(mut status) => {
+                    status.cookie = self.caller_cookie(status.cookie);
+                    self.statuses.push(status)
+                }
                 Event::MetaContext { id, name } => self.contexts.push((id, name)),
                 Event::Export { name, description } => {
                     self.exports.push(ExportEntry { name, description })
@@ -371,38 +467,37 @@ impl Client {
                 _ => {}
             }
         }
+        self.send_held();
     }
 
-    /// Drives the socket until `done` holds, the connection ends, or the timeout passes.
+    /// Drives the socket until `done` holds or the connection ends (a
+    /// deadline of the core's included).
     ///
-    /// Each round writes what is pending and reads what has arrived; when
-    /// nothing arrived it waits on the socket at once rather than trying again,
-    /// so a command answered later costs one write, one poll and one read.
+    /// Each round writes what is pending and reads what has arrived, then
+    /// passes the time in; when nothing arrived it waits on the socket at
+    /// once, until the connection's next deadline at most, rather than
+    /// trying again, so a command answered later costs one write, one poll
+    /// and one read.
     fn run_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> Result<()> {
-        self.last_progress = Instant::now();
         loop {
             if done(self) {
                 return Ok(());
             }
+            self.recover()?;
             self.check_dead()?;
             if self.conn.is_closed() {
                 return Err(nbd_proto::Error::NotConnected("connection is closed".into()).into());
             }
-            let Moved { wrote, read } = self.pump()?;
-            if read {
-                self.last_progress = Instant::now();
+            let Moved { read, .. } = self.pump()?;
+            if self.pass_time() || read {
                 continue;
-            }
-            if wrote {
-                self.last_progress = Instant::now();
             }
             if self.conn.direction() == Direction::None {
                 // Over: the checks at the top say how.
                 continue;
             }
-            if !self.wait_ready(self.wait_limit(None))? {
-                self.check_stalled()?;
-            }
+            self.wait_ready(self.until_deadline(Instant::now()))?;
+            self.pass_time();
         }
     }
 
@@ -410,8 +505,14 @@ impl Client {
 
     /// Starts a read into `buf` (its length is the read's length); returns at once.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.pread(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: false,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Starts a read that also reports each reply chunk (see [`Client::take_chunks`]).
@@ -421,54 +522,80 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.pread_structured(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: true,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Starts a write of `data`; returns at once. The payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.pwrite(data, offset, flags)?)
+        self.issue(
+            Request::Write {
+                data,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a flush.
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.flush(flags)?)
+        self.issue(Request::Flush { flags }, None)
     }
 
     /// Starts a trim of `count` bytes at `offset`.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.trim(count, offset, flags)?)
+        self.issue(
+            Request::Trim {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.cache(count, offset, flags)?)
+        self.issue(
+            Request::Cache {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts writing `count` zeroes at `offset`.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.zero(count, offset, flags)?)
+        self.issue(
+            Request::Zero {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Starts a block status query over every negotiated meta context; the
     /// extents are taken with [`Client::take_block_status`].
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        self.restart_stall_clock_if_idle();
-        Ok(self.conn.block_status(count, offset, flags)?)
-    }
-
-    /// Before a command is issued: starts the stall clock afresh if the
-    /// client was idle. (Once the caller asked to disconnect, the core itself
-    /// refuses new commands with ESHUTDOWN.)
-    fn restart_stall_clock_if_idle(&mut self) {
-        if self.nothing_to_wait_for() {
-            self.last_progress = Instant::now();
-        }
+        self.issue(
+            Request::BlockStatus {
+                count,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Takes the block status reports that arrived for `cookie`, one per context.
@@ -482,7 +609,10 @@ impl Client {
 
     /// Commands issued and not yet completed (libnbd's `aio_in_flight`).
     pub fn in_flight(&self) -> usize {
-        self.conn.in_flight()
+        match &self.reconnect {
+            Some(r) => r.journal.len(),
+            None => self.conn.in_flight(),
+        }
     }
 
     /// The oldest finished command not yet taken, if any.
@@ -510,7 +640,11 @@ impl Client {
         if let Some(done) = self.take_completion(cookie) {
             return Ok(done);
         }
-        if !self.conn.is_in_flight(cookie) {
+        let pending = match &self.reconnect {
+            Some(r) => r.journal.is_pending(cookie),
+            None => self.conn.is_in_flight(cookie),
+        };
+        if !pending {
             return Err(nbd_proto::Error::InvalidArgument(format!(
                 "{cookie:?} is not in flight and has no completion waiting"
             ))
@@ -669,6 +803,12 @@ impl Client {
     /// Otherwise a failure of the connection itself (dead, timed out, socket
     /// error) is returned as such.
     pub fn shutdown(mut self) -> Result<()> {
+        if self.reconnect.is_some() {
+            // Commands the journal still holds (a lost connection not yet
+            // replaced, or a resent flush waiting its turn) go out first; if
+            // the reconnect fails they complete with its cause, reported below.
+            let _ = self.run_until(|c| c.in_flight() == 0);
+        }
         let ended = if self.conn.is_negotiating() {
             self.conn
                 .opt_abort()
@@ -692,7 +832,7 @@ impl Client {
     /// client that issue only blocking calls (such as [`crate::ExportFile`]),
     /// whose leftover completions belong to calls that already returned.
     pub(crate) fn settle(&mut self) -> Result<()> {
-        let waited = self.run_until(|c| c.conn.in_flight() == 0);
+        let waited = self.run_until(|c| c.in_flight() == 0);
         let failed = self.untaken_failures();
         self.completed.clear();
         self.chunks.clear();
@@ -711,7 +851,7 @@ impl Client {
             .iter()
             .filter_map(|c| c.result.as_ref().err());
         let first = failures.next()?.clone();
-        let count = 1 + failures.count() + self.conn.in_flight();
+        let count = 1 + failures.count() + self.in_flight();
         Some(Error::CommandsFailed { count, first })
     }
 
@@ -821,6 +961,14 @@ impl Drop for Client {
         if goodbye {
             let _ = pump::write_pending(&mut self.conn, &mut self.socket);
         }
+    }
+}
+
+/// The earlier of two optional waits (`None`: no limit).
+fn earlier(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -38,11 +38,12 @@
 
 mod client;
 mod file;
+mod reconnect;
 mod wait;
 
 pub use client::{Client, ExportEntry};
 pub use file::ExportFile;
-pub use nbd_io::{self, Error, Result, Socket, Target, UriPolicy};
+pub use nbd_io::{self, Error, ReconnectPolicy, Reconnected, Result, Socket, Target, UriPolicy};
 pub use nbd_proto;
 
 /// The README's example, compiled as a doctest so that it stays true.

@@ -17,7 +17,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
@@ -52,6 +51,10 @@ pub struct CopyArgs {
     /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it off.
     #[arg(long, default_value = "4096", value_parser = parse_size)]
     pub sparse: u64,
+    #[command(flatten)]
+    pub timeout: crate::deadline::TimeoutArg,
+    #[command(flatten)]
+    pub retries: crate::retries::RetriesArg,
 }
 
 fn parse_request_size(s: &str) -> Result<u64, String> {
@@ -132,7 +135,7 @@ pub fn run(args: &CopyArgs, src: &Operand, dst: &Operand) -> Result<ExitCode, Er
         spare: Vec::new(),
         zeroes: Bytes::from(vec![0u8; request_size]),
     };
-    job.run()?;
+    job.run().map_err(|e| job.explain_stall(e))?;
     job.finish(args.flush)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -150,7 +153,8 @@ fn open_source(spec: &Operand, use_extents: bool) -> Result<(Source, Option<u64>
     if use_extents {
         config.meta_contexts.push(BASE_ALLOCATION.into());
     }
-    let client = spec.connect(config)?;
+    let mut client = spec.connect(config).map_err(|e| on_side("source", e))?;
+    crate::retries::enable(&mut client)?;
     let size = client.size()?;
     let runs = client
         .connection()
@@ -188,7 +192,10 @@ fn open_dest(spec: &Operand, size: Option<u64>) -> Result<Dest, Error> {
         }
         None => {}
     }
-    let client = spec.connect(Config::default())?;
+    let mut client = spec
+        .connect(Config::default())
+        .map_err(|e| on_side("destination", e))?;
+    crate::retries::enable(&mut client)?;
     if client.connection().is_read_only()? {
         return Err(nbd_proto::Error::ReadOnly(format!("destination {spec} is read-only")).into());
     }
@@ -474,9 +481,11 @@ impl Copy {
         }
     }
 
-    /// Waits until some socket can move.
+    /// Waits until some socket can move, or a deadline passes: with no
+    /// `--timeout` as long as the servers take (there is no built-in limit);
+    /// with it, a server silent for that long with requests pending ends the
+    /// copy with a message naming its side.
     fn wait(&mut self) -> Result<(), Error> {
-        let timeout = Some(Duration::from_secs(60));
         let mut clients: Vec<&mut Client> = Vec::with_capacity(2);
         if let Source::Nbd { client, .. } = &mut self.src {
             clients.push(client);
@@ -487,10 +496,29 @@ impl Copy {
         if clients.is_empty() {
             return Ok(());
         }
-        if !Client::poll_many(&mut clients, timeout)? {
-            return Err(Error::TimedOut);
+        let result = Client::poll_many(&mut clients, None);
+        if let Source::Nbd { client, .. } = &mut self.src {
+            crate::retries::report("source", client);
         }
-        Ok(())
+        if let Dest::Nbd { client, .. } = &mut self.dst {
+            crate::retries::report("destination", client);
+        }
+        result.map(drop)
+    }
+
+    /// A `--timeout` that ended a connection, named by its side (the copy's
+    /// errors pass here on their way out).
+    fn explain_stall(&self, e: Error) -> Error {
+        let stalled = |c: &Client| c.connection().error().is_some();
+        match (&self.src, &self.dst) {
+            (Source::Nbd { client, .. }, _) if stalled(client) => {
+                crate::deadline::explain(e, "source", "replies to reads and extent queries")
+            }
+            (_, Dest::Nbd { client, .. }) if stalled(client) => {
+                crate::deadline::explain(e, "destination", "replies to writes")
+            }
+            _ => e,
+        }
     }
 
     fn finish(self, flush: bool) -> Result<(), Error> {
@@ -500,7 +528,9 @@ impl Copy {
         match self.dst {
             Dest::Nbd { mut client, .. } => {
                 if flush && client.connection().can_flush()? {
-                    client.flush(CmdFlags::empty())?;
+                    client
+                        .flush(CmdFlags::empty())
+                        .map_err(|e| crate::deadline::explain(e, "destination", "the flush"))?;
                 }
                 client.shutdown()?;
             }
@@ -520,6 +550,16 @@ impl Copy {
             Dest::Null => {}
         }
         Ok(())
+    }
+}
+
+/// An error of connecting to one side: a `--timeout` that passed names the side.
+fn on_side(side: &str, e: Error) -> Error {
+    match e {
+        Error::Io(io) if io.kind() == io::ErrorKind::TimedOut => {
+            Error::Io(io::Error::new(io.kind(), format!("{side} {io}")))
+        }
+        other => other,
     }
 }
 

@@ -22,6 +22,8 @@ pub struct DumpArgs {
     /// program started by socket activation and stopped at the end.
     #[arg(value_name = "URI | [ CMD ARGS ... ]", required = true)]
     pub server: Vec<String>,
+    #[command(flatten)]
+    pub timeout: crate::deadline::TimeoutArg,
     /// Where to start (suffixes K, M, G allowed).
     #[arg(short = 'o', long, default_value = "0", value_parser = parse_size)]
     pub offset: u64,

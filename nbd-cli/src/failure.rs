@@ -50,6 +50,19 @@ impl fmt::Display for Failure {
 }
 
 impl Failure {
+    /// A limit of `--timeout` that passed while talking to `server`, as one
+    /// line saying what the command waited for; anything else unchanged.
+    pub fn explain_timeout(self, server: &crate::operand::Operand, what: &str) -> Self {
+        match self {
+            Failure::Nbd(e) => Failure::Nbd(crate::deadline::explain(
+                e,
+                &format!("server {server}"),
+                what,
+            )),
+            other => other,
+        }
+    }
+
     /// Prints the failure (unless the reader just went away) and gives the exit code.
     pub fn report(&self) -> ExitCode {
         match self {

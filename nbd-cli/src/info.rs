@@ -22,6 +22,8 @@ pub struct InfoArgs {
     /// activation and stopped at the end.
     #[arg(value_name = "URI | [ CMD ARGS ... ]", required = true)]
     pub server: Vec<String>,
+    #[command(flatten)]
+    pub timeout: crate::deadline::TimeoutArg,
     /// Print a JSON document shaped like `nbdinfo --json`.
     #[arg(long)]
     pub json: bool,

@@ -3,8 +3,10 @@
 //! ```text
 //! nbd info [--json] [--size|--uri] [-L|--list] [--content|--no-content] [--color|--no-color] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
-//! nbd copy [--requests N] [--request-size N] [--flush] SRC DST
+//! nbd copy [--requests N] [--request-size N] [--flush] [--retries N] SRC DST
 //! nbd dump [-o|--offset N] [-n|--length N] [--color|--no-color] URI
+//! (info, copy and dump take --timeout SECONDS; without it they wait as long
+//! as the server takes)
 //! nbd info [OPTIONS] -- [ CMD ARGS ... ]
 //! nbd copy [OPTIONS] -- [ CMD ARGS ... ] DST       (either side may be [ ... ])
 //! ```
@@ -21,6 +23,7 @@
 
 mod content;
 mod copy;
+mod deadline;
 mod dump;
 mod extents;
 mod failure;
@@ -30,6 +33,7 @@ mod json;
 mod map;
 mod operand;
 mod report;
+mod retries;
 mod size;
 mod unknown_export;
 mod verbose;
@@ -68,15 +72,19 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("info", e));
-            info::run(args, &server)
+            deadline::set(&args.timeout);
+            info::run(args, &server).map_err(|f| f.explain_timeout(&server, "a reply"))
         }
         Command::Copy(args) => {
             let [src, dst] = args.operands().unwrap_or_else(|e| usage_error("copy", e));
+            deadline::set(&args.timeout);
+            retries::set(&args.retries);
             copy::run(args, &src, &dst).map_err(failure::Failure::from)
         }
         Command::Dump(args) => {
             let server = args.server().unwrap_or_else(|e| usage_error("dump", e));
-            dump::run(args, &server)
+            deadline::set(&args.timeout);
+            dump::run(args, &server).map_err(|f| f.explain_timeout(&server, "a read"))
         }
     };
     match result {

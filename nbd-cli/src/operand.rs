@@ -69,12 +69,23 @@ impl Operand {
     /// The URI is the user's own, so it may name local files (such as
     /// `tls-psk-file`). An error names this operand unless it already names
     /// what was reached.
+    ///
+    /// `--timeout` (see `crate::deadline`) bounds connecting and the
+    /// handshake; when it passes, the error says so.
     pub fn connect(&self, config: Config) -> Result<Client, Error> {
+        let config = crate::deadline::apply(config);
         let result = match self {
             Operand::Word(uri) => Client::connect_uri_with_policy(uri, config, &cli_policy()),
             Operand::Command(argv) => Client::connect(&Target::activation(argv), config),
         };
-        result.map_err(|e| self.name_in(e))
+        result.map_err(|e| {
+            if crate::deadline::timed_out(&e) {
+                let what = "the connection and the handshake";
+                crate::deadline::explain(e, &self.to_string(), what)
+            } else {
+                self.name_in(e)
+            }
+        })
     }
 
     /// `e`, naming this operand unless it names what was reached already.

@@ -61,7 +61,11 @@ pub enum Error {
     /// failure on the wire is an [`Error::Nbd`] with `nbd_proto::Error::Tls`.)
     #[error("TLS: {0}")]
     Tls(String),
-    /// No progress from the server within the time given.
+    /// A wait bounded by the caller ended first: a connect that did not
+    /// finish by its deadline ([`connect_within`](crate::connect_within)).
+    /// (A deadline of the NBD connection itself, such as a stall, is an
+    /// [`Error::Nbd`] with `nbd_proto::Error::TimedOut`; both have the errno
+    /// `ETIMEDOUT`.)
     #[error("timed out")]
     TimedOut,
     /// Commands whose completions the caller never took failed, or were still
@@ -86,11 +90,10 @@ impl Error {
             Error::Uri(_) | Error::UriRefused(_) => Some(Errno::Inval),
             Error::Unsupported(_) => Some(Errno::NotSup),
             Error::Tls(_) => Some(Errno::Inval),
-            Error::Connect { .. }
-            | Error::Resolve { .. }
-            | Error::Spawn { .. }
-            | Error::Io(_)
-            | Error::TimedOut => None,
+            Error::TimedOut => Some(Errno::TimedOut),
+            Error::Connect { .. } | Error::Resolve { .. } | Error::Spawn { .. } | Error::Io(_) => {
+                None
+            }
         }
     }
 
@@ -108,12 +111,20 @@ impl Error {
 
 impl From<Error> for io::Error {
     /// For callers that speak `std::io` (`Read`/`Write` over an export): the
-    /// kind follows the errno, and the error itself rides along.
+    /// kind follows the errno (a command lost with a connection that timed
+    /// out is `TimedOut`), and the error itself rides along.
     fn from(e: Error) -> Self {
         use io::ErrorKind;
         match e {
             Error::Io(io) => io,
             Error::TimedOut => io::Error::new(ErrorKind::TimedOut, e),
+            // A command cut short by a connection that timed out (a stall or
+            // handshake deadline) timed out too, as far as `std::io` can say.
+            Error::Nbd(nbd_proto::Error::ConnectionLost(ref cause))
+                if cause.errno() == Errno::TimedOut =>
+            {
+                io::Error::new(ErrorKind::TimedOut, e)
+            }
             other => {
                 let kind = match other.errno() {
                     Some(Errno::Inval) => ErrorKind::InvalidInput,
@@ -121,6 +132,7 @@ impl From<Error> for io::Error {
                     Some(Errno::NotSup) => ErrorKind::Unsupported,
                     Some(Errno::NotConn) => ErrorKind::NotConnected,
                     Some(Errno::NoEnt) => ErrorKind::NotFound,
+                    Some(Errno::TimedOut) => ErrorKind::TimedOut,
                     _ => other.os_error().map_or(ErrorKind::Other, io::Error::kind),
                 };
                 io::Error::new(kind, other)

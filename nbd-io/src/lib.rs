@@ -10,7 +10,8 @@
 //!   by systemd-style socket activation (libnbd's
 //!   `connect_systemd_socket_activation`);
 //! - [`connect`]: reach a target, with errors that name it; [`Connecting`]:
-//!   the same without blocking, for event-loop adapters;
+//!   the same without blocking, for event-loop adapters; [`connect_within`]:
+//!   a blocking connect bounded by a deadline;
 //! - [`Socket`]: the connected stream, whatever reached it, including a
 //!   socket the caller already holds ([`Socket::from_fd`], libnbd's
 //!   `connect_socket`); it owns any server process it started and stops it
@@ -20,6 +21,9 @@
 //!   `set_uri_allow_local_file`), with every query parameter of the URI
 //!   specification recognised and any other diagnosed;
 //! - [`pump`]: the byte pump between a socket and an `nbd_proto::Connection`;
+//! - automatic reconnect, opt-in: a [`ReconnectPolicy`], the check that a
+//!   new connection reaches the same export ([`ExportIdentity`]), and the
+//!   [`Journal`] of unfinished commands that an adapter sends again;
 //! - [`tls`]: the TLS backends (X.509 with rustls, PSK with OpenSSL) behind
 //!   the core's session seam, and [`tls::connection_for`], the connection an
 //!   endpoint asks for;
@@ -50,18 +54,22 @@
 //! ```
 
 mod connect;
+mod connect_within;
 mod error;
 mod nonblocking;
 mod policy;
 pub mod pump;
+mod reconnect;
 mod server;
 mod socket;
 mod target;
 pub mod tls;
 
 pub use connect::connect;
+pub use connect_within::connect_within;
 pub use error::{Error, Result};
 pub use nonblocking::{Connecting, Progress};
 pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
+pub use reconnect::{ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request};
 pub use socket::Socket;
 pub use target::Target;

@@ -2,8 +2,14 @@
 //! and prints a checksum of its contents.
 //!
 //! usage: read_export URI [IN_FLIGHT] [REQ_SIZE]
+//!
+//! Time: the connection's deadlines (10 s for connect and handshake, 30 s of
+//! silence from the server while reads are in flight) are kept by the core;
+//! the loop only sleeps in `Poll::poll` until `Client::poll_timeout` at most
+//! and calls `Client::handle_timeout` after every wake-up, which returns the
+//! error once a deadline has ended the connection.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mio::{Events, Poll, Token};
@@ -24,16 +30,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(16);
-    let mut client = Client::connect_uri(uri, Config::default(), poll.registry(), Token(7))?;
+    let config = Config::default()
+        .handshake_timeout(Some(Duration::from_secs(10)))
+        .stall_timeout(Some(Duration::from_secs(30)));
+    let mut client = Client::connect_uri(uri, config, poll.registry(), Token(7))?;
     while !client.connection().is_ready() {
-        poll.poll(&mut events, Some(Duration::from_secs(10)))?;
-        if events.is_empty() {
-            return Err("no answer from the server for 10 s during the handshake".into());
-        }
+        // Never past the handshake's deadline.
+        poll.poll(&mut events, client.poll_timeout())?;
         for e in events.iter() {
             // Returns the connection's error if the handshake failed.
             client.handle_event(e)?;
         }
+        // Returns the core's TimedOut error once the 10 s have passed.
+        client.handle_timeout(Instant::now())?;
         if client.is_closed() {
             return Err("the connection closed before it was ready".into());
         }
@@ -63,13 +72,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Everything was read, and nothing is left to wait for.
             break;
         }
-        poll.poll(&mut events, None)?;
+        // Wakes for readiness, or for the stall deadline.
+        poll.poll(&mut events, client.poll_timeout())?;
         for e in events.iter() {
             if e.token() == client.token() {
                 // Returns the connection's error if it ended.
                 client.handle_event(e)?;
             }
         }
+        // A server silent for 30 s with reads in flight ends here, with its error.
+        client.handle_timeout(Instant::now())?;
     }
     let total = sums.values().fold(0u64, |a, s| a ^ s);
     println!(

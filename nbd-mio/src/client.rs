@@ -3,12 +3,18 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nbd_io::{pump, Connecting, Endpoint, Error, Progress, Result, Socket, Target, UriPolicy};
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
+use nbd_io::{
+    pump, Connecting, Endpoint, Error, Progress, Reconnected, Request, Result, Socket, Target,
+    UriPolicy,
+};
+use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event, ReadChunk};
+
+use crate::reconnect::Reconnect;
 
 /// An NBD connection registered with a caller's mio [`Registry`].
 ///
@@ -33,6 +39,16 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// The socket is deregistered when the connection ends, so no further events
 /// come: a loop must stop waiting once `is_closed` is true.
 ///
+/// Time: the core's deadlines ([`Config::handshake_timeout`],
+/// [`Config::command_timeout`], [`Config::stall_timeout`]) need the loop's
+/// help, since mio only wakes for readiness. Pass
+/// [`poll_timeout`](Self::poll_timeout) to `Poll::poll` as its timeout, and
+/// call [`handle_timeout`](Self::handle_timeout) after every wake-up (with or
+/// without events): a command past its deadline then completes with
+/// `ETIMEDOUT`, and a stalled server or slow handshake ends the connection
+/// with the core's `TimedOut` error. Every driving call also passes the time
+/// in, so `poll_timeout` is up to date after it.
+///
 /// ```no_run
 /// use bytes::BytesMut;
 /// use mio::{Events, Poll, Token};
@@ -43,19 +59,23 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// let mut client = Client::connect_uri("nbd+unix:///?socket=/tmp/nbd.sock", Config::default(), poll.registry(), Token(0))?;
 /// let mut events = Events::with_capacity(16);
 /// while !client.connection().is_ready() {
-///     poll.poll(&mut events, None)?;
+///     // Sleep until readiness or the connection's next deadline.
+///     poll.poll(&mut events, client.poll_timeout())?;
 ///     for e in events.iter() {
 ///         // A refused handshake (no such export, ...) is returned here.
 ///         client.handle_event(e)?;
 ///     }
+///     // A deadline that passed (with `handshake_timeout` set) is returned here.
+///     client.handle_timeout(std::time::Instant::now())?;
 /// }
 /// let cookie = client.aio_pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())?;
 /// client.send()?;
 /// loop {
-///     poll.poll(&mut events, None)?;
+///     poll.poll(&mut events, client.poll_timeout())?;
 ///     for e in events.iter() {
 ///         client.handle_event(e)?;
 ///     }
+///     client.handle_timeout(std::time::Instant::now())?;
 ///     if let Some(done) = client.next_completion() {
 ///         assert_eq!(done.cookie, cookie);
 ///         done.result?;
@@ -65,28 +85,35 @@ use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Client {
-    conn: Connection,
-    link: Link,
-    token: Token,
+    pub(crate) conn: Connection,
+    pub(crate) link: Link,
+    pub(crate) token: Token,
     /// Registered with this registry (cloned handle), to register the
     /// socket of each new connect attempt and to deregister at the end.
-    registry: Registry,
+    pub(crate) registry: Registry,
     /// The last write would have blocked: wait for a writable event.
-    write_blocked: bool,
-    completions: VecDeque<Completion>,
+    pub(crate) write_blocked: bool,
+    pub(crate) completions: VecDeque<Completion>,
     events: VecDeque<Event>,
-    closed: bool,
+    pub(crate) closed: bool,
+    /// The target and settings connected with: what a reconnect needs
+    /// (`None` when the client was not made from a target).
+    pub(crate) origin: Option<(Target, Config)>,
+    /// Automatic reconnect, when turned on (`set_reconnect`).
+    pub(crate) reconnect: Option<Box<Reconnect>>,
+    /// Reconnects not yet taken by `take_reconnects`.
+    pub(crate) reconnects: VecDeque<Reconnected>,
 }
 
 /// The socket under the connection: still connecting, or connected.
-enum Link {
+pub(crate) enum Link {
     Connecting(Connecting),
     Open(Socket),
 }
 
 impl Link {
     /// The descriptor registered with the caller's registry.
-    fn fd(&self) -> Option<RawFd> {
+    pub(crate) fn fd(&self) -> Option<RawFd> {
         match self {
             Link::Connecting(c) => c.socket().map(AsRawFd::as_raw_fd),
             Link::Open(s) => Some(s.as_raw_fd()),
@@ -111,7 +138,10 @@ impl Client {
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::connect_with(Connecting::start(target)?, config, registry, token)
+        let origin = (target.clone(), config.clone());
+        let mut client = Self::connect_with(Connecting::start(target)?, config, registry, token)?;
+        client.origin = Some(origin);
+        Ok(client)
     }
 
     /// Registers a connect the caller started (for example with
@@ -160,19 +190,25 @@ impl Client {
     /// caller's): its target, with its export name replacing
     /// `config.export_name`. An `nbds` endpoint requires TLS, set up from its
     /// `tls-*` parameters (see [`nbd_io::tls`]); the files they name are read
-    /// before connecting.
+    /// before connecting. A TLS endpoint cannot reconnect yet
+    /// ([`Client::set_reconnect`] needs the TLS settings kept with the
+    /// target, which it does not keep).
     pub fn connect_endpoint(
         endpoint: &Endpoint,
-        config: Config,
+        mut config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
+        if endpoint.tls.is_none() {
+            config.export_name = endpoint.export_name.clone();
+            return Self::connect(&endpoint.target, config, registry, token);
+        }
         let conn = nbd_io::tls::connection_for(endpoint, config)?;
         let connecting = Connecting::start(&endpoint.target)?;
         Self::start(Link::Connecting(connecting), conn, registry, token)
     }
 
-    fn start(link: Link, conn: Connection, registry: &Registry, token: Token) -> Result<Self> {
+    fn start(link: Link, mut conn: Connection, registry: &Registry, token: Token) -> Result<Self> {
         let fd = link.fd().ok_or_else(|| {
             nbd_proto::Error::InvalidArgument(
                 "the connect is over: its socket was already handed out".into(),
@@ -184,6 +220,8 @@ impl Client {
             token,
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        // The handshake's clock (if it has one) runs from the connect on.
+        conn.handle_timeout(Instant::now());
         Ok(Client {
             conn,
             link,
@@ -193,6 +231,9 @@ impl Client {
             completions: VecDeque::new(),
             events: VecDeque::new(),
             closed: false,
+            origin: None,
+            reconnect: None,
+            reconnects: VecDeque::new(),
         })
     }
 
@@ -248,8 +289,46 @@ impl Client {
         } else {
             self.drive_inner()
         };
+        let now = Instant::now();
+        self.conn.handle_timeout(now);
         self.collect_events();
+        self.step_reconnect(now);
         self.end_result(result)
+    }
+
+    // ------------------------------------------------------------ time
+
+    /// When the connection next needs [`handle_timeout`](Self::handle_timeout)
+    /// (`Connection::poll_timeout`): `None` when nothing is timed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let core = self.conn.poll_timeout();
+        match self.reconnect.as_ref().and_then(|r| r.wake_at()) {
+            Some(at) => Some(core.map_or(at, |t| t.min(at))),
+            None => core,
+        }
+    }
+
+    /// The timeout to pass to `Poll::poll`: how long from now until
+    /// [`next_deadline`](Self::next_deadline) (zero if it is due), `None`
+    /// when nothing is timed. With several connections on one `Poll`, pass
+    /// the shortest.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.next_deadline()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Passes the time in (`Connection::handle_timeout`): starts the
+    /// deadlines waiting for it and carries out those that passed at `now`.
+    /// Call it after every wake-up of the loop. A command whose deadline
+    /// passed completes with `ETIMEDOUT` (see
+    /// [`next_completion`](Self::next_completion)); a passed stall or
+    /// handshake deadline ends the connection and its error is returned, as
+    /// from [`drive`](Self::drive).
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
+        self.conn.handle_timeout(now);
+        self.collect_events();
+        self.step_reconnect(now);
+        self.end_result(Ok(()))
     }
 
     fn drive_inner(&mut self) -> Result<()> {
@@ -317,6 +396,15 @@ impl Client {
     /// The result of a driving call: its own error, else the connection's
     /// sticky error if it is dead.
     fn end_result(&self, result: Result<()>) -> Result<()> {
+        if let Some(r) = &self.reconnect {
+            if let Some(failure) = &r.failure {
+                return Err(failure.clone().into());
+            }
+            if r.keeps_lost(&self.conn) {
+                // Lost, and a reconnect is under way: not the end.
+                return Ok(());
+            }
+        }
         result?;
         match self.conn.error() {
             Some(e) => Err(e.clone().into()),
@@ -335,12 +423,15 @@ impl Client {
                 other => other.map(drop),
             }
         };
+        let now = Instant::now();
+        self.conn.handle_timeout(now);
         self.collect_events();
+        self.step_reconnect(now);
         self.end_result(result)
     }
 
     /// Writes until done or the socket would block; whether anything moved.
-    fn write_some(&mut self) -> Result<bool> {
+    pub(crate) fn write_some(&mut self) -> Result<bool> {
         let Link::Open(socket) = &mut self.link else {
             return Ok(false);
         };
@@ -353,7 +444,7 @@ impl Client {
     }
 
     /// Stops watching the socket and shuts it down.
-    fn release_socket(&mut self) -> io::Result<()> {
+    pub(crate) fn release_socket(&mut self) -> io::Result<()> {
         let deregistered = match self.link.fd() {
             Some(fd) => self.registry.deregister(&mut SourceFd(&fd)),
             None => Ok(()),
@@ -367,11 +458,37 @@ impl Client {
     fn collect_events(&mut self) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Completed(c) => self.completions.push_back(c),
+                Event::Completed(c) => {
+                    if let Some(c) = self.caller_completion(c) {
+                        self.completions.push_back(c);
+                    }
+                }
+                Event::Closed { .. }
+                    if self
+                        .reconnect
+                        .as_ref()
+                        .is_some_and(|r| r.keeps_lost(&self.conn)) =>
+                {
+                    // Lost, and about to reconnect: only the socket is over.
+                    let _ = self.release_socket();
+                }
                 Event::Closed { .. } => {
                     self.closed = true;
                     let _ = self.release_socket();
                     self.events.push_back(event);
+                }
+                Event::ReadChunk(mut chunk) => {
+                    match &mut chunk {
+                        ReadChunk::Data { cookie, .. }
+                        | ReadChunk::Hole { cookie, .. }
+                        | ReadChunk::Error { cookie, .. } => *cookie = self.caller_cookie(*cookie),
+                        _ => {}
+                    }
+                    self.events.push_back(Event::ReadChunk(chunk));
+                }
+                Event::BlockStatus(mut status) => {
+                    status.cookie = self.caller_cookie(status.cookie);
+                    self.events.push_back(Event::BlockStatus(status));
                 }
                 other => self.events.push_back(other),
             }
@@ -393,7 +510,14 @@ impl Client {
 
     /// Queues a read into `buf`; call [`send`](Self::send) to send.
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pread(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: false,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Queues a read that also reports each chunk as an `Event::ReadChunk`.
@@ -403,39 +527,71 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Cookie> {
-        Ok(self.conn.pread_structured(buf, offset, flags)?)
+        let len = buf.len();
+        let read = Request::Read {
+            len,
+            offset,
+            flags,
+            structured: true,
+        };
+        self.issue(read, Some(buf))
     }
 
     /// Queues a write; the payload is sent without copying.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.pwrite(data, offset, flags)?)
+        let write = Request::Write {
+            data,
+            offset,
+            flags,
+        };
+        self.issue(write, None)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
     pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.flush(flags)?)
+        self.issue(Request::Flush { flags }, None)
     }
 
     /// Queues a trim.
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.trim(count, offset, flags)?)
+        let request = Request::Trim {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a cache (prefetch).
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.cache(count, offset, flags)?)
+        let request = Request::Cache {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a block status query over every negotiated meta context; each
     /// context's extents arrive as an `Event::BlockStatus` from
     /// [`next_event`](Self::next_event) before the completion.
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.block_status(count, offset, flags)?)
+        let request = Request::BlockStatus {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a write of zeroes.
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<Cookie> {
-        Ok(self.conn.zero(count, offset, flags)?)
+        let request = Request::Zero {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Asks the server to end the connection (libnbd's `aio_disconnect`).
@@ -452,7 +608,10 @@ impl Client {
 
     /// Commands issued and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.conn.in_flight()
+        match &self.reconnect {
+            Some(r) => r.journal.len(),
+            None => self.conn.in_flight(),
+        }
     }
 
     // ------------------------------------------------------------ opt mode
@@ -505,7 +664,7 @@ impl Client {
         } else {
             self.release_socket()
         };
-        let abandoned = self.conn.in_flight();
+        let abandoned = self.in_flight();
         let mut failures = self
             .completions
             .iter()

@@ -12,15 +12,22 @@
 //! with the caller's buffer. Many connections share one `Poll`, and
 //! [`MultiConn`] spreads commands over several connections to a multi-conn export.
 //!
-//! See `examples/read_export.rs` for a complete loop and
+//! Deadlines (handshake, per command, stall) are the core's: the loop passes
+//! [`Client::poll_timeout`] to `Poll::poll` and calls
+//! [`Client::handle_timeout`] after each wake-up, so a timed-out command
+//! completes with `ETIMEDOUT` and a stalled connection ends, without the loop
+//! keeping clocks of its own.
+//!
+//! See `examples/read_export.rs` for a complete loop (with deadlines) and
 //! `examples/side_by_side.rs` for NBD beside a TCP listener and a timer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod client;
 mod multi;
+mod reconnect;
 
 pub use client::Client;
 pub use multi::{MultiCompletion, MultiConn, MultiCookie};
-pub use nbd_io::{self, Error, Result};
+pub use nbd_io::{self, Error, ReconnectPolicy, Reconnected, Result};
 pub use nbd_proto;

@@ -186,6 +186,26 @@ impl MultiConn {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// The timeout to pass to `Poll::poll`: the soonest of every
+    /// connection's [`Client::poll_timeout`]; `None` when nothing is timed.
+    pub fn poll_timeout(&self) -> Option<std::time::Duration> {
+        self.clients.iter().filter_map(Client::poll_timeout).min()
+    }
+
+    /// Passes the time in to every connection ([`Client::handle_timeout`]);
+    /// call it after every wake-up of the loop. Every connection gets its
+    /// turn; the first error is returned.
+    pub fn handle_timeout(&mut self, now: std::time::Instant) -> Result<()> {
+        let mut first_error = None;
+        for c in &mut self.clients {
+            if let Err(e) = c.handle_timeout(now) {
+                first_error.get_or_insert(e);
+            }
+        }
+        self.collect_all();
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Takes the completions of every connection: a connection that failed
     /// while sending gets no more events, but its commands completed all the same.
     fn collect_all(&mut self) {

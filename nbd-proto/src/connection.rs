@@ -988,6 +988,21 @@ impl Connection {
         self.core.config.command_timeout = timeout;
     }
 
+    /// The stall timeout in force ([`Config::stall_timeout`]).
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        self.core.config.stall_timeout
+    }
+
+    /// Changes [`Config::stall_timeout`]; allowed at any time. With commands
+    /// in flight the stall clock starts over from the next `handle_timeout`,
+    /// so a longer (or no) limit never ends a connection by the old one.
+    pub fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
+        self.core.config.stall_timeout = timeout;
+        if let State::Ready(tx) = &mut self.state {
+            tx.restart_stall(&self.core);
+        }
+    }
+
     /// Changes whether `opt_info` / `opt_go` ask for name and description.
     pub fn set_full_info(&mut self, full: bool) {
         self.core.config.full_info = full;

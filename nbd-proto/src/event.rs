@@ -85,8 +85,8 @@ pub struct BlockStatus {
 
 /// A finished command.
 ///
-/// Only the connection makes these; more fields may be added, so build
-/// patterns with `..`.
+/// The connection makes these (layers above it may, with
+/// [`Completion::new`]); more fields may be added, so build patterns with `..`.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Completion {
@@ -96,6 +96,19 @@ pub struct Completion {
     pub result: Result<(), Error>,
     /// The caller's read buffer, handed back; `None` for other commands.
     pub buffer: Option<BytesMut>,
+}
+
+impl Completion {
+    /// A completion made outside the connection, for layers above it that
+    /// complete commands themselves (such as a reconnect journal that gives
+    /// up on commands it kept back from a dead connection).
+    pub fn new(cookie: Cookie, result: Result<(), Error>, buffer: Option<BytesMut>) -> Self {
+        Completion {
+            cookie,
+            result,
+            buffer,
+        }
+    }
 }
 
 /// One chunk of a structured read reply, as libnbd's `pread_structured` callback sees it.

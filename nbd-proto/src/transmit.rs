@@ -207,6 +207,12 @@ impl Transmission {
         }
     }
 
+    /// The stall timeout changed: its clock starts over with the new length
+    /// (or stops, when there is none).
+    pub(crate) fn restart_stall(&mut self, core: &Core) {
+        self.stall = Deadline::arm(core.config.stall_timeout);
+    }
+
     /// When the caller must next pass the time in; `None` when nothing is
     /// timed. O(1) while no command in flight has a deadline; otherwise one
     /// pass over the commands in flight.

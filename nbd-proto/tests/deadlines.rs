@@ -370,6 +370,31 @@ fn stall_deadline_restarts_with_the_first_command_after_idle() {
     assert_dead(&conn, &events, Errno::TimedOut);
 }
 
+#[test]
+fn set_stall_timeout_restarts_the_clock_with_the_new_length_or_stops_it() {
+    let t0 = Instant::now();
+    let mut conn = timed(Export::default(), None, Some(secs(3)), t0);
+    let a = conn.flush(CmdFlags::empty()).unwrap();
+    conn.handle_timeout(t0);
+    assert_eq!(conn.poll_timeout(), Some(t0 + secs(3)));
+    // Longer: counted afresh from the next time passed in, not from t0.
+    conn.set_stall_timeout(Some(secs(10)));
+    assert_eq!(conn.stall_timeout(), Some(secs(10)));
+    conn.handle_timeout(t0 + secs(2));
+    assert_eq!(conn.poll_timeout(), Some(t0 + secs(12)));
+    conn.handle_timeout(t0 + secs(5));
+    assert!(conn.is_ready(), "the old 3 s limit no longer applies");
+    // Off: nothing is timed and nothing fires, however long.
+    conn.set_stall_timeout(None);
+    conn.handle_timeout(t0 + secs(1000));
+    assert_eq!(conn.poll_timeout(), None);
+    assert!(conn.is_ready());
+    assert!(drain(&mut conn).is_empty());
+    let mut s = Script::new();
+    feed(&mut conn, &s.none(a).take());
+    assert_eq!(one_completion(&mut conn).result, Ok(()));
+}
+
 // ---------------------------------------------------------------- poll_timeout
 
 #[test]

@@ -2,7 +2,8 @@
 //!
 //! - `poll` with nothing in flight and nothing to send returns at once;
 //! - a refused handshake reaches the documented nbd-mio loop as an error;
-//! - the timeout of `set_timeout` bounds `poll` and `poll_many` too;
+//! - the stall timeout of `set_timeout` bounds `poll` and `poll_many` too:
+//!   it ends the connection and the read completes once, with the cause;
 //! - a graceful shutdown waits for every write in flight, and reports the
 //!   ones that failed; `Ok` means the data is on the server.
 //!
@@ -207,8 +208,9 @@ fn stalling_server() -> ServerHandle {
         .start()
 }
 
-/// An aio loop polling with a short timeout gets `TimedOut` once the server
-/// has made no progress for the time of `set_timeout`, instead of spinning.
+/// An aio loop polling with a short timeout gets `ETIMEDOUT` once the server
+/// has made no progress for the time of `set_timeout`, instead of spinning;
+/// the stalled connection is over and its read completed once.
 #[test]
 fn blocking_poll_honours_set_timeout() {
     let server = stalling_server();
@@ -219,14 +221,15 @@ fn blocking_poll_honours_set_timeout() {
         client
             .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
             .unwrap();
-        loop {
+        let err = loop {
             if let Err(e) = client.poll(Some(Duration::from_millis(20))) {
-                assert_eq!(client.in_flight(), 1, "the read stays in flight");
                 break e;
             }
-        }
+        };
+        assert_stalled_read_completed_once(&mut client);
+        err
     });
-    assert!(matches!(err, nbd_blocking::Error::TimedOut), "{err:?}");
+    assert_eq!(err.errno(), Some(Errno::TimedOut), "{err:?}");
 }
 
 /// The same with `poll(None)`: the timeout is the only limit.
@@ -240,13 +243,15 @@ fn blocking_poll_none_honours_set_timeout() {
         client
             .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
             .unwrap();
-        loop {
+        let err = loop {
             if let Err(e) = client.poll(None) {
                 break e;
             }
-        }
+        };
+        assert_stalled_read_completed_once(&mut client);
+        err
     });
-    assert!(matches!(err, nbd_blocking::Error::TimedOut), "{err:?}");
+    assert_eq!(err.errno(), Some(Errno::TimedOut), "{err:?}");
 }
 
 /// `poll_many` over a stalled client and an idle one: `TimedOut` from the
@@ -270,7 +275,20 @@ fn blocking_poll_many_honours_set_timeout() {
             }
         }
     });
-    assert!(matches!(err, nbd_blocking::Error::TimedOut), "{err:?}");
+    assert_eq!(err.errno(), Some(Errno::TimedOut), "{err:?}");
+}
+
+/// After a stall ended the connection: nothing is in flight, and the one
+/// read completed exactly once, failed by the stall.
+fn assert_stalled_read_completed_once(client: &mut Client) {
+    assert_eq!(client.in_flight(), 0, "the stall ended the read");
+    let done = client.next_completion().expect("the read completed");
+    let cause = done.result.expect_err("a stalled read cannot succeed");
+    assert!(
+        matches!(&cause, nbd_proto::Error::ConnectionLost(c) if c.errno() == Errno::TimedOut),
+        "{cause:?}"
+    );
+    assert!(client.next_completion().is_none(), "completed only once");
 }
 
 // ------------------------------------------------------------------ 6: graceful shutdown

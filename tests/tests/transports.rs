@@ -136,10 +136,18 @@ fn activate_on(listener: &UnixListener, argv: &[&str]) -> std::process::Child {
         .args(argv)
         .env("LISTEN_FDS", "1")
         .stdin(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; `fd` stays open across the fork.
+    // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open across
+    // the fork.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // When the listener already is fd 3, dup2 does nothing and leaves
+            // close-on-exec set: clear it instead, or the server gets no socket.
+            let done = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if done < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -1,0 +1,211 @@
+//! Opt-in automatic reconnect for [`Client`]: connecting again after a lost
+//! connection and sending the unfinished commands again, with the
+//! connection layer's [`Journal`].
+
+use bytes::BytesMut;
+use nbd_io::{
+    Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result, Target,
+};
+use nbd_proto::{Completion, Config, Cookie};
+
+use crate::client::Client;
+
+/// What a client that reconnects keeps: where and how it connected, the
+/// export it must find again, and its journal.
+pub(crate) struct Reconnect {
+    policy: ReconnectPolicy,
+    target: Target,
+    config: Config,
+    identity: ExportIdentity,
+    pub(crate) journal: Journal,
+    /// The last reconnect failed: the connection stays dead.
+    gave_up: bool,
+}
+
+impl Reconnect {
+    /// Whether the commands cut short by the death of `conn` are kept to
+    /// send again (rather than completed with the loss).
+    pub(crate) fn keeps_lost(&self, conn: &nbd_proto::Connection) -> bool {
+        !self.gave_up && conn.error().is_some_and(|e| self.policy.counts(e))
+    }
+}
+
+impl Client {
+    /// Turns automatic reconnect on (`Some`) or off (`None`).
+    ///
+    /// With a policy, a connection lost to a failure the policy counts (the
+    /// server hung up, the socket was reset, the stall deadline) no longer
+    /// fails the commands in flight: the next wait connects again to the same
+    /// target with the same settings (waiting [`ReconnectPolicy::delay`]
+    /// before each attempt), checks that it reaches the same export (same
+    /// size, no flag weaker, the same meta contexts; otherwise the reconnect
+    /// is refused), and sends every command that had not completed again, in
+    /// the order it was first submitted. A command that completed is never sent again, and a flush
+    /// or FUA write sent again waits for the writes before it (see
+    /// [`nbd_io::Journal`]). Each reconnect is reported by
+    /// [`Client::take_reconnects`]. When every attempt fails, each pending
+    /// command completes once with `ConnectionLost` and the cause, and the
+    /// wait returns an error; the client does not try again.
+    ///
+    /// The reconnect runs inside the wait that finds the connection lost (a
+    /// blocking call, [`Client::poll`], [`Client::poll_many`] or
+    /// [`Client::shutdown`]), sleeping between attempts: such a wait can take
+    /// longer than a `poll` timeout, by up to the policy's delays plus each
+    /// attempt's connect and handshake (bounded by `Config::handshake_timeout`).
+    ///
+    /// Cookies returned while reconnect is on are the journal's: they stay
+    /// valid across connections. Chunks of a structured read cut short may
+    /// be reported twice, once per connection.
+    ///
+    /// Errors (`EINVAL`): the client was made from a socket
+    /// ([`Client::connect_socket`]) and so knows no target to connect to
+    /// again; it is not in transmission; it is in opt mode; or commands are
+    /// in flight.
+    pub fn set_reconnect(&mut self, policy: Option<ReconnectPolicy>) -> Result<()> {
+        let invalid = |why: &str| -> Error {
+            nbd_proto::Error::InvalidArgument(format!("cannot set reconnect: {why}")).into()
+        };
+        if self.in_flight() > 0 {
+            return Err(invalid("commands are in flight"));
+        }
+        let Some(policy) = policy else {
+            self.reconnect = None;
+            return Ok(());
+        };
+        let Some((target, config)) = &self.origin else {
+            return Err(invalid("the client was made from a socket, not a target"));
+        };
+        if !self.conn.is_ready() {
+            return Err(invalid("the connection is not in transmission"));
+        }
+        let mut config = config.clone();
+        config.opt_mode = false;
+        config.export_name = self.conn.export_name().to_string();
+        self.reconnect = Some(Box::new(Reconnect {
+            policy,
+            target: target.clone(),
+            config,
+            identity: ExportIdentity::of(&self.conn)?,
+            journal: Journal::new(),
+            gave_up: false,
+        }));
+        Ok(())
+    }
+
+    /// The reconnects that happened since the last call, oldest first: why
+    /// each connection was lost, which attempt succeeded, and how many
+    /// commands went out again.
+    pub fn take_reconnects(&mut self) -> Vec<Reconnected> {
+        self.reconnects.drain(..).collect()
+    }
+
+    /// Issues `request` (a read into `buffer`): through the journal when
+    /// reconnect is on.
+    pub(crate) fn issue(&mut self, request: Request, buffer: Option<BytesMut>) -> Result<Cookie> {
+        Ok(match &mut self.reconnect {
+            // A connection lost and about to be replaced takes the command
+            // into the journal, to go out after the reconnect.
+            Some(r) if !self.conn.is_dead() || r.keeps_lost(&self.conn) => {
+                r.journal.submit(&mut self.conn, request, buffer)?
+            }
+            _ => request.issue(&mut self.conn, buffer)?,
+        })
+    }
+
+    /// A completion of the connection, as the caller sees it (under its
+    /// journal cookie), or `None` when the journal keeps it to send again.
+    pub(crate) fn caller_completion(&mut self, done: Completion) -> Option<Completion> {
+        match &mut self.reconnect {
+            Some(r) => {
+                let keep = r.keeps_lost(&self.conn);
+                r.journal.complete(done, keep)
+            }
+            None => Some(done),
+        }
+    }
+
+    /// The caller's cookie for a cookie of the connection.
+    pub(crate) fn caller_cookie(&self, wire: Cookie) -> Cookie {
+        self.reconnect
+            .as_ref()
+            .and_then(|r| r.journal.caller_cookie(wire))
+            .unwrap_or(wire)
+    }
+
+    /// Sends commands the journal holds back (behind a resent flush) once
+    /// the writes before them completed.
+    pub(crate) fn send_held(&mut self) {
+        let Some(r) = &mut self.reconnect else {
+            return;
+        };
+        if r.journal.held() == 0 || !self.conn.is_ready() {
+            return;
+        }
+        let (_, refused) = r.journal.send_held(&mut self.conn);
+        self.completed.extend(refused);
+    }
+
+    /// If the connection died of a failure the policy counts, connects
+    /// again and sends the unfinished commands again; otherwise nothing.
+    /// An error when every attempt failed (or the export changed): the
+    /// pending commands have then completed with the cause.
+    pub(crate) fn recover(&mut self) -> Result<()> {
+        let Some(r) = &self.reconnect else {
+            return Ok(());
+        };
+        let Some(cause) = self.conn.error().cloned() else {
+            return Ok(());
+        };
+        if !r.keeps_lost(&self.conn) {
+            return Ok(());
+        }
+        let mut r = self.reconnect.take().expect("checked above");
+        let result = self.reconnect_with(&mut r, &cause);
+        if result.is_err() {
+            r.gave_up = true;
+            self.completed.extend(r.journal.give_up(&cause));
+        }
+        self.reconnect = Some(r);
+        result
+    }
+
+    fn reconnect_with(&mut self, r: &mut Reconnect, cause: &nbd_proto::Error) -> Result<()> {
+        // Timeouts changed since connecting (set_timeout, ...) carry over.
+        r.config.stall_timeout = self.conn.stall_timeout();
+        r.config.command_timeout = self.conn.command_timeout();
+        let mut last = None;
+        for attempt in 1..=r.policy.attempts {
+            std::thread::sleep(r.policy.delay(attempt));
+            let mut fresh = match Client::connect(&r.target, r.config.clone()) {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            if let Err(why) = r.identity.check(&fresh.conn) {
+                return Err(nbd_proto::Error::NotConnected(format!(
+                    "connection lost ({cause}); reconnected to {}, but {why}: not sending the pending commands there",
+                    r.target
+                ))
+                .into());
+            }
+            // The fresh client takes the dead connection and socket away.
+            std::mem::swap(&mut self.conn, &mut fresh.conn);
+            std::mem::swap(&mut self.socket, &mut fresh.socket);
+            self.closed = false;
+            let resent = r.journal.held();
+            let (_, refused) = r.journal.resend(&mut self.conn);
+            self.completed.extend(refused);
+            self.reconnects
+                .push_back(Reconnected::new(cause.clone(), attempt, resent));
+            return Ok(());
+        }
+        let last = last.map_or_else(|| "no attempt allowed".to_string(), |e| e.to_string());
+        Err(nbd_proto::Error::NotConnected(format!(
+            "connection lost ({cause}); {} reconnect attempt(s) failed, the last: {last}",
+            r.policy.attempts
+        ))
+        .into())
+    }
+}
