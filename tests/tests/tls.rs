@@ -15,6 +15,7 @@ use std::process::{Command, Output};
 
 use nbd_blocking::{Client, Error};
 use nbd_proto::{CmdFlags, Config};
+use nbd_tests::libnbd_1_14::as_nbdinfo_1_14;
 use nbd_tests::testkit::{pattern_bytes, run_nbd};
 use nbd_tests::{require_tool, NbdkitBuilder, QemuNbdBuilder, ServerHandle};
 use rcgen::{
@@ -248,7 +249,9 @@ fn nbdinfo_json(uri: &str) -> Value {
 /// `nbd info --json` equals nbdinfo's, apart from the fields `nbd info`
 /// leaves out ("content", and "contexts" where it prints none).
 fn assert_info_matches_nbdinfo(uri: &str) {
-    let ours: Value = serde_json::from_slice(&nbd_ok(&["info", "--json", uri])).unwrap();
+    // Less what the installed nbdinfo (libnbd 1.14) is too old to print.
+    let ours = as_nbdinfo_1_14(&text(&nbd_ok(&["info", "--json", uri])));
+    let ours: Value = serde_json::from_str(&ours).unwrap();
     let mut theirs = nbdinfo_json(uri);
     for (i, export) in theirs["exports"]
         .as_array_mut()
@@ -315,7 +318,11 @@ fn nbdkit_x509_over_unix_and_tcp_with_both_adapters_and_nbdinfo() {
             .output()
             .unwrap();
         let first = |s: &str| s.lines().next().unwrap_or_default().to_string();
-        assert_eq!(first(&ours), first(&text(&theirs.stdout)), "{uri}");
+        assert_eq!(
+            first(&as_nbdinfo_1_14(&ours)),
+            first(&text(&theirs.stdout)),
+            "{uri}"
+        );
         assert!(
             ours.starts_with("protocol: newstyle-fixed with TLS"),
             "{ours}"
@@ -366,7 +373,7 @@ fn copy_both_ways_through_tls_is_byte_identical() {
     assert_eq!(fs::read(&back).unwrap(), pattern_bytes(2 * MIB));
     // And nbd dump reads through TLS too.
     let dump = text(&nbd_ok(&["dump", "--length", "32", &src]));
-    assert!(dump.starts_with("0000000000000000 "), "{dump}");
+    assert!(dump.starts_with("0000000000: 00 00"), "{dump}");
 }
 
 #[test]
