@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{pump, Endpoint, Error, Reconnected, Request, Result, Socket, Target, UriPolicy};
+use nbd_io::{
+    pump, Endpoint, Error, Reconnected, Request, Result, Socket, Target, TlsRequest, UriPolicy,
+};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
@@ -77,6 +79,8 @@ pub struct Client {
     /// Where the client connected and with what settings: what a reconnect
     /// needs (`None` for a client made from a socket).
     pub(crate) origin: Option<(Target, Config)>,
+    /// The TLS settings connected with, which a reconnect uses again.
+    pub(crate) origin_tls: Option<TlsRequest>,
     /// Automatic reconnect, when turned on ([`Client::set_reconnect`]).
     pub(crate) reconnect: Option<Box<Reconnect>>,
     /// Reconnects not yet taken by [`Client::take_reconnects`].
@@ -150,6 +154,7 @@ impl Client {
             option_result: None,
             closed: false,
             origin: None,
+            origin_tls: None,
             reconnect: None,
             reconnects: VecDeque::new(),
         };
@@ -207,22 +212,24 @@ impl Client {
     /// `config.export_name`, and, for an `nbds` endpoint, TLS required with
     /// its settings. Files the TLS settings name are read before connecting.
     ///
-    /// A plaintext endpoint is connected as [`Client::connect`] connects its
-    /// target. A TLS one the same way (the handshake timeout covers the
-    /// connect), but it cannot reconnect yet: [`Client::set_reconnect`]
-    /// needs the TLS settings kept with the target, which it does not keep.
+    /// It is connected as [`Client::connect`] connects its target (the
+    /// handshake timeout covers the connect), and a reconnect
+    /// ([`Client::set_reconnect`]) sets up the same TLS again.
     pub fn connect_endpoint(endpoint: &Endpoint, mut config: Config) -> Result<Self> {
+        config.export_name = endpoint.export_name.clone();
         if endpoint.tls.is_none() {
-            config.export_name = endpoint.export_name.clone();
             return Self::connect(&endpoint.target, config);
         }
         let started = Instant::now();
         let deadline = config
             .handshake_timeout
             .and_then(|t| started.checked_add(t));
-        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        let conn = nbd_io::tls::connection_for(endpoint, config.clone())?;
         let socket = nbd_io::connect_within(&endpoint.target, deadline)?;
-        Self::negotiate(socket, conn, started)
+        let mut client = Self::negotiate(socket, conn, started)?;
+        client.origin = Some((endpoint.target.clone(), config));
+        client.origin_tls = endpoint.tls.clone();
+        Ok(client)
     }
 
     /// Sets the stall timeout ([`Config::stall_timeout`], through

@@ -99,6 +99,8 @@ pub struct Client {
     /// The target and settings connected with: what a reconnect needs
     /// (`None` when the client was not made from a target).
     pub(crate) origin: Option<(Target, Config)>,
+    /// The TLS settings connected with, which a reconnect uses again.
+    pub(crate) origin_tls: Option<nbd_io::TlsRequest>,
     /// Automatic reconnect, when turned on (`set_reconnect`).
     pub(crate) reconnect: Option<Box<Reconnect>>,
     /// Reconnects not yet taken by `take_reconnects`.
@@ -190,22 +192,24 @@ impl Client {
     /// caller's): its target, with its export name replacing
     /// `config.export_name`. An `nbds` endpoint requires TLS, set up from its
     /// `tls-*` parameters (see [`nbd_io::tls`]); the files they name are read
-    /// before connecting. A TLS endpoint cannot reconnect yet
-    /// ([`Client::set_reconnect`] needs the TLS settings kept with the
-    /// target, which it does not keep).
+    /// before connecting, and a reconnect ([`Client::set_reconnect`]) sets
+    /// up the same TLS again.
     pub fn connect_endpoint(
         endpoint: &Endpoint,
         mut config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
+        config.export_name = endpoint.export_name.clone();
         if endpoint.tls.is_none() {
-            config.export_name = endpoint.export_name.clone();
             return Self::connect(&endpoint.target, config, registry, token);
         }
-        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        let conn = nbd_io::tls::connection_for(endpoint, config.clone())?;
         let connecting = Connecting::start(&endpoint.target)?;
-        Self::start(Link::Connecting(connecting), conn, registry, token)
+        let mut client = Self::start(Link::Connecting(connecting), conn, registry, token)?;
+        client.origin = Some((endpoint.target.clone(), config));
+        client.origin_tls = endpoint.tls.clone();
+        Ok(client)
     }
 
     fn start(link: Link, mut conn: Connection, registry: &Registry, token: Token) -> Result<Self> {
@@ -232,6 +236,7 @@ impl Client {
             events: VecDeque::new(),
             closed: false,
             origin: None,
+            origin_tls: None,
             reconnect: None,
             reconnects: VecDeque::new(),
         })

@@ -782,3 +782,98 @@ fn opt_starttls_with_the_blocking_adapter() {
     assert_eq!(head, pattern_bytes(4096));
     client.shutdown().unwrap();
 }
+
+// ---------------------------------------------------------------- reconnect
+
+/// nbdkit serving a file over TLS on a fixed socket, killed and started
+/// again by the test.
+struct RestartableTls {
+    socket: PathBuf,
+    file: PathBuf,
+    certificates: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RestartableTls {
+    fn restart(&mut self) {
+        let _ = fs::remove_file(&self.socket);
+        let child = Command::new(require_tool("nbdkit"))
+            .arg("--foreground")
+            .arg("--exit-with-parent")
+            .arg("-U")
+            .arg(&self.socket)
+            .arg("--tls=require")
+            .arg(format!(
+                "--tls-certificates={}",
+                self.certificates.display()
+            ))
+            .arg("file")
+            .arg(format!("file={}", self.file.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nbdkit starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nbdkit did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RestartableTls {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A client of an `nbds` URI that reconnects sets up the same TLS again:
+/// after the server is restarted, its next command goes through a new TLS
+/// session to the same data.
+#[test]
+fn reconnect_sets_up_tls_again() {
+    use std::time::Duration;
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", false);
+    let file = pki.path("disk.img");
+    fs::write(&file, pattern_bytes(MIB)).unwrap();
+    let mut server = RestartableTls {
+        socket: pki.path("nbd.sock"),
+        file,
+        certificates: pki.server_dir(),
+        child: None,
+    };
+    server.restart();
+    let uri = format!(
+        "nbds+unix:///?socket={}&{}",
+        server.socket.display(),
+        certs_param(&client_dir)
+    );
+    let mut client = Client::connect_uri(&uri).unwrap();
+    let mut policy = nbd_blocking::ReconnectPolicy::new(50);
+    policy.first_delay = Duration::from_millis(20);
+    policy.max_delay = Duration::from_millis(200);
+    client.set_reconnect(Some(policy)).unwrap();
+    client.write_all_at(b"before", 0).unwrap();
+    server.kill();
+    server.restart();
+    let mut back = [0u8; 6];
+    client.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"before");
+    assert!(client.connection().tls_negotiated());
+    let reconnects = client.take_reconnects();
+    assert_eq!(reconnects.len(), 1, "{reconnects:?}");
+    client.shutdown().unwrap();
+}
