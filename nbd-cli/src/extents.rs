@@ -38,30 +38,54 @@ pub fn query(
     offset: u64,
     limit: u64,
 ) -> Result<Vec<Run>, Error> {
+    let mut each = query_each(client, &[context], offset, limit)?;
+    Ok(each.pop().unwrap_or_default())
+}
+
+/// The runs of each of `contexts` (all negotiated) from `offset` on, each
+/// list covering at least one byte and at most `limit` bytes, clamped to the
+/// request: one block status query answers them all.
+pub fn query_each(
+    client: &mut Client,
+    contexts: &[&str],
+    offset: u64,
+    limit: u64,
+) -> Result<Vec<Vec<Run>>, Error> {
     let count = limit.min(query_span(client));
-    let reports = client.block_status(count, offset, CmdFlags::empty())?;
-    let report = reports
-        .into_iter()
-        .find(|r| r.context == context)
-        .ok_or_else(|| {
-            nbd_proto::Error::Protocol(format!("block status reply without context {context:?}"))
-        })?;
-    let mut runs = Vec::with_capacity(report.extents.len());
+    let mut reports = client.block_status(count, offset, CmdFlags::empty())?;
     let end = offset + count;
-    let mut at = offset;
-    for e in report.extents {
-        if at >= end {
-            break;
-        }
-        let length = e.length.min(end - at);
-        runs.push(Run {
-            offset: at,
-            length,
-            flags: e.flags,
-        });
-        at += length;
-    }
-    Ok(runs)
+    contexts
+        .iter()
+        .map(|context| {
+            let at = reports
+                .iter()
+                .position(|r| r.context == *context)
+                .ok_or_else(|| {
+                    nbd_proto::Error::Protocol(format!(
+                        "block status reply without context {context:?}"
+                    ))
+                })?;
+            let report = reports.swap_remove(at);
+            let mut runs = Vec::with_capacity(report.extents.len());
+            let mut at = offset;
+            for e in report.extents {
+                if at >= end {
+                    break;
+                }
+                let length = e.length.min(end - at);
+                if length == 0 {
+                    continue;
+                }
+                runs.push(Run {
+                    offset: at,
+                    length,
+                    flags: e.flags,
+                });
+                at += length;
+            }
+            Ok(runs)
+        })
+        .collect()
 }
 
 /// Every run of `context` over the whole export, adjacent runs of one status merged.

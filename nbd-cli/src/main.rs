@@ -3,7 +3,10 @@
 //! ```text
 //! nbd info [--json] [--size|--uri] [-L|--list] [--content|--no-content] [--color|--no-color] URI
 //! nbd info --can|--cannot|--is|--isnt|--has|--hasnt FEATURE URI
-//! nbd copy [--requests N] [--request-size N] [--flush] [--retries N] SRC DST
+//! nbd copy [-C N] [-T N] [-R N] [--request-size N] [--queue-size N] [-S N]
+//!          [--destination-is-zero] [--allocated] [--synchronous] [--flush]
+//!          [--no-extents] [--changed CONTEXT] [-p|--progress[=FD]] [--retries N]
+//!          SRC DST
 //! nbd dump [-o|--offset N] [-n|--length N] [--color|--no-color] URI
 //! (info, copy and dump take --timeout SECONDS; without it they wait as long
 //! as the server takes)

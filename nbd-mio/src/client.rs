@@ -12,7 +12,7 @@ use nbd_io::{
     pump, Connecting, Endpoint, Error, Progress, Reconnected, Request, Result, Socket, Target,
     UriPolicy,
 };
-use nbd_proto::{CmdFlags, Completion, Config, Connection, Cookie, Event, ReadChunk};
+use nbd_proto::{BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Event, ReadChunk};
 
 use crate::reconnect::Reconnect;
 
@@ -587,6 +587,21 @@ impl Client {
             flags,
         };
         self.issue(request, None)
+    }
+
+    /// Takes the block status reports that arrived for `cookie` (one per
+    /// negotiated context) out of the event queue, leaving every other event.
+    pub fn take_block_status(&mut self, cookie: Cookie) -> Vec<BlockStatus> {
+        let mut mine = Vec::new();
+        let mut rest = std::collections::VecDeque::with_capacity(self.events.len());
+        for event in self.events.drain(..) {
+            match event {
+                Event::BlockStatus(status) if status.cookie == cookie => mine.push(status),
+                other => rest.push_back(other),
+            }
+        }
+        self.events = rest;
+        mine
     }
 
     /// Queues a write of zeroes.

@@ -3,13 +3,14 @@
 //! Commands are spread round-robin over the connections. A flush is honoured
 //! across all of them: it waits until every write issued before it (on any
 //! connection) has completed, then sends one `NBD_CMD_FLUSH`, which the server's
-//! multi-conn promise makes cover the writes of every connection.
+//! multi-conn promise makes cover the writes of every connection. Trims and
+//! zeroes count as writes for that; caches and block status queries do not.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use mio::{Registry, Token};
-use nbd_proto::{CmdFlags, Config, Cookie};
+use nbd_proto::{BlockStatus, CmdFlags, Config, Cookie};
 
 use nbd_io::{Error, Result, Target, UriPolicy};
 
@@ -53,6 +54,10 @@ pub struct MultiConn {
     /// (connection, cookie) to the caller's id.
     ids: HashMap<(usize, Cookie), MultiCookie>,
     writes_in_flight: HashSet<MultiCookie>,
+    /// Block status queries in flight.
+    queries_in_flight: HashSet<MultiCookie>,
+    /// Reports of finished block status queries, until taken.
+    statuses: HashMap<MultiCookie, Vec<BlockStatus>>,
     flushes: Vec<PendingFlush>,
     completions: VecDeque<MultiCompletion>,
     /// The caller asked to disconnect: no new commands; each connection is
@@ -126,6 +131,8 @@ impl MultiConn {
             next_id: 1,
             ids: HashMap::new(),
             writes_in_flight: HashSet::new(),
+            queries_in_flight: HashSet::new(),
+            statuses: HashMap::new(),
             flushes: Vec::new(),
             completions: VecDeque::new(),
             disconnecting: false,
@@ -221,6 +228,13 @@ impl MultiConn {
                 continue;
             };
             self.writes_in_flight.remove(&id);
+            if self.queries_in_flight.remove(&id) {
+                let reports = self.clients[i].take_block_status(done.cookie);
+                // Nothing is kept for a query without reports (a failed one).
+                if !reports.is_empty() {
+                    self.statuses.insert(id, reports);
+                }
+            }
             for f in &mut self.flushes {
                 f.waiting_for.remove(&id);
             }
@@ -313,12 +327,63 @@ impl MultiConn {
 
     /// Queues a write on the next connection.
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.issue_write(|c| c.aio_pwrite(data, offset, flags))
+    }
+
+    /// Queues a command that changes data on the next connection, as a write
+    /// for the flushes issued after it.
+    fn issue_write(
+        &mut self,
+        start: impl FnOnce(&mut Client) -> Result<Cookie>,
+    ) -> Result<MultiCookie> {
         self.check_accepting()?;
         let i = self.pick();
-        let cookie = self.clients[i].aio_pwrite(data, offset, flags)?;
+        let cookie = start(&mut self.clients[i])?;
         let id = self.issue(i, cookie);
         self.writes_in_flight.insert(id);
         Ok(id)
+    }
+
+    /// Queues a trim of `count` bytes at `offset` on the next connection.
+    pub fn aio_trim(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.issue_write(|c| c.aio_trim(count, offset, flags))
+    }
+
+    /// Queues a write of `count` zeroes at `offset` on the next connection.
+    pub fn aio_zero(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.issue_write(|c| c.aio_zero(count, offset, flags))
+    }
+
+    /// Queues a cache (prefetch) of `count` bytes at `offset` on the next connection.
+    pub fn aio_cache(&mut self, count: u64, offset: u64, flags: CmdFlags) -> Result<MultiCookie> {
+        self.check_accepting()?;
+        let i = self.pick();
+        let cookie = self.clients[i].aio_cache(count, offset, flags)?;
+        Ok(self.issue(i, cookie))
+    }
+
+    /// Queues a block status query on the next connection (every connection
+    /// negotiated the same contexts). Once it has completed, its reports are
+    /// taken with [`take_block_status`](Self::take_block_status).
+    pub fn aio_block_status(
+        &mut self,
+        count: u64,
+        offset: u64,
+        flags: CmdFlags,
+    ) -> Result<MultiCookie> {
+        self.check_accepting()?;
+        let i = self.pick();
+        let cookie = self.clients[i].aio_block_status(count, offset, flags)?;
+        let id = self.issue(i, cookie);
+        self.queries_in_flight.insert(id);
+        Ok(id)
+    }
+
+    /// Takes the reports (one per context) of the finished block status
+    /// query `id`; empty if it has none, failed, or they were taken already.
+    /// Each report's `cookie` is the one of the connection that carried it.
+    pub fn take_block_status(&mut self, id: MultiCookie) -> Vec<BlockStatus> {
+        self.statuses.remove(&id).unwrap_or_default()
     }
 
     /// Queues a flush covering every write issued before it on any connection.

@@ -251,6 +251,12 @@ impl Client {
         self.lock().conn.block_sizes()
     }
 
+    /// Traffic counters of this connection (libnbd's `stats_bytes_sent`,
+    /// `stats_bytes_received`, `stats_chunks_sent`, `stats_chunks_received`).
+    pub fn stats(&self) -> nbd_proto::Stats {
+        self.lock().conn.stats()
+    }
+
     /// Everything the handshake said about the export.
     pub fn export_info(&self) -> ExportInfo {
         self.lock().conn.export_info().clone()

@@ -94,3 +94,33 @@ async fn tasks_with_dropped_futures_read_what_was_written() {
     assert!(server.closed_cleanly(), "{:?}", server.close_reason());
     assert!(server.image_bytes() == model, "the image differs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_a_4k_read() {
+    let server = FakeServer::builder()
+        .size(SIZE)
+        .structured(false)
+        .extended(false)
+        .build();
+    let (client_end, thread) = spawn_unix(server).unwrap();
+    let socket = Socket::from_fd(client_end.into(), "stats");
+    let client = Client::connect_socket(socket, Config::default())
+        .await
+        .unwrap();
+    let before = client.stats();
+    client
+        .pread(BytesMut::zeroed(4096), 0, CmdFlags::empty())
+        .await
+        .unwrap();
+    let after = client.stats();
+    // A compact request header out; a simple reply header and the data in.
+    assert_eq!(after.bytes_sent - before.bytes_sent, 28);
+    assert_eq!(after.bytes_received - before.bytes_received, 16 + 4096);
+    assert_eq!(after.chunks_sent - before.chunks_sent, 1);
+    assert_eq!(after.chunks_received - before.chunks_received, 1);
+    tokio::time::timeout(LIMIT, client.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    thread.join().unwrap().unwrap();
+}

@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nbdsh", "libnbd-bin"),
     ("nbddump", "libnbd-bin"),
     ("file", "file"),
+    // Pseudo-terminals for progress bars (Debian marks it essential).
+    ("script", "bsdutils"),
 ];
 
 /// The Debian package that ships `program`, if the harness knows it.
