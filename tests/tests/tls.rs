@@ -877,3 +877,49 @@ fn reconnect_sets_up_tls_again() {
     assert_eq!(reconnects.len(), 1, "{reconnects:?}");
     client.shutdown().unwrap();
 }
+
+// ---------------------------------------------------------------- the tokio adapter
+
+/// The tokio adapter reads and writes through TLS, many commands at once
+/// from tasks of their own.
+#[test]
+fn the_tokio_adapter_through_tls() {
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", true);
+    let server = nbdkit_x509(&pki, NbdkitBuilder::memory(MIB).threads(4), true);
+    let uri = tls_uri(&server, &certs_param(&client_dir));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let limit = std::time::Duration::from_secs(60);
+        tokio::time::timeout(limit, async {
+            let client = nbd_tokio::Client::connect_uri(&uri).await.unwrap();
+            assert!(client.connection().tls_negotiated());
+            let mut tasks = Vec::new();
+            for i in 0..16u64 {
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let data = bytes::Bytes::from(vec![i as u8 + 1; 4096]);
+                    client
+                        .pwrite(data, i * 4096, CmdFlags::empty())
+                        .await
+                        .unwrap();
+                    let back = client
+                        .pread(bytes::BytesMut::zeroed(4096), i * 4096, CmdFlags::empty())
+                        .await
+                        .unwrap();
+                    assert!(back.iter().all(|&b| b == i as u8 + 1), "block {i}");
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+        })
+        .await
+        .expect("within the limit");
+    });
+}
