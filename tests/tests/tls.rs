@@ -1,8 +1,10 @@
 //! TLS against real servers: nbdkit and qemu-nbd with X.509 certificates and
-//! with pre-shared keys, through the blocking and mio adapters and the `nbd`
-//! command, compared with libnbd's nbdinfo where it can do the same; and every
-//! refusal (wrong CA, expired certificate, wrong name, missing client
-//! certificate, wrong key, unknown user) as a clear one-line error.
+//! with pre-shared keys, through the blocking, mio and tokio adapters and the
+//! `nbd` command, compared with libnbd's nbdinfo where it can do the same;
+//! opt mode's `opt_starttls`, a reconnect through TLS, a plaintext server
+//! behind an `nbds` URI; and every refusal (wrong CA, expired or revoked
+//! certificate, wrong name, missing client certificate, wrong key, unknown
+//! user) as a clear one-line error.
 //!
 //! Certificates are made by the tests themselves with rcgen, in temporary
 //! directories laid out as nbdkit, qemu and libnbd expect them. Each test
