@@ -10,6 +10,8 @@
 //! the connection's contract (see [`Driver`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use nbd_proto::wire::consts::{
@@ -21,7 +23,7 @@ use nbd_proto::wire::consts::{
 use nbd_proto::wire::{OptionRequest, RequestHeader};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Error, Event, NbdOption, Phase,
-    ReadChunk, Strict, MAX_REQUEST_SIZE,
+    ReadChunk, Strict, TlsMode, MAX_REQUEST_SIZE,
 };
 
 use crate::rng::Splitter;
@@ -410,9 +412,19 @@ impl Driver {
             opt_mode: config.opt_mode,
             ..Tracker::default()
         };
+        let tls = config.tls != TlsMode::Disable;
+        let mut a = Connection::new(config.clone());
+        let mut b = Connection::new(config);
+        if tls {
+            // The toy session of the testkit: deterministic, so both input
+            // paths see the same plaintext; a few bytes per call.
+            let made = Arc::new(AtomicUsize::new(0));
+            a.set_tls_connector(nbd_testkit::xor_connector(7, made.clone()));
+            b.set_tls_connector(nbd_testkit::xor_connector(7, made));
+        }
         let driver = Driver {
-            a: Connection::new(config.clone()),
-            b: Connection::new(config),
+            a,
+            b,
             b_split: Splitter::new(b_seed, b_max),
             b_steps: 0,
             tracker,
@@ -596,6 +608,12 @@ impl Driver {
         }
 
         let out = self.sync();
+        // Past STARTTLS the requests are checked as the session encrypted them.
+        let out = if self.a.tls_negotiated() {
+            nbd_testkit::xor(&out)
+        } else {
+            out
+        };
 
         match &ra {
             Err(_) => {

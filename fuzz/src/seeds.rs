@@ -588,6 +588,30 @@ pub fn server_bytes_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
     ));
 
+    // STARTTLS with TLS required: the acknowledgement in plaintext, then
+    // everything through the testkit's toy session (XOR with its key). Fed a
+    // byte at a time, so the client's first TLS message goes out before the
+    // server's next byte arrives, as over a socket.
+    let mut tls_stream = Server::new()
+        .newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        .opt(OPT_STARTTLS, REP_ACK, b"")
+        .build();
+    tls_stream.extend(nbd_testkit::xor(
+        &Server::new()
+            .opt(OPT_STRUCTURED_REPLY, REP_ACK, b"")
+            .go(OPT_GO, SIZE, ALL_FLAGS)
+            .data(c(0), true, 0, &pattern(14, 0, 512))
+            .build(),
+    ));
+    seeds.push((
+        "starttls-required-go-read",
+        encode(
+            hdr(cfg::DEFAULT, STRICT_ALL, 0x00, 14, cfg2::TLS_REQUIRE),
+            &[op(OpKind::Read, 0, 512), op(OpKind::Disconnect, 0, 0)],
+            &tls_stream,
+        ),
+    ));
+
     seeds
 }
 

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 
-use nbd_proto::{Config, HandshakeFlags, Phase, Strict};
+use nbd_proto::{Config, HandshakeFlags, Phase, Strict, TlsMode};
 
 use crate::driver::{is_terminal, Driver, Op, OpKind, Report};
 use crate::rng::{Splitter, SPLIT_SIZES};
@@ -58,6 +58,11 @@ pub mod cfg2 {
     pub const BASE_ALLOCATION: u8 = 1 << 2;
     /// Add `qemu:dirty-bitmap:b0` to `Config::meta_contexts`.
     pub const DIRTY_BITMAP: u8 = 1 << 3;
+    /// `Config::tls` allow, with the testkit's toy session behind STARTTLS
+    /// (the server's bytes after the acknowledgement are XORed with its key).
+    pub const TLS_ALLOW: u8 = 1 << 4;
+    /// `Config::tls` require (wins over [`TLS_ALLOW`]).
+    pub const TLS_REQUIRE: u8 = 1 << 5;
     /// libnbd's defaults, asking for `base:allocation`.
     pub const DEFAULT: u8 = EXTENDED | META | BASE_ALLOCATION;
 }
@@ -224,7 +229,14 @@ impl<'a> ServerBytesInput<'a> {
             .request_block_size(c & cfg::BLOCK_SIZE != 0)
             .full_info(c & cfg::FULL_INFO != 0)
             .handshake_flags(handshake_flags)
-            .strict(Strict::from_bits_truncate(u32::from(s & 0x3f)));
+            .strict(Strict::from_bits_truncate(u32::from(s & 0x3f)))
+            .tls(if c2 & cfg2::TLS_REQUIRE != 0 {
+                TlsMode::Require
+            } else if c2 & cfg2::TLS_ALLOW != 0 {
+                TlsMode::Allow
+            } else {
+                TlsMode::Disable
+            });
         ServerBytesInput {
             config,
             eof: c & cfg::EOF != 0,

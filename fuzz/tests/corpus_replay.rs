@@ -196,6 +196,13 @@ fn seeds_reach_their_goals() {
     let r = server_bytes_report("rep-err-shutdown-during-go");
     assert_eq!(r.final_phase, Some(Phase::Dead), "{r:?}");
 
+    let r = server_bytes_report("starttls-required-go-read");
+    assert_eq!(
+        (r.cookies, r.ok_completions, r.final_phase),
+        (1, 1, Some(Phase::Closed)),
+        "{r:?}"
+    );
+
     let r = server_bytes_report("strict-off-odd-commands");
     assert_eq!((r.cookies, r.ok_completions), (4, 3), "{r:?}");
 

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{pump, Error, Reconnected, Request, Result, Socket, Target, UriPolicy};
+use nbd_io::{
+    pump, Endpoint, Error, Reconnected, Request, Result, Socket, Target, TlsRequest, UriPolicy,
+};
 use nbd_proto::{
     BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Direction, Event, ReadChunk,
 };
@@ -77,6 +79,8 @@ pub struct Client {
     /// Where the client connected and with what settings: what a reconnect
     /// needs (`None` for a client made from a socket).
     pub(crate) origin: Option<(Target, Config)>,
+    /// The TLS settings connected with, which a reconnect uses again.
+    pub(crate) origin_tls: Option<TlsRequest>,
     /// Automatic reconnect, when turned on ([`Client::set_reconnect`]).
     pub(crate) reconnect: Option<Box<Reconnect>>,
     /// Reconnects not yet taken by [`Client::take_reconnects`].
@@ -113,7 +117,7 @@ impl Client {
             .and_then(|t| started.checked_add(t));
         let socket = nbd_io::connect_within(target, deadline)?;
         let origin = (target.clone(), config.clone());
-        let mut client = Self::negotiate(socket, config, started)?;
+        let mut client = Self::negotiate(socket, Connection::new(config), started)?;
         client.origin = Some(origin);
         Ok(client)
     }
@@ -123,13 +127,20 @@ impl Client {
     /// The client switches it to non-blocking mode and owns it from now on.
     /// [`Config::handshake_timeout`] bounds the handshake from this call on.
     pub fn connect_socket(socket: Socket, config: Config) -> Result<Self> {
-        Self::negotiate(socket, config, Instant::now())
+        Self::connect_socket_with(socket, Connection::new(config))
+    }
+
+    /// Drives `conn`, a connection not yet started (for example one with a
+    /// TLS connector, as [`nbd_io::tls::connection_for`] makes), over a
+    /// socket that is already connected, until it is ready or negotiating.
+    /// [`Config::handshake_timeout`] bounds the handshake from this call on.
+    pub fn connect_socket_with(socket: Socket, conn: Connection) -> Result<Self> {
+        Self::negotiate(socket, conn, Instant::now())
     }
 
     /// Negotiates over `socket`, the handshake's clock running from `started`.
-    fn negotiate(socket: Socket, config: Config, started: Instant) -> Result<Self> {
+    fn negotiate(socket: Socket, mut conn: Connection, started: Instant) -> Result<Self> {
         socket.set_nonblocking(true)?;
-        let mut conn = Connection::new(config);
         // The handshake deadline starts at the first time passed in.
         conn.handle_timeout(started);
         let mut client = Client {
@@ -143,6 +154,7 @@ impl Client {
             option_result: None,
             closed: false,
             origin: None,
+            origin_tls: None,
             reconnect: None,
             reconnects: VecDeque::new(),
         };
@@ -189,21 +201,35 @@ impl Client {
     /// Connects to an NBD URI if `policy` accepts it (libnbd's
     /// `set_uri_allow_transports`, `set_uri_allow_tls`,
     /// `set_uri_allow_local_file`); the URI's export name replaces
-    /// `config.export_name`. TLS URIs (`nbds`) are refused with
-    /// [`Error::Unsupported`] until this client speaks TLS.
-    pub fn connect_uri_with_policy(
-        uri: &str,
-        mut config: Config,
-        policy: &UriPolicy,
-    ) -> Result<Self> {
-        let endpoint = policy.resolve(uri)?;
-        if endpoint.tls.is_some() {
-            return Err(Error::Unsupported(format!(
-                "{uri}: TLS is not supported yet"
-            )));
+    /// `config.export_name`. A TLS URI (`nbds`) requires TLS, set up from
+    /// its `tls-*` parameters (see [`nbd_io::tls`]).
+    pub fn connect_uri_with_policy(uri: &str, config: Config, policy: &UriPolicy) -> Result<Self> {
+        Self::connect_endpoint(&policy.resolve(uri)?, config)
+    }
+
+    /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
+    /// caller's): its target, its export name in place of
+    /// `config.export_name`, and, for an `nbds` endpoint, TLS required with
+    /// its settings. Files the TLS settings name are read before connecting.
+    ///
+    /// It is connected as [`Client::connect`] connects its target (the
+    /// handshake timeout covers the connect), and a reconnect
+    /// ([`Client::set_reconnect`]) sets up the same TLS again.
+    pub fn connect_endpoint(endpoint: &Endpoint, mut config: Config) -> Result<Self> {
+        config.export_name = endpoint.export_name.clone();
+        if endpoint.tls.is_none() {
+            return Self::connect(&endpoint.target, config);
         }
-        config.export_name = endpoint.export_name;
-        Self::connect(&endpoint.target, config)
+        let started = Instant::now();
+        let deadline = config
+            .handshake_timeout
+            .and_then(|t| started.checked_add(t));
+        let conn = nbd_io::tls::connection_for(endpoint, config.clone())?;
+        let socket = nbd_io::connect_within(&endpoint.target, deadline)?;
+        let mut client = Self::negotiate(socket, conn, started)?;
+        client.origin = Some((endpoint.target.clone(), config));
+        client.origin_tls = endpoint.tls.clone();
+        Ok(client)
     }
 
     /// Sets the stall timeout ([`Config::stall_timeout`], through
@@ -882,6 +908,16 @@ impl Client {
         self.conn.opt_set_meta_context_queries(queries)?;
         self.wait_option()?;
         Ok(std::mem::take(&mut self.contexts))
+    }
+
+    /// Asks the server to start TLS (opt mode, libnbd's `opt_starttls`); the
+    /// connection needs a TLS connector (see
+    /// [`nbd_proto::Connection::opt_starttls`]). A refusal is returned as the
+    /// error and leaves the connection negotiating in plaintext; a failed TLS
+    /// handshake ends the connection.
+    pub fn opt_starttls(&mut self) -> Result<()> {
+        self.conn.opt_starttls()?;
+        self.wait_option()
     }
 
     /// Asks for structured replies (opt mode).

@@ -4,7 +4,8 @@
 
 use bytes::BytesMut;
 use nbd_io::{
-    Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result, Target,
+    Endpoint, Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result,
+    Target, TlsRequest,
 };
 use nbd_proto::{Completion, Config, Cookie};
 
@@ -16,6 +17,8 @@ pub(crate) struct Reconnect {
     policy: ReconnectPolicy,
     target: Target,
     config: Config,
+    /// The TLS settings of an `nbds` endpoint, set up again on each attempt.
+    tls: Option<TlsRequest>,
     identity: ExportIdentity,
     pub(crate) journal: Journal,
     /// The last reconnect failed: the connection stays dead.
@@ -85,6 +88,7 @@ impl Client {
             policy,
             target: target.clone(),
             config,
+            tls: self.origin_tls.clone(),
             identity: ExportIdentity::of(&self.conn)?,
             journal: Journal::new(),
             gave_up: false,
@@ -176,7 +180,18 @@ impl Client {
         let mut last = None;
         for attempt in 1..=r.policy.attempts {
             std::thread::sleep(r.policy.delay(attempt));
-            let mut fresh = match Client::connect(&r.target, r.config.clone()) {
+            let dialled = match &r.tls {
+                None => Client::connect(&r.target, r.config.clone()),
+                Some(tls) => {
+                    let endpoint = Endpoint {
+                        target: r.target.clone(),
+                        export_name: r.config.export_name.clone(),
+                        tls: Some(tls.clone()),
+                    };
+                    Client::connect_endpoint(&endpoint, r.config.clone())
+                }
+            };
+            let mut fresh = match dialled {
                 Ok(fresh) => fresh,
                 Err(e) => {
                     last = Some(e);

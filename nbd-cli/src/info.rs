@@ -274,7 +274,7 @@ fn answer_feature(server: &Operand, feature: &str, negated: bool) -> Result<Exit
         }
         "read-only" => c.is_read_only()?,
         "rotational" => c.is_rotational()?,
-        "tls" => false,
+        "tls" => c.tls_negotiated(),
         _ => unreachable!("checked above"),
     };
     client.shutdown()?;

@@ -9,6 +9,14 @@
 //!
 //! `[` and `]` are words of their own; the `--` keeps the server's options
 //! (`-f`, `--filter=...`) from being read as the `nbd` command's.
+//!
+//! A URI may require TLS (`nbds://`, `nbds+unix://`, `nbds+vsock://`) with
+//! the `tls-*` parameters of the NBD URI specification, a PSK file included:
+//!
+//! ```text
+//! nbd info 'nbds://server.example/disk?tls-certificates=/etc/pki/libnbd'
+//! nbd copy 'nbds+unix://alice@/?socket=/run/nbd.sock&tls-psk-file=keys.psk' out.raw
+//! ```
 
 use std::fmt;
 use std::io;

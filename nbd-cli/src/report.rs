@@ -72,8 +72,9 @@ pub fn render(style: Style, c: &Connection, exports: &[ExportReport]) -> String 
     let protocol = c.protocol().unwrap_or("unknown");
     let structured = c.structured_replies_negotiated();
     let extended = c.extended_headers_negotiated();
+    let tls = c.tls_negotiated();
     if style.json {
-        let mut out = render_json(protocol, structured, extended, exports);
+        let mut out = render_json(protocol, tls, structured, extended, exports);
         out.push('\n');
         return out;
     }
@@ -87,9 +88,10 @@ pub fn render(style: Style, c: &Connection, exports: &[ExportReport]) -> String 
     let paint = |code: &'static str| if style.colour { code } else { "" };
     // Writing to a String cannot fail.
     let mut out = String::new();
+    let with = if tls { "with" } else { "without" };
     let _ = writeln!(
         out,
-        "{}protocol: {protocol} without TLS, using {packets} packets",
+        "{}protocol: {protocol} {with} TLS, using {packets} packets",
         paint(GREY)
     );
     out.push_str(paint(RESTORE));
@@ -163,6 +165,7 @@ fn with_words(size: u64) -> String {
 
 fn render_json(
     protocol: &str,
+    tls: bool,
     structured: bool,
     extended: bool,
     exports: &[ExportReport],
@@ -170,7 +173,7 @@ fn render_json(
     let head = json::fields(
         &[
             ("protocol", Value::Str(protocol.into())),
-            ("TLS", Value::Bool(false)),
+            ("TLS", Value::Bool(tls)),
             ("structured", Value::Bool(structured)),
             ("extended", Value::Bool(extended)),
         ],

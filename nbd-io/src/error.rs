@@ -56,6 +56,11 @@ pub enum Error {
     /// The NBD layer failed: a caller error, a server error, a protocol violation.
     #[error("{0}")]
     Nbd(#[from] nbd_proto::Error),
+    /// TLS could not be set up as asked: a certificate, key or PSK file that
+    /// cannot be read or used, or a kind of TLS this build lacks. (A TLS
+    /// failure on the wire is an [`Error::Nbd`] with `nbd_proto::Error::Tls`.)
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A wait bounded by the caller ended first: a connect that did not
     /// finish by its deadline ([`connect_within`](crate::connect_within)).
     /// (A deadline of the NBD connection itself, such as a stall, is an
@@ -84,6 +89,7 @@ impl Error {
             Error::Nbd(e) | Error::CommandsFailed { first: e, .. } => Some(e.errno()),
             Error::Uri(_) | Error::UriRefused(_) => Some(Errno::Inval),
             Error::Unsupported(_) => Some(Errno::NotSup),
+            Error::Tls(_) => Some(Errno::Inval),
             Error::TimedOut => Some(Errno::TimedOut),
             Error::Connect { .. } | Error::Resolve { .. } | Error::Spawn { .. } | Error::Io(_) => {
                 None

@@ -24,6 +24,9 @@
 //! - automatic reconnect, opt-in: a [`ReconnectPolicy`], the check that a
 //!   new connection reaches the same export ([`ExportIdentity`]), and the
 //!   [`Journal`] of unfinished commands that an adapter sends again;
+//! - [`tls`]: the TLS backends (X.509 with rustls, PSK with OpenSSL) behind
+//!   the core's session seam, and [`tls::connection_for`], the connection an
+//!   endpoint asks for;
 //! - [`Error`]: one error type.
 //!
 //! # One vocabulary in every adapter
@@ -60,6 +63,7 @@ mod reconnect;
 mod server;
 mod socket;
 mod target;
+pub mod tls;
 
 pub use connect::connect;
 pub use connect_within::connect_within;

@@ -186,6 +186,9 @@ impl UriPolicy {
                 name.escape_debug().to_string()
             )));
         }
+        if !uri.tls {
+            check_no_tls_params(uri, kind)?;
+        }
         let tls = uri.tls.then(|| TlsRequest {
             kind,
             certificates: uri.tls_certificates.as_ref().map(PathBuf::from),
@@ -199,6 +202,30 @@ impl UriPolicy {
             export_name: uri.export_name.clone(),
             tls,
         })
+    }
+}
+
+/// A plaintext URI with TLS settings is a mistake (most likely `nbd` written
+/// for `nbds`): diagnosed rather than silently connecting without TLS.
+fn check_no_tls_params(uri: &NbdUri, kind: Option<TlsKind>) -> Result<()> {
+    let given = [
+        ("tls-type", kind.is_some()),
+        ("tls-certificates", uri.tls_certificates.is_some()),
+        ("tls-psk-file", uri.tls_psk_file.is_some()),
+        ("tls-hostname", uri.tls_hostname.is_some()),
+        ("tls-verify-peer", uri.tls_verify_peer.is_some()),
+        (
+            "a TLS user name (user@ or tls-username)",
+            uri.tls_username.is_some(),
+        ),
+    ];
+    match given.iter().find(|(_, set)| *set) {
+        Some((name, _)) => Err(Error::UriRefused(format!(
+            "{name} is given, but {}:// does not use TLS (did you mean {}://?)",
+            uri.scheme(),
+            uri.scheme().replacen("nbd", "nbds", 1)
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -328,6 +355,61 @@ mod tests {
         let tls = certs.tls.unwrap();
         assert_eq!(tls.kind, Some(TlsKind::X509));
         assert_eq!(tls.certificates, Some(PathBuf::from("/etc/pki/nbd")));
+    }
+
+    #[test]
+    fn every_tls_parameter_is_carried_for_every_tls_scheme() {
+        let p = UriPolicy {
+            local_files: true,
+            ..UriPolicy::default()
+        };
+        let params = "tls-type=x509&tls-certificates=/pki&tls-psk-file=/k&tls-username=u\
+                      &tls-hostname=h.example&tls-verify-peer=false";
+        for base in [
+            "nbds://host/e?",
+            "nbds+unix:///e?socket=/s&",
+            "nbds+vsock://3/e?",
+        ] {
+            let uri = format!("{base}{params}");
+            let tls = p.resolve(&uri).unwrap().tls.expect("TLS required");
+            assert_eq!(
+                tls,
+                TlsRequest {
+                    kind: Some(TlsKind::X509),
+                    certificates: Some("/pki".into()),
+                    psk_file: Some("/k".into()),
+                    username: Some("u".into()),
+                    hostname: Some("h.example".into()),
+                    verify_peer: Some(false),
+                },
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_settings_on_a_plaintext_uri_are_diagnosed() {
+        let p = UriPolicy {
+            local_files: true,
+            ..UriPolicy::default()
+        };
+        for (uri, says) in [
+            ("nbd://h/?tls-certificates=/c", "tls-certificates"),
+            (
+                "nbd+unix:///?socket=/s&tls-verify-peer=0",
+                "tls-verify-peer",
+            ),
+            ("nbd+vsock://3/?tls-hostname=x", "tls-hostname"),
+            ("nbd://h/?tls-type=x509", "tls-type"),
+            ("nbd://h/?tls-psk-file=/k", "tls-psk-file"),
+            ("nbd://alice@h/", "user name"),
+        ] {
+            let err = p.resolve(uri).unwrap_err().to_string();
+            assert!(err.contains(says), "{uri}: {err}");
+            assert!(err.contains("nbds"), "{uri}: {err}");
+            let tls = uri.replacen("nbd", "nbds", 1);
+            assert!(p.resolve(&tls).is_ok(), "{tls}");
+        }
     }
 
     #[test]

@@ -127,12 +127,16 @@ fn fail(conn: &mut Connection, e: io::Error) -> Result<()> {
 /// was expected (the server hung up after a disconnect or abort, as some
 /// servers do without waiting to be read), the connection closed cleanly and
 /// this is no error; otherwise the socket's error is returned.
+///
+/// A TLS session that can say why the server went away (credentials refused
+/// in or right after the TLS handshake, which servers often answer with a
+/// reset) gives its explanation instead of the bare socket error.
 pub fn socket_failed(conn: &mut Connection, e: io::Error) -> Result<()> {
     let _ = conn.notify_read(0);
-    if conn.is_closed() {
-        Ok(())
-    } else {
-        Err(Error::Io(e))
+    match conn.error() {
+        None if conn.is_closed() => Ok(()),
+        Some(tls @ nbd_proto::Error::Tls(_)) => Err(Error::Nbd(tls.clone())),
+        _ => Err(Error::Io(e)),
     }
 }
 

@@ -99,6 +99,8 @@ pub struct Client {
     /// The target and settings connected with: what a reconnect needs
     /// (`None` when the client was not made from a target).
     pub(crate) origin: Option<(Target, Config)>,
+    /// The TLS settings connected with, which a reconnect uses again.
+    pub(crate) origin_tls: Option<nbd_io::TlsRequest>,
     /// Automatic reconnect, when turned on (`set_reconnect`).
     pub(crate) reconnect: Option<Box<Reconnect>>,
     /// Reconnects not yet taken by `take_reconnects`.
@@ -152,7 +154,12 @@ impl Client {
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        Self::start(Link::Connecting(connecting), config, registry, token)
+        Self::start(
+            Link::Connecting(connecting),
+            Connection::new(config),
+            registry,
+            token,
+        )
     }
 
     /// Runs NBD over a socket that is already connected (libnbd's
@@ -165,7 +172,7 @@ impl Client {
         token: Token,
     ) -> Result<Self> {
         socket.set_nonblocking(true)?;
-        Self::start(Link::Open(socket), config, registry, token)
+        Self::start(Link::Open(socket), Connection::new(config), registry, token)
     }
 
     /// Connects to an NBD URI accepted by the default [`UriPolicy`]; its
@@ -183,25 +190,29 @@ impl Client {
 
     /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
     /// caller's): its target, with its export name replacing
-    /// `config.export_name`. A URI asking for TLS is refused
-    /// ([`Error::Unsupported`]): this adapter has no TLS yet.
+    /// `config.export_name`. An `nbds` endpoint requires TLS, set up from its
+    /// `tls-*` parameters (see [`nbd_io::tls`]); the files they name are read
+    /// before connecting, and a reconnect ([`Client::set_reconnect`]) sets
+    /// up the same TLS again.
     pub fn connect_endpoint(
         endpoint: &Endpoint,
         mut config: Config,
         registry: &Registry,
         token: Token,
     ) -> Result<Self> {
-        if endpoint.tls.is_some() {
-            return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported by the mio adapter yet",
-                endpoint.target
-            )));
-        }
         config.export_name = endpoint.export_name.clone();
-        Self::connect(&endpoint.target, config, registry, token)
+        if endpoint.tls.is_none() {
+            return Self::connect(&endpoint.target, config, registry, token);
+        }
+        let conn = nbd_io::tls::connection_for(endpoint, config.clone())?;
+        let connecting = Connecting::start(&endpoint.target)?;
+        let mut client = Self::start(Link::Connecting(connecting), conn, registry, token)?;
+        client.origin = Some((endpoint.target.clone(), config));
+        client.origin_tls = endpoint.tls.clone();
+        Ok(client)
     }
 
-    fn start(link: Link, config: Config, registry: &Registry, token: Token) -> Result<Self> {
+    fn start(link: Link, mut conn: Connection, registry: &Registry, token: Token) -> Result<Self> {
         let fd = link.fd().ok_or_else(|| {
             nbd_proto::Error::InvalidArgument(
                 "the connect is over: its socket was already handed out".into(),
@@ -213,7 +224,6 @@ impl Client {
             token,
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        let mut conn = Connection::new(config);
         // The handshake's clock (if it has one) runs from the connect on.
         conn.handle_timeout(Instant::now());
         Ok(Client {
@@ -226,6 +236,7 @@ impl Client {
             events: VecDeque::new(),
             closed: false,
             origin: None,
+            origin_tls: None,
             reconnect: None,
             reconnects: VecDeque::new(),
         })
@@ -640,6 +651,14 @@ impl Client {
     /// Opt mode: selects the export and enters transmission.
     pub fn aio_opt_go(&mut self) -> Result<()> {
         self.conn.opt_go()?;
+        self.send()
+    }
+
+    /// Opt mode: asks the server to start TLS (libnbd's `aio_opt_starttls`;
+    /// see [`nbd_proto::Connection::opt_starttls`]). The result arrives as
+    /// an `OptionDone` event.
+    pub fn aio_opt_starttls(&mut self) -> Result<()> {
+        self.conn.opt_starttls()?;
         self.send()
     }
 

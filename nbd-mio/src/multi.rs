@@ -68,8 +68,8 @@ pub struct MultiConn {
 impl MultiConn {
     /// Opens `count` connections to `uri` (accepted by the default
     /// [`UriPolicy`]; its export name replaces `config.export_name`),
-    /// registered under tokens `base..base + count`. TLS URIs are refused, as
-    /// by [`Client::connect_uri`].
+    /// registered under tokens `base..base + count`. An `nbds` URI makes
+    /// each connection require TLS, as [`Client::connect_uri`] does.
     pub fn connect_uri(
         uri: &str,
         count: usize,

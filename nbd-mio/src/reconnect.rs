@@ -22,6 +22,8 @@ pub(crate) struct Reconnect {
     policy: ReconnectPolicy,
     target: Target,
     config: Config,
+    /// The TLS settings of an `nbds` endpoint, set up again on each attempt.
+    tls: Option<nbd_io::TlsRequest>,
     identity: ExportIdentity,
     pub(crate) journal: Journal,
     state: State,
@@ -117,6 +119,7 @@ impl Client {
             policy,
             target: target.clone(),
             config,
+            tls: self.origin_tls.clone(),
             identity: ExportIdentity::of(&self.conn)?,
             journal: Journal::new(),
             state: State::Idle,
@@ -275,6 +278,23 @@ impl Client {
     /// Starts connecting to the target again, on a fresh connection
     /// registered under the same token.
     fn start_attempt(&mut self, r: &Reconnect, now: Instant) -> Result<()> {
+        // Timeouts changed since connecting carry over to the new connection.
+        let mut config = r.config.clone();
+        config.stall_timeout = self.conn.stall_timeout();
+        config.command_timeout = self.conn.command_timeout();
+        // Made first: TLS settings that no longer work (files read again,
+        // so renewed certificates are used) fail the attempt before any socket.
+        let mut conn = match &r.tls {
+            None => Connection::new(config),
+            Some(tls) => {
+                let endpoint = nbd_io::Endpoint {
+                    target: r.target.clone(),
+                    export_name: config.export_name.clone(),
+                    tls: Some(tls.clone()),
+                };
+                nbd_io::tls::connection_for(&endpoint, config)?
+            }
+        };
         let _ = self.release_socket();
         let connecting = Connecting::start(&r.target)?;
         let link = Link::Connecting(connecting);
@@ -287,12 +307,8 @@ impl Client {
         }
         self.link = link;
         self.write_blocked = false;
-        // Timeouts changed since connecting carry over to the new connection.
-        let mut config = r.config.clone();
-        config.stall_timeout = self.conn.stall_timeout();
-        config.command_timeout = self.conn.command_timeout();
-        self.conn = Connection::new(config);
-        self.conn.handle_timeout(now);
+        conn.handle_timeout(now);
+        self.conn = conn;
         Ok(())
     }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::flags::{HandshakeFlags, Strict};
+use crate::tls::TlsMode;
 use crate::wire::consts::MAX_STRING_LEN;
 
 /// Settings of a [`Connection`](crate::Connection).
@@ -91,6 +92,10 @@ pub struct Config {
     /// the connection dies with [`Error::TimedOut`] and every pending command
     /// fails once. `None` (the default): no limit.
     pub stall_timeout: Option<Duration>,
+    /// Whether to negotiate TLS with `NBD_OPT_STARTTLS` (libnbd's `set_tls`).
+    /// Anything but [`TlsMode::Disable`] needs a session source:
+    /// [`Connection::set_tls_connector`](crate::Connection::set_tls_connector).
+    pub tls: TlsMode,
 }
 
 impl Config {
@@ -230,6 +235,13 @@ impl Config {
         self.stall_timeout = timeout;
         self
     }
+
+    /// Sets [`tls`](Self::tls) (libnbd's `set_tls`).
+    #[must_use]
+    pub fn tls(mut self, mode: TlsMode) -> Self {
+        self.tls = mode;
+        self
+    }
 }
 
 /// Checks one protocol string: at most `MAX_STRING_LEN` bytes, no NUL.
@@ -289,6 +301,7 @@ impl Default for Config {
             handshake_timeout: None,
             command_timeout: None,
             stall_timeout: None,
+            tls: TlsMode::Disable,
         }
     }
 }
@@ -348,6 +361,10 @@ mod tests {
             (
                 base.clone().strict(strict),
                 with(|c| c.strict = Strict::BOUNDS | Strict::ALIGN),
+            ),
+            (
+                base.clone().tls(TlsMode::Allow),
+                with(|c| c.tls = TlsMode::Allow),
             ),
         ];
         for (i, (built, assigned)) in cases.into_iter().enumerate() {

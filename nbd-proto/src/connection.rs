@@ -19,7 +19,7 @@ use crate::flags::{Strict, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::negotiate::Negotiation;
 use crate::slab::Cookie;
-use crate::tls::{TlsLayer, TlsSession};
+use crate::tls::{TlsConnector, TlsLayer};
 use crate::trace;
 use crate::transmit::Transmission;
 
@@ -206,10 +206,66 @@ impl Connection {
         conn
     }
 
-    /// Runs every byte through `session` from now on (the seam STARTTLS will use).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn install_tls(&mut self, session: Box<dyn TlsSession>) {
-        self.tls = Some(TlsLayer::new(session));
+    /// Gives the connection its source of TLS sessions, used when the server
+    /// acknowledges `NBD_OPT_STARTTLS` (see [`TlsConnector`] for why it is a
+    /// connector). Needed for [`Config::tls`] other than
+    /// [`TlsMode::Disable`](crate::TlsMode::Disable) and for
+    /// [`opt_starttls`](Self::opt_starttls); set it before the server's
+    /// greeting arrives. Replaces any earlier one.
+    pub fn set_tls_connector(&mut self, connector: Box<dyn TlsConnector>) {
+        self.core.tls_connector = Some(connector);
+    }
+
+    /// Whether the connection switched to TLS (libnbd's `get_tls_negotiated`):
+    /// true from the server's acknowledgement of `NBD_OPT_STARTTLS` on. Every
+    /// later byte, the TLS handshake first, runs through the session, so a
+    /// connection where this is true and that reaches transmission finished
+    /// the TLS handshake. With [`TlsMode::Allow`](crate::TlsMode::Allow) a
+    /// false here after the handshake means the server was used in plaintext.
+    pub fn tls_negotiated(&self) -> bool {
+        self.core.tls_on
+    }
+
+    /// Runs every byte through `session` from now on.
+    #[cfg(test)]
+    pub(crate) fn install_tls(&mut self, session: Box<dyn crate::tls::TlsSession>) {
+        self.tls = Some(TlsLayer::new(session, false));
+        self.core.tls_on = true;
+    }
+
+    /// The server acknowledged `NBD_OPT_STARTTLS`: switch to a new session,
+    /// forget what plaintext negotiated, and let the handshake go on inside.
+    ///
+    /// Any plaintext already read past the acknowledgement is an injection
+    /// attack (an honest server waits for the client's first TLS message), and
+    /// an acknowledgement of a request still waiting to be sent can only be
+    /// forged: either ends the connection.
+    fn start_tls(&mut self) {
+        if !self.core.stage.is_empty() {
+            return self.kill(injection_after_starttls());
+        }
+        if !self.core.output.is_empty() {
+            return self.kill(Error::Protocol(
+                "NBD_OPT_STARTTLS was acknowledged before the request was sent".into(),
+            ));
+        }
+        let started = match self.core.tls_connector.as_mut() {
+            Some(connector) => connector.start(),
+            // The option is only sent with a connector present.
+            None => Err(Error::Tls("no TLS connector to make a session".into())),
+        };
+        let session = match started {
+            Ok(session) => session,
+            Err(e) => return self.kill(e),
+        };
+        self.tls = Some(TlsLayer::new(session, true));
+        self.core.tls_on = true;
+        self.core.forget_negotiated();
+        if let State::Handshake(negotiation) = &mut self.state {
+            if let Err(e) = negotiation.tls_started(&mut self.core) {
+                self.kill(e);
+            }
+        }
     }
 
     // ------------------------------------------------------------ bytes in
@@ -309,6 +365,9 @@ impl Connection {
             RecvTarget::Stage => {
                 self.core.stage.commit(n);
                 self.process();
+            }
+            RecvTarget::Tls if self.tls.as_ref().is_some_and(TlsLayer::awaits_client) => {
+                self.kill(injection_after_starttls());
             }
             RecvTarget::Tls => self.tls_input(n),
         }
@@ -420,14 +479,33 @@ impl Connection {
                     Err(e) => return self.kill(e),
                 }
             }
-            match tls.read_plaintext(self.core.stage.space()) {
-                Ok(k) => {
-                    if k > 0 {
-                        self.core.stats.bytes_received += k as u64;
-                        self.core.stage.commit(k);
-                        self.process();
-                        moved = true;
+            // Plaintext is steered as bytes are without TLS: a read payload
+            // due with nothing staged goes straight into the caller's buffer
+            // (one copy out of the session, none through the stage).
+            let (read, to_caller) = match &mut self.state {
+                State::Ready(tx) => {
+                    let read_ahead = tx.read_ahead();
+                    match tx.caller_region(self.core.stage.is_empty()) {
+                        Some(region) => (tls.read_plaintext(region), true),
+                        None => {
+                            let space = self.core.stage.space();
+                            let n = space.len().min(read_ahead);
+                            (tls.read_plaintext(&mut space[..n]), false)
+                        }
                     }
+                }
+                _ => (tls.read_plaintext(self.core.stage.space()), false),
+            };
+            match read {
+                Ok(0) => {}
+                Ok(k) => {
+                    self.core.stats.bytes_received += k as u64;
+                    match &mut self.state {
+                        State::Ready(tx) if to_caller => tx.caller_read(&mut self.core, k),
+                        _ => self.core.stage.commit(k),
+                    }
+                    self.process();
+                    moved = true;
                 }
                 Err(e) => return self.kill(e),
             }
@@ -456,6 +534,7 @@ impl Connection {
                 Step::Blocked => return,
                 Step::Progressed => {}
                 Step::Ready => self.enter_ready(),
+                Step::StartTls => self.start_tls(),
                 Step::Close => self.close_clean(),
                 Step::Kill(error) => self.kill(error),
             }
@@ -831,7 +910,12 @@ impl Connection {
         };
         match unexpected {
             None => self.close_clean(),
-            Some(error) => self.kill(error),
+            Some(error) => {
+                // A TLS session may know better why the server went away
+                // (credentials refused in or right after its handshake).
+                let why = self.tls.as_mut().and_then(TlsLayer::explain_end_of_stream);
+                self.kill(why.unwrap_or(error));
+            }
         }
     }
 
@@ -1075,4 +1159,15 @@ impl Connection {
             _ => false,
         }
     }
+}
+
+/// Server bytes between the `NBD_OPT_STARTTLS` acknowledgement and the
+/// client's first TLS message: the same error whether they were read with the
+/// acknowledgement (plaintext in the stage) or after it.
+fn injection_after_starttls() -> Error {
+    Error::Tls(
+        "plaintext bytes arrived after the server acknowledged NBD_OPT_STARTTLS, before the \
+         client's first TLS message: refusing them as an injection"
+            .into(),
+    )
 }

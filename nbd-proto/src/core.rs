@@ -15,6 +15,7 @@ use crate::info::{ExportInfo, HandshakeStyle};
 use crate::output::Output;
 use crate::stage::Stage;
 use crate::stats::Stats;
+use crate::tls::TlsConnector;
 
 /// The state every phase reads or writes.
 pub(crate) struct Core {
@@ -33,6 +34,10 @@ pub(crate) struct Core {
     pub(crate) extended: bool,
     /// Negotiated meta contexts: id and name.
     pub(crate) meta: Vec<(u32, String)>,
+    /// Makes the session when the server acknowledges `NBD_OPT_STARTTLS`.
+    pub(crate) tls_connector: Option<Box<dyn TlsConnector>>,
+    /// Every byte runs through a TLS session now.
+    pub(crate) tls_on: bool,
     /// Traffic counters; bytes sent are counted by `output` itself.
     pub(crate) stats: Stats,
 }
@@ -50,8 +55,19 @@ impl Core {
             structured: false,
             extended: false,
             meta: Vec::new(),
+            tls_connector: None,
+            tls_on: false,
             stats: Stats::default(),
         }
+    }
+
+    /// Forgets what was negotiated in plaintext once TLS starts, as the
+    /// protocol demands: a man in the middle may have forged any of it.
+    pub(crate) fn forget_negotiated(&mut self) {
+        self.structured = false;
+        self.extended = false;
+        self.meta.clear();
+        self.info = ExportInfo::default();
     }
 }
 
@@ -65,6 +81,8 @@ pub(crate) enum Step {
     Progressed,
     /// Negotiation is over: transmission starts.
     Ready,
+    /// The server acknowledged `NBD_OPT_STARTTLS`: every byte from now on is TLS.
+    StartTls,
     /// The connection ends as asked.
     Close,
     /// The connection dies with this error.

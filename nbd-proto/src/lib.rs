@@ -11,7 +11,10 @@
 //! negotiation or libnbd-style opt mode (`opt_list`, `opt_info`, `opt_go`,
 //! `opt_structured_reply`, `opt_abort`); simple and structured replies with
 //! every reply checked before a byte lands in a caller's buffer; strict-mode
-//! checks of every command before it is sent; a zero-copy data path.
+//! checks of every command before it is sent; a zero-copy data path; TLS
+//! through `NBD_OPT_STARTTLS` ([`Config::tls`], [`Connection::opt_starttls`])
+//! with a [`TlsSession`] from a [`TlsConnector`] the caller gives, and no way
+//! to downgrade a connection that requires it.
 //!
 //! A minimal driving loop, with `sock` any `Read + Write`:
 //!
@@ -83,6 +86,6 @@ pub use info::{BlockSizes, ExportInfo, HandshakeStyle};
 pub use opt::{NbdOption, OptionReplyError};
 pub use slab::Cookie;
 pub use stats::Stats;
-pub use tls::TlsSession;
+pub use tls::{TlsConnector, TlsMode, TlsSession};
 pub use transmit::{MAX_ERROR_PAYLOAD, MAX_REQUEST_SIZE, MAX_STATUS_PAYLOAD};
 pub use wire::Extent;

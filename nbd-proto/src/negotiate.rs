@@ -22,6 +22,7 @@ use crate::flags::{HandshakeFlags, TransmissionFlags};
 use crate::info::{BlockSizes, ExportInfo, HandshakeStyle};
 use crate::opt::{NbdOption, OptionReplyError};
 use crate::stage::MAX_BUFFERED_PAYLOAD;
+use crate::tls::TlsMode;
 use crate::trace;
 use crate::wire::consts::*;
 use crate::wire::{
@@ -54,6 +55,10 @@ enum PendingOpt {
     ExportName,
     /// `auto`: sent by the client itself after `NBD_REP_ERR_SHUTDOWN`.
     Abort {
+        auto: bool,
+    },
+    /// `auto`: the automatic switch that `Config::tls` asks for.
+    StartTls {
         auto: bool,
     },
 }
@@ -105,6 +110,7 @@ impl PendingOpt {
             PendingOpt::Info { go: false, .. } => NbdOption::Info,
             PendingOpt::ExportName => NbdOption::ExportName,
             PendingOpt::Abort { .. } => NbdOption::Abort,
+            PendingOpt::StartTls { .. } => NbdOption::StartTls,
         }
     }
     fn is_abort(self) -> bool {
@@ -134,6 +140,7 @@ impl PendingOpt {
                 | PendingOpt::Info { auto: true, .. }
                 | PendingOpt::ExportName
                 | PendingOpt::Abort { auto: true }
+                | PendingOpt::StartTls { auto: true }
         )
     }
 }
@@ -171,6 +178,9 @@ pub(crate) struct Negotiation {
     /// Why the connection ends once the abort sent after
     /// `NBD_REP_ERR_SHUTDOWN` completes.
     shutdown_error: Option<Error>,
+    /// The acknowledged `NBD_OPT_STARTTLS` waiting for the connection to
+    /// switch: whether it was the automatic one.
+    starting_tls: Option<bool>,
 }
 
 impl Negotiation {
@@ -184,6 +194,7 @@ impl Negotiation {
             listed: 0,
             no_zeroes: false,
             shutdown_error: None,
+            starting_tls: None,
         }
     }
 
@@ -267,6 +278,13 @@ impl Negotiation {
         };
         core.stats.chunks_received += 1;
         match GreetingStart::decode(&bytes) {
+            Ok(GreetingStart::Oldstyle) if core.config.tls == TlsMode::Require => {
+                return Step::Kill(Error::Tls(
+                    "TLS is required, but the server speaks the oldstyle handshake, \
+                     which cannot start TLS"
+                        .into(),
+                ))
+            }
             Ok(GreetingStart::Oldstyle) => {
                 trace::greeting("oldstyle");
                 self.expect = Expect::OldstyleRest;
@@ -310,6 +328,10 @@ impl Negotiation {
         if server & FLAG_NO_ZEROES != 0 && wanted.contains(HandshakeFlags::NO_ZEROES) {
             sent |= FLAG_C_NO_ZEROES;
         }
+        if let Err(e) = check_tls_possible(core, server, sent) {
+            // Not even the client flags go out.
+            return Step::Kill(e);
+        }
         core.output
             .push_with(|b| b.extend_from_slice(&sent.to_be_bytes()));
         trace::handshake_flags(server, sent);
@@ -317,10 +339,11 @@ impl Negotiation {
         self.no_zeroes = sent & FLAG_C_NO_ZEROES != 0;
         if sent & FLAG_C_FIXED_NEWSTYLE != 0 {
             core.style = Some(HandshakeStyle::FixedNewstyle);
-            if core.config.request_extended_headers {
-                let pending = PendingOpt::ExtendedHeaders { auto: true };
-                self.send_option(core, OPT_EXTENDED_HEADERS, &[], pending);
-            } else if let Err(e) = self.after_extended_headers(core) {
+            if core.config.tls != TlsMode::Disable && core.tls_connector.is_some() {
+                // Before anything else, so nothing else is said in plaintext.
+                let pending = PendingOpt::StartTls { auto: true };
+                self.send_option(core, OPT_STARTTLS, &[], pending);
+            } else if let Err(e) = self.start_auto_options(core) {
                 return Step::Kill(e);
             }
         } else {
@@ -329,6 +352,37 @@ impl Negotiation {
             self.send_export_name(core);
         }
         Step::Progressed
+    }
+
+    /// The automatic options after TLS (or without it): extended headers
+    /// first. An error ends the connection.
+    fn start_auto_options(&mut self, core: &mut Core) -> Result<()> {
+        if core.config.request_extended_headers {
+            let pending = PendingOpt::ExtendedHeaders { auto: true };
+            self.send_option(core, OPT_EXTENDED_HEADERS, &[], pending);
+            Ok(())
+        } else {
+            self.after_extended_headers(core)
+        }
+    }
+
+    /// The connection switched to TLS after the acknowledgement that
+    /// returned [`Step::StartTls`] (the core forgot what was negotiated in
+    /// plaintext): the automatic path negotiates everything again inside
+    /// TLS, and a caller's `opt_starttls` is done. An error ends the connection.
+    pub(crate) fn tls_started(&mut self, core: &mut Core) -> Result<()> {
+        self.meta_pending.clear();
+        match self.starting_tls.take() {
+            Some(true) => self.start_auto_options(core),
+            Some(false) => {
+                self.option_done(core, NbdOption::StartTls, Ok(()));
+                Ok(())
+            }
+            // Only called after a `Step::StartTls`, which sets it.
+            None => Err(Error::Protocol(
+                "TLS switch without an acknowledged NBD_OPT_STARTTLS".into(),
+            )),
+        }
     }
 
     /// Extended headers imply structured replies; otherwise ask for those.
@@ -488,6 +542,27 @@ impl Negotiation {
             &[],
             PendingOpt::StructuredReply { auto: false },
         );
+    }
+
+    /// `NBD_OPT_STARTTLS`, refused without sending anything when TLS is on
+    /// already (asking twice is a client error in the protocol) or when
+    /// there is no connector to make a session.
+    pub(crate) fn opt_starttls(&mut self, core: &mut Core) -> Result<()> {
+        if core.tls_on {
+            return Err(Error::InvalidState("TLS is already negotiated".into()));
+        }
+        if core.tls_connector.is_none() {
+            return Err(Error::NotSupported(
+                "no TLS connector: see Connection::set_tls_connector".into(),
+            ));
+        }
+        self.send_option(
+            core,
+            OPT_STARTTLS,
+            &[],
+            PendingOpt::StartTls { auto: false },
+        );
+        Ok(())
     }
 
     /// `NBD_OPT_ABORT`.
@@ -673,6 +748,12 @@ impl Negotiation {
                 self.pending = None;
                 self.option_done(core, NbdOption::List, Ok(()));
             }
+            (PendingOpt::StartTls { auto }, REP_ACK) => {
+                // The connection switches before parsing another byte.
+                self.pending = None;
+                self.starting_tls = Some(auto);
+                return Ok(Step::StartTls);
+            }
             (PendingOpt::Info { .. }, REP_INFO) => apply_info(&mut core.info, Info::decode(data)?),
             (PendingOpt::Info { go, .. }, REP_ACK) => {
                 if core.info.size.is_none() || core.info.flags.is_none() {
@@ -705,6 +786,12 @@ impl Negotiation {
             return Err(error);
         };
         self.pending = None;
+        if matches!(pending, PendingOpt::StartTls { .. }) && core.config.tls == TlsMode::Require {
+            // No other option, not even an abort, goes out in plaintext.
+            return Err(Error::Tls(format!(
+                "TLS is required, but the server refused it ({error})"
+            )));
+        }
         if reply == OptionReplyError::Shutdown {
             // The server is going away: say goodbye properly, then report why.
             if !pending.is_auto() {
@@ -739,6 +826,8 @@ impl Negotiation {
                 core.structured = false;
                 self.after_auto_options(core)
             }
+            // TLS was only allowed: go on in plaintext.
+            PendingOpt::StartTls { auto: true } => self.start_auto_options(core),
             PendingOpt::Info {
                 go: true,
                 auto: true,
@@ -790,6 +879,25 @@ impl Negotiation {
         };
         Step::Progressed
     }
+}
+
+/// With TLS required, checks that the handshake can start it before the client
+/// flags go out: a fixed newstyle server, the fixed flag offered by the
+/// client too, and a connector to make the session.
+fn check_tls_possible(core: &Core, server_flags: u16, sent: u32) -> Result<()> {
+    if core.config.tls != TlsMode::Require {
+        return Ok(());
+    }
+    let why = if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        "the server does not speak fixed newstyle, so it cannot start TLS"
+    } else if sent & FLAG_C_FIXED_NEWSTYLE == 0 {
+        "the handshake flags leave out fixed newstyle, without which TLS cannot start"
+    } else if core.tls_connector.is_none() {
+        "no TLS connector was given to make a session (Connection::set_tls_connector)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Tls(format!("TLS is required, but {why}")))
 }
 
 /// Records one `NBD_REP_INFO` in what is known about the export.

@@ -5,9 +5,84 @@
 //! what it reads goes into the session, and what the session decrypts feeds the
 //! protocol; protocol output is encrypted before it is offered to the adapter.
 //! Without a session the layer costs nothing: the bytes go straight through.
+//!
+//! # Where a session comes from
+//!
+//! The core never builds a session itself (it knows no certificates, keys or
+//! crypto library). A [`TlsConnector`], given to the connection with
+//! [`Connection::set_tls_connector`](crate::Connection::set_tls_connector),
+//! makes one at the exact moment the server acknowledges `NBD_OPT_STARTTLS`,
+//! inside the call that parsed the acknowledgement. That is why the seam is a
+//! connector object and not an event the adapter answers: nothing can happen
+//! between the acknowledgement and the switch (no byte parsed or sent in
+//! plaintext, no forgotten event leaving the handshake stalled), every adapter
+//! gets TLS without code of its own, and the connector stays out of
+//! [`Config`](crate::Config), which is plain data that can be compared,
+//! printed and built from a URI without holding keys.
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::output::Output;
+
+/// Whether the connection negotiates TLS (libnbd's `set_tls`).
+///
+/// ```
+/// use nbd_proto::{Config, TlsMode};
+/// let config = Config::default().tls(TlsMode::Require);
+/// assert_eq!(config.tls, TlsMode::Require);
+/// assert_eq!(Config::default().tls, TlsMode::Disable);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TlsMode {
+    /// Never ask for TLS (libnbd's `LIBNBD_TLS_DISABLE`, the default). In
+    /// opt mode [`Connection::opt_starttls`](crate::Connection::opt_starttls)
+    /// can still ask for it.
+    #[default]
+    Disable,
+    /// Ask for TLS where the server can start it, and go on in plaintext where
+    /// it cannot or refuses (`LIBNBD_TLS_ALLOW`).
+    /// [`Connection::tls_negotiated`](crate::Connection::tls_negotiated)
+    /// says which happened. Open to a man in the middle who refuses for the
+    /// server: use `Require` where the connection must be private.
+    Allow,
+    /// TLS or nothing (`LIBNBD_TLS_REQUIRE`): an oldstyle server, a newstyle
+    /// one without the fixed flag, a refused `NBD_OPT_STARTTLS`, a reply no
+    /// honest server sends, or a missing [`TlsConnector`] ends the
+    /// connection before any other byte is sent.
+    Require,
+}
+
+/// Makes the [`TlsSession`] a connection switches to when the server
+/// acknowledges `NBD_OPT_STARTTLS`. A closure returning a session is one.
+///
+/// Called at most once per `NBD_OPT_STARTTLS` acknowledgement; an error ends
+/// the connection (it is reported as it is, so say what failed).
+///
+/// ```
+/// use nbd_proto::{Config, Connection, TlsConnector, TlsMode, TlsSession};
+/// fn connection_with(connector: impl TlsConnector + 'static) -> Connection {
+///     let mut conn = Connection::new(Config::default().tls(TlsMode::Require));
+///     conn.set_tls_connector(Box::new(connector));
+///     conn
+/// }
+/// // A connector that can only fail: the handshake will end in its error.
+/// let conn = connection_with(|| -> nbd_proto::Result<Box<dyn TlsSession>> {
+///     Err(nbd_proto::Error::Tls("no certificates configured".into()))
+/// });
+/// assert!(!conn.tls_negotiated());
+/// ```
+pub trait TlsConnector: Send {
+    /// A new client session, ready to send its first handshake message.
+    fn start(&mut self) -> Result<Box<dyn TlsSession>>;
+}
+
+impl<F> TlsConnector for F
+where
+    F: FnMut() -> Result<Box<dyn TlsSession>> + Send,
+{
+    fn start(&mut self) -> Result<Box<dyn TlsSession>> {
+        self()
+    }
+}
 
 /// A sans-IO TLS client session.
 pub trait TlsSession: Send {
@@ -21,6 +96,14 @@ pub trait TlsSession: Send {
     fn write_tls(&mut self, out: &mut Vec<u8>) -> Result<(), Error>;
     /// Whether ciphertext is waiting to go out (handshake messages, alerts, data).
     fn wants_write(&self) -> bool;
+    /// The server closed the connection when the protocol did not expect it:
+    /// the error that explains it, if the session knows one (the handshake
+    /// was not over, or the server hung up before any data, as servers do
+    /// when they refuse the client's certificate or key). `None` (the
+    /// default) leaves the connection's own "server closed the connection".
+    fn explain_end_of_stream(&mut self) -> Option<Error> {
+        None
+    }
 }
 
 /// Buffers around a session: ciphertext read from and waiting for the socket.
@@ -31,16 +114,30 @@ pub(crate) struct TlsLayer {
     /// Ciphertext not yet taken by the socket.
     cipher_out: Vec<u8>,
     cipher_out_sent: usize,
+    /// Server bytes are refused until the client's first TLS message went
+    /// out: in TLS the client speaks first, so anything earlier was injected.
+    client_first: bool,
 }
 
 impl TlsLayer {
-    pub(crate) fn new(session: Box<dyn TlsSession>) -> Self {
+    /// A layer around `session`; with `client_first`, server bytes are
+    /// refused until ciphertext has gone out (see [`Self::awaits_client`]).
+    pub(crate) fn new(session: Box<dyn TlsSession>, client_first: bool) -> Self {
         TlsLayer {
             session,
             cipher_in: vec![0; 16 * 1024 + 256],
             cipher_out: Vec::new(),
             cipher_out_sent: 0,
+            client_first,
         }
+    }
+
+    /// Whether the client has not yet sent its first TLS message, so that any
+    /// server byte now is an injection (the server cannot answer a hello it
+    /// has not seen). Whatever way the injected bytes were cut into reads,
+    /// the connection refuses them the same way.
+    pub(crate) fn awaits_client(&self) -> bool {
+        self.client_first
     }
 
     /// Where the adapter reads ciphertext to.
@@ -94,11 +191,19 @@ impl TlsLayer {
         !self.pending_cipher().is_empty() || self.session.wants_write()
     }
 
+    /// The session's explanation of an unexpected end of stream, if any.
+    pub(crate) fn explain_end_of_stream(&mut self) -> Option<Error> {
+        self.session.explain_end_of_stream()
+    }
+
     pub(crate) fn pending_cipher(&self) -> &[u8] {
         &self.cipher_out[self.cipher_out_sent..]
     }
 
     pub(crate) fn consume_cipher(&mut self, n: usize) {
+        if n > 0 {
+            self.client_first = false;
+        }
         self.cipher_out_sent += n.min(self.cipher_out.len() - self.cipher_out_sent);
         if self.cipher_out_sent == self.cipher_out.len() {
             self.cipher_out.clear();

@@ -11,6 +11,8 @@
 //! - [`spawn_unix`], [`serve_socket`], [`UnixServer`]: the same server over
 //!   real Unix sockets, for the adapters' tests and for libnbd's tools.
 //! - [`Rng`]: the one seeded generator for tests (splitmix64).
+//! - [`StartTlsServer`], [`XorSession`]: `NBD_OPT_STARTTLS` in memory, with a
+//!   toy cipher behind `nbd_proto::TlsSession`, honest or hostile.
 //!
 //! ```
 //! use nbd_proto::{CmdFlags, Config};
@@ -31,6 +33,7 @@ mod pair;
 mod rng;
 mod server;
 mod socket;
+mod starttls;
 
 pub use image::{lock, Image, SharedImage};
 pub use pair::Pair;
@@ -40,3 +43,4 @@ pub use server::{
     MAX_PAYLOAD,
 };
 pub use socket::{serve_socket, spawn_unix, UnixServer};
+pub use starttls::{xor, xor_connector, StartTls, StartTlsServer, XorSession, XOR_KEY};

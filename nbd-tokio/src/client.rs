@@ -135,17 +135,13 @@ impl Client {
 
     /// Connects to what a URI resolved to (by a [`UriPolicy`] of the
     /// caller's): its target, with its export name replacing
-    /// `config.export_name`. A URI asking for TLS is refused
-    /// ([`Error::Unsupported`]): this adapter has no TLS yet.
-    pub async fn connect_endpoint(endpoint: &Endpoint, mut config: Config) -> Result<Client> {
-        if endpoint.tls.is_some() {
-            return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported by the tokio adapter yet",
-                endpoint.target
-            )));
-        }
-        config.export_name = endpoint.export_name.clone();
-        Self::connect(&endpoint.target, config).await
+    /// `config.export_name`. An `nbds` endpoint requires TLS, set up from
+    /// its `tls-*` parameters (see [`nbd_io::tls`]); the files they name are
+    /// read before connecting.
+    pub async fn connect_endpoint(endpoint: &Endpoint, config: Config) -> Result<Client> {
+        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        let socket = connect::finish(connect::start(&endpoint.target).await?).await?;
+        Self::connect_socket_with(socket, conn).await
     }
 
     /// Reaches `target` without blocking the runtime (TCP tries every
@@ -181,8 +177,16 @@ impl Client {
     /// timer too if `config` sets a timeout): the connection's driver task
     /// is spawned on it.
     pub async fn connect_socket(socket: Socket, config: Config) -> Result<Client> {
+        Self::connect_socket_with(socket, Connection::new(config)).await
+    }
+
+    /// Drives `conn`, a connection not yet started (for example one with a
+    /// TLS connector, as [`nbd_io::tls::connection_for`] makes), over a
+    /// socket that is already connected, until it is ready or negotiating.
+    /// The same runtime needs as [`Client::connect_socket`].
+    pub async fn connect_socket_with(socket: Socket, conn: Connection) -> Result<Client> {
         socket.set_nonblocking(true)?;
-        let shared = Arc::new(Shared::new(Connection::new(config)));
+        let shared = Arc::new(Shared::new(conn));
         tokio::spawn(driver::run(shared.clone(), socket));
         let client = Client {
             handle: Arc::new(Handle { shared }),

@@ -254,12 +254,19 @@ fn wait_with_limit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 #[test]
-fn tls_uris_are_refused_until_tls_lands() {
-    for uri in ["nbds://localhost/", "nbds+unix:///?socket=/nonexistent"] {
+fn tls_uris_set_up_their_tls_before_anything_is_reached() {
+    let cases = [
+        (
+            "nbds+unix:///?socket=/nonexistent&tls-certificates=/nonexistent-dir",
+            "/nonexistent-dir",
+        ),
+        ("nbds+unix:///?socket=/nonexistent&tls-type=anon", "anon"),
+    ];
+    for (uri, says) in cases {
         let err = Client::connect_uri(uri).map(drop).unwrap_err();
-        assert!(matches!(err, Error::Unsupported(_)), "{uri}: {err:?}");
-        assert_eq!(err.errno(), Some(Errno::NotSup), "{uri}");
-        assert!(err.to_string().contains("TLS"), "{err}");
+        assert!(matches!(err, Error::Tls(_)), "{uri}: {err:?}");
+        assert_eq!(err.errno(), Some(Errno::Inval), "{uri}");
+        assert!(err.to_string().contains(says), "{err}");
     }
 }
 

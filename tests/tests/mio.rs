@@ -860,8 +860,8 @@ fn refused_connects_report_errors_instead_of_hanging() {
     }
 }
 
-/// URIs go through `nbd_io::UriPolicy`: a TLS URI is refused as
-/// unsupported (this adapter has no TLS yet), an unknown query parameter is
+/// URIs go through `nbd_io::UriPolicy`: a TLS URI sets up its TLS before
+/// anything is reached (anonymous TLS is refused), an unknown query parameter is
 /// diagnosed, a caller's policy is honoured (`connect_endpoint`), and a vsock
 /// URI is tried rather than refused: where the kernel has no vsock, or
 /// nobody listens, it is an error naming the target, never a hang.
@@ -871,14 +871,14 @@ fn uris_follow_the_policy_and_vsock_is_tried() {
     let token = l.next_token();
     let registry = l.poll.registry();
     let tls = Client::connect_uri(
-        "nbds+unix:///?socket=/nonexistent.sock",
+        "nbds+unix:///?socket=/nonexistent.sock&tls-type=anon",
         Config::default(),
         registry,
         token,
     )
     .err()
-    .expect("TLS is not supported yet");
-    assert!(matches!(tls, nbd_mio::Error::Unsupported(_)), "{tls:?}");
+    .expect("anonymous TLS is refused");
+    assert!(matches!(tls, nbd_mio::Error::Tls(_)), "{tls:?}");
     let typo = Client::connect_uri(
         "nbd://localhost/?sokcet=/x",
         Config::default(),

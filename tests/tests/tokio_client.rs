@@ -753,9 +753,10 @@ fn connects_to_every_kind_of_target() {
         assert!(matches!(err, Error::Connect { .. }), "{err:?}");
         assert!(err.to_string().contains("/nonexistent/nbd.sock"), "{err}");
 
-        let err = Client::connect_uri("nbds+unix:///?socket=/tmp/x.sock")
+        // TLS settings are read before anything is reached.
+        let err = Client::connect_uri("nbds+unix:///?socket=/tmp/x.sock&tls-type=anon")
             .await
-            .expect_err("TLS is not there yet");
-        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+            .expect_err("anonymous TLS is refused");
+        assert!(matches!(err, Error::Tls(_)), "{err:?}");
     });
 }

@@ -93,6 +93,28 @@ impl Connection {
         Ok(())
     }
 
+    /// Opt mode: asks the server to start TLS (`NBD_OPT_STARTTLS`, libnbd's
+    /// `opt_starttls`). On the server's acknowledgement the connection
+    /// switches to a session from its [`TlsConnector`](crate::TlsConnector)
+    /// and forgets what was negotiated in plaintext (structured replies,
+    /// extended headers, meta contexts, export information); then an
+    /// [`Event::OptionDone`](crate::Event::OptionDone) reports the result. A
+    /// refusal leaves the connection negotiating in plaintext.
+    ///
+    /// With [`TlsMode::Allow`](crate::TlsMode::Allow) or
+    /// [`Require`](crate::TlsMode::Require) the connection already tried
+    /// before handing over, so this is for [`TlsMode::Disable`](crate::TlsMode::Disable)
+    /// (the protocol's selective TLS) and for tests. Prefer `Require`: a
+    /// server that keeps plaintext state across the switch is open to
+    /// injection.
+    ///
+    /// Errors, sending nothing: [`Error::InvalidState`] if TLS is on already,
+    /// [`Error::NotSupported`] without a connector.
+    pub fn opt_starttls(&mut self) -> Result<()> {
+        let (negotiation, core) = self.negotiation()?;
+        negotiation.opt_starttls(core)
+    }
+
     /// Opt mode: ends negotiation without transmission (`NBD_OPT_ABORT`). The
     /// connection closes cleanly when the server acknowledges or hangs up.
     pub fn opt_abort(&mut self) -> Result<()> {
