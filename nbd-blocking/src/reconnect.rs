@@ -103,6 +103,15 @@ impl Client {
         self.reconnects.drain(..).collect()
     }
 
+    /// Whether the connection was lost to a failure the reconnect policy
+    /// counts, and the next wait will connect again: the current
+    /// [`connection`](Client::connection) is dead, but the client is not.
+    pub fn is_reconnecting(&self) -> bool {
+        self.reconnect
+            .as_ref()
+            .is_some_and(|r| r.keeps_lost(&self.conn))
+    }
+
     /// Issues `request` (a read into `buffer`): through the journal when
     /// reconnect is on.
     pub(crate) fn issue(&mut self, request: Request, buffer: Option<BytesMut>) -> Result<Cookie> {

@@ -15,8 +15,10 @@
 //! Two more conditions per adapter: nbdkit failing 2% of commands with
 //! `EIO` on purpose (those failures are expected; everything else is still
 //! checked), and the server killed halfway with commands in flight (they
-//! must fail exactly once, new ones be refused, and nothing hang). A
-//! self-test flips one bit of one read and expects the run to fail.
+//! must fail exactly once, new ones be refused, and nothing hang). With
+//! automatic reconnect on, the server (nbdkit's file plugin, qemu-nbd on a
+//! raw file) is killed and started again twice mid-run: every operation must
+//! still pass and read back right. A self-test flips one bit of one read and expects the run to fail.
 //!
 //! qemu-nbd on qcow2 runs with discards ignored (its default); with
 //! `--discard=unmap` it corrupts data under this load, which the ignored
@@ -34,10 +36,11 @@ use std::time::Duration;
 use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, Errno};
 use nbd_tests::stress::ops::Op;
 use nbd_tests::stress::{
-    stress, stress_killed, Blocking, Driver, Kind, Mio, Settings, Summary, Target,
+    stress, stress_killed, stress_restarted, Blocking, Driver, Kind, Mio, Settings, Summary, Target,
 };
 use nbd_tests::{
-    ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, ServerHandle,
+    ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, Restartable,
+    ServerHandle,
 };
 
 /// Some MiB (room for 256 small commands in flight without overlaps), with an odd tail so requests also end at an unaligned export end.
@@ -333,6 +336,54 @@ fn blocking_nbdkit_memory_killed() {
 #[test]
 fn mio_nbdkit_memory_killed() {
     check_killed::<Mio>("mio_nbdkit_memory_killed");
+}
+
+// ------------------------------------------------------------------ server restarts
+
+/// Restarts the server twice during a stress run with automatic reconnect
+/// on: nbdkit's file plugin, or qemu-nbd on a raw file, so the data outlives
+/// each process. Every operation must pass and every byte the model knows
+/// must read back: nothing lost, nothing doubled.
+fn check_restarted<D: Driver>(test: &str, qemu: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    let size = if qemu { QEMU_SIZE } else { SIZE };
+    std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+    // A server of its own: it dies with commands in flight.
+    let (server_name, delay) = match qemu {
+        true => ("qemu-nbd raw, restarted", None),
+        false => ("nbdkit file, restarted", Some("0")),
+    };
+    let mut server = Restartable::start_as(dir.path(), file, delay);
+    let target = Target::new(test, server_name, &server.uri());
+    let ops = Settings::from_env().ops;
+    let (summary, reconnects) = stress_restarted::<D>(target, |_| {
+        server.kill();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        server.restart();
+    });
+    assert_eq!(summary.operations, ops, "{test}: operations run");
+    assert!(summary.sweep_reads > 0, "{test}: the export was read back");
+    if ops >= 30 {
+        // Both restarts fell inside the run, with commands in flight
+        // most of the time: the client must have seen at least one.
+        assert!(reconnects >= 1, "{test}: no reconnect was reported");
+    }
+}
+
+#[test]
+fn blocking_nbdkit_file_restarted() {
+    check_restarted::<Blocking>("blocking_nbdkit_file_restarted", false);
+}
+
+#[test]
+fn mio_nbdkit_file_restarted() {
+    check_restarted::<Mio>("mio_nbdkit_file_restarted", false);
+}
+
+#[test]
+fn blocking_qemu_nbd_raw_restarted() {
+    check_restarted::<Blocking>("blocking_qemu_nbd_raw_restarted", true);
 }
 
 // ------------------------------------------------------------------ self-test

@@ -41,6 +41,24 @@ pub trait Driver: Sized {
     fn take_block_status(&mut self, cookie: Cookie) -> Vec<BlockStatus>;
     /// Disconnects cleanly; nothing may be in flight.
     fn finish(self) -> Result<(), String>;
+
+    /// Turns on automatic reconnect (nothing may be in flight yet).
+    fn set_reconnect(&mut self, policy: nbd_io::ReconnectPolicy) -> Result<(), String> {
+        let _ = policy;
+        Err(format!("the {} driver has no reconnect", Self::NAME))
+    }
+
+    /// Whether the connection is over for good: closed or dead, and not
+    /// about to be replaced by a reconnect.
+    fn is_over(&self) -> bool {
+        let conn = self.connection();
+        conn.is_closed() || conn.is_dead()
+    }
+
+    /// How many reconnects happened since the last call.
+    fn take_reconnects(&mut self) -> usize {
+        0
+    }
 }
 
 /// Queues `op` on a connection-shaped API: the same calls exist on both adapters.
@@ -73,6 +91,21 @@ pub struct Blocking(nbd_blocking::Client);
 
 impl Driver for Blocking {
     const NAME: &'static str = "blocking";
+
+    fn set_reconnect(&mut self, policy: nbd_io::ReconnectPolicy) -> Result<(), String> {
+        self.0
+            .set_reconnect(Some(policy))
+            .map_err(|e| e.to_string())
+    }
+
+    fn take_reconnects(&mut self) -> usize {
+        self.0.take_reconnects().len()
+    }
+
+    fn is_over(&self) -> bool {
+        let conn = self.0.connection();
+        (conn.is_closed() || conn.is_dead()) && !self.0.is_reconnecting()
+    }
 
     fn connect(uri: &str, config: Config) -> Result<Self, String> {
         let mut client =
@@ -166,6 +199,12 @@ impl Mio {
                 self.client.connection().error()
             ));
         }
+        // The client's own deadlines (timeouts, a reconnect's pause) come
+        // first: it is told the time after every wake-up.
+        let timeout = self
+            .client
+            .poll_timeout()
+            .map_or(timeout, |due| due.min(timeout));
         match self.poll.poll(&mut self.events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
@@ -183,6 +222,12 @@ impl Mio {
                 result = Err(e.to_string());
             }
         }
+        if result.is_ok() {
+            result = self
+                .client
+                .handle_timeout(Instant::now())
+                .map_err(|e| e.to_string());
+        }
         self.absorb();
         result
     }
@@ -190,6 +235,22 @@ impl Mio {
 
 impl Driver for Mio {
     const NAME: &'static str = "mio";
+
+    fn set_reconnect(&mut self, policy: nbd_io::ReconnectPolicy) -> Result<(), String> {
+        self.client
+            .set_reconnect(Some(policy))
+            .map_err(|e| e.to_string())
+    }
+
+    fn take_reconnects(&mut self) -> usize {
+        self.client.take_reconnects().len()
+    }
+
+    fn is_over(&self) -> bool {
+        // Between a lost connection and its reconnect the old connection is
+        // dead but the client is not closed.
+        self.client.is_closed()
+    }
 
     fn connect(uri: &str, config: Config) -> Result<Self, String> {
         let poll = Poll::new().map_err(|e| e.to_string())?;

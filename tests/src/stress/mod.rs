@@ -243,6 +243,40 @@ pub fn stress_killed<D: Driver>(target: Target, kill: impl FnOnce()) -> Killed {
     killed
 }
 
+/// Like [`stress`], with the client reconnecting while `restart` kills the
+/// server and starts it again (same socket, same data) at a third and at two
+/// thirds of the operations. Every operation must pass as if nothing
+/// happened; returns the summary and the reconnects the client reported.
+pub fn stress_restarted<D: Driver>(target: Target, restart: impl FnMut(usize)) -> (Summary, usize) {
+    let run = Run::new(target, Settings::from_env());
+    eprintln!(
+        "stress {}: {} adapter, {}, {} operations, server restarted twice, seed {} \
+         (replay: NBD_STRESS_SEED={} NBD_STRESS_OPS={})",
+        run.test,
+        D::NAME,
+        run.server,
+        run.ops,
+        run.seed,
+        run.seed,
+        run.ops
+    );
+    let points = [run.ops / 3, run.ops * 2 / 3];
+    let (summary, reconnects) = runner::run_restarted::<D>(&run, &points, restart);
+    eprintln!(
+        "stress {}: {} operations passed (+{} sweep reads) in {:.1?} across {reconnects} \
+         reconnects; per kind {:?}; at most {} in flight; {} of {} bytes known at the end",
+        run.test,
+        summary.operations,
+        summary.sweep_reads,
+        summary.elapsed,
+        summary.tally,
+        summary.max_depth,
+        summary.known_bytes,
+        summary.limits.size,
+    );
+    (summary, reconnects)
+}
+
 /// Runs the stress test named `test` against `uri` through adapter `D`,
 /// with the operation count and seed from the environment; prints the seed
 /// first (so a hang killed from outside can still be replayed) and a summary

@@ -155,9 +155,8 @@ impl<D: Driver> Stress<'_, D> {
             if took > 0 {
                 return;
             }
-            let conn = self.client.connection();
-            if conn.is_closed() || conn.is_dead() {
-                let error = conn.error().map(ToString::to_string);
+            if self.client.is_over() {
+                let error = self.client.connection().error().map(ToString::to_string);
                 self.fail(
                     index,
                     &format!(
@@ -171,6 +170,7 @@ impl<D: Driver> Stress<'_, D> {
             }
             if started.elapsed() >= STALL_LIMIT {
                 let oldest = &self.pending[0];
+                let conn = self.client.connection();
                 self.fail(
                     index,
                     &format!(
@@ -444,15 +444,52 @@ fn connect<D: Driver>(run: &Run) -> Stress<'_, D> {
 
 /// Runs `run` through adapter `D`; panics on the first failure.
 pub fn run<D: Driver>(run: &Run) -> Summary {
+    run_restarted::<D>(run, &[], |_| {}).0
+}
+
+/// Like [`run`], with automatic reconnect on: before each operation index of
+/// `restart_at` (ascending), once a good number of commands are in flight,
+/// `restart(i)` kills the server and starts it again on the same socket
+/// with the same data. Every operation must still pass and the sweep must
+/// read back every byte the model knows: nothing lost, nothing doubled.
+/// Returns the summary and how many reconnects the client reported.
+pub fn run_restarted<D: Driver>(
+    run: &Run,
+    restart_at: &[u64],
+    mut restart: impl FnMut(usize),
+) -> (Summary, usize) {
     let started = Instant::now();
     let mut stress = connect::<D>(run);
+    if !restart_at.is_empty() {
+        let mut policy = nbd_io::ReconnectPolicy::new(30);
+        policy.first_delay = Duration::from_millis(50);
+        policy.max_delay = Duration::from_millis(500);
+        if let Err(e) = stress.client.set_reconnect(policy) {
+            panic!("stress {}: set_reconnect: {e}", run.test);
+        }
+    }
     let conn = stress.client.connection();
     let structured_replies = conn.structured_replies_negotiated();
     let extended_headers = conn.extended_headers_negotiated();
     let limits = Limits::of(conn).expect("read once already");
     let mut gen = Generator::new(run.seed, limits.clone());
-    stress.issue_range(&mut gen, 0, run.ops);
+    let mut at = 0;
+    for (i, &point) in restart_at.iter().enumerate() {
+        let point = point.clamp(at, run.ops);
+        stress.issue_range(&mut gen, at, point);
+        at = point;
+        // Restart with commands in flight, if the depth allows it soon.
+        let give_up = point.saturating_add(run.ops / 8).min(run.ops);
+        while stress.pending.len() < 16 && at < give_up {
+            stress.issue_range(&mut gen, at, at + 1);
+            at += 1;
+        }
+        stress.send(at.saturating_sub(1));
+        restart(i);
+    }
+    stress.issue_range(&mut gen, at, run.ops);
     stress.drain(run.ops);
+    let reconnects = stress.client.take_reconnects();
     // Read the whole export back: every byte the model knows must be there.
     let sweep = gen.sweep();
     let swept = sweep.len() as u64;
@@ -477,7 +514,7 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
             run.test, run.ops, run.seed
         );
     }
-    Summary {
+    let summary = Summary {
         operations: run.ops,
         sweep_reads: swept,
         tally,
@@ -489,7 +526,8 @@ pub fn run<D: Driver>(run: &Run) -> Summary {
         structured_replies,
         extended_headers,
         elapsed: started.elapsed(),
-    }
+    };
+    (summary, reconnects)
 }
 
 /// Runs `run` through adapter `D`, calling `kill` (which kills the server)
