@@ -40,9 +40,11 @@ impl Client {
     /// before each attempt), checks that it reaches the same export (same
     /// size, no flag weaker, the same meta contexts; otherwise the reconnect
     /// is refused), and sends every command that had not completed again, in
-    /// the order it was first submitted. A command that completed is never sent again, and a flush
+    /// the order it was first submitted. A command that completed is never
+    /// sent again; writes acknowledged since the last flush are written
+    /// again first (within [`ReconnectPolicy::replay_budget`]), and a flush
     /// or FUA write sent again waits for the writes before it (see
-    /// [`nbd_io::Journal`]). Each reconnect is reported by
+    /// [`nbd_io::Journal`]; past the budget it fails with EIO instead). Each reconnect is reported by
     /// [`Client::take_reconnects`]. When every attempt fails, each pending
     /// command completes once with `ConnectionLost` and the cause, and the
     /// wait returns an error; the client does not try again.
@@ -81,12 +83,13 @@ impl Client {
         let mut config = config.clone();
         config.opt_mode = false;
         config.export_name = self.conn.export_name().to_string();
+        let journal = Journal::for_policy(&policy);
         self.reconnect = Some(Box::new(Reconnect {
             policy,
             target: target.clone(),
             config,
             identity: ExportIdentity::of(&self.conn)?,
-            journal: Journal::new(),
+            journal,
             gave_up: false,
         }));
         Ok(())

@@ -113,12 +113,13 @@ impl Client {
         let mut config = config.clone();
         config.opt_mode = false;
         config.export_name = self.conn.export_name().to_string();
+        let journal = Journal::for_policy(&policy);
         self.reconnect = Some(Box::new(Reconnect {
             policy,
             target: target.clone(),
             config,
             identity: ExportIdentity::of(&self.conn)?,
-            journal: Journal::new(),
+            journal,
             state: State::Idle,
             failure: None,
         }));
