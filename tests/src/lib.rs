@@ -34,6 +34,7 @@ mod nbdkit;
 mod process;
 mod qemu;
 mod ready;
+pub mod restart;
 pub mod stress;
 pub mod testkit;
 mod tools;

@@ -19,9 +19,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, ReconnectPolicy};
 use nbd_proto::{CmdFlags, Cookie, Errno};
+use nbd_tests::restart::Restartable;
 use nbd_tests::testkit::nbd_binary;
 
 const BLOCK: usize = 64 << 10;
@@ -54,94 +54,6 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
             Err(panic) => std::panic::resume_unwind(panic),
             Ok(()) => unreachable!("the worker sends before it returns"),
         },
-    }
-}
-
-/// nbdkit's file plugin behind the delay filter on a fixed socket, which a
-/// test can kill and start again.
-struct Restartable {
-    socket: PathBuf,
-    file: PathBuf,
-    /// nbdkit's delay filter, or `None` for qemu-nbd.
-    delay: Option<&'static str>,
-    child: Option<Child>,
-}
-
-impl Restartable {
-    fn start(dir: &Path, file: PathBuf, delay: &'static str) -> Self {
-        Self::start_as(dir, file, Some(delay))
-    }
-
-    /// nbdkit (with `delay`) or, without, qemu-nbd serving `file` persistently.
-    fn start_as(dir: &Path, file: PathBuf, delay: Option<&'static str>) -> Self {
-        let mut server = Restartable {
-            socket: dir.join("nbd.sock"),
-            file,
-            delay,
-            child: None,
-        };
-        server.restart();
-        server
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    /// Starts nbdkit (serving `self.file`) and waits until it listens.
-    fn restart(&mut self) {
-        let _ = fs::remove_file(&self.socket);
-        let mut command = match self.delay {
-            Some(delay) => {
-                let mut nbdkit = Command::new("nbdkit");
-                nbdkit
-                    .arg("--foreground")
-                    .arg("--exit-with-parent")
-                    .arg("-U")
-                    .arg(&self.socket)
-                    .arg("--filter=delay")
-                    .arg("file")
-                    .arg(format!("file={}", self.file.display()))
-                    .arg(format!("delay-read={delay}"))
-                    .arg(format!("delay-write={delay}"));
-                nbdkit
-            }
-            None => {
-                let mut qemu = Command::new("qemu-nbd");
-                qemu.arg("--persistent")
-                    .arg("--format=raw")
-                    .arg("--socket")
-                    .arg(&self.socket)
-                    .arg(&self.file);
-                qemu
-            }
-        };
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nbdkit starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "nbdkit did not listen");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills nbdkit at once, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Restartable {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
