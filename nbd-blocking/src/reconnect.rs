@@ -56,8 +56,11 @@ impl Client {
     /// attempt's connect and handshake (bounded by `Config::handshake_timeout`).
     ///
     /// Cookies returned while reconnect is on are the journal's: they stay
-    /// valid across connections. Chunks of a structured read cut short may
-    /// be reported twice, once per connection.
+    /// valid across connections. A structured read (or block status query)
+    /// sent again reports its chunks afresh from the new connection: those
+    /// the lost connection had delivered and [`Client::take_chunks`] (or
+    /// [`Client::take_block_status`]) had not yet taken are dropped at the
+    /// reconnect; those already taken were reported, and may come again.
     ///
     /// Errors (`EINVAL`): the client was made from a socket
     /// ([`Client::connect_socket`]) and so knows no target to connect to
@@ -198,6 +201,11 @@ impl Client {
             std::mem::swap(&mut self.socket, &mut fresh.socket);
             self.closed = false;
             let resent = r.journal.held();
+            // Chunks and block status reports of the commands sent again
+            // came from the lost connection; the new one reports afresh.
+            let journal = &r.journal;
+            self.chunks.retain(|c| !journal.is_pending(c.cookie()));
+            self.statuses.retain(|s| !journal.is_pending(s.cookie));
             let (_, refused) = r.journal.resend(&mut self.conn);
             self.completed.extend(refused);
             self.reconnects

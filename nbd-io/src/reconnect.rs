@@ -364,6 +364,9 @@ const JOURNAL_COOKIE: u64 = 1 << 63;
 ///    checks [`ExportIdentity`], and calls [`Journal::resend`]: the kept
 ///    commands go out again in the order they were first submitted. A
 ///    command that completed (successfully or not) is never sent again.
+///    Read chunks and block status reports the adapter still holds for a
+///    command sent again ([`Journal::is_pending`]) came from the lost
+///    connection: drop them, as the new connection reports afresh.
 /// 4. If every attempt fails, [`Journal::give_up`] completes each kept
 ///    command once with the cause.
 ///

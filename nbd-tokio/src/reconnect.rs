@@ -61,10 +61,10 @@ impl Client {
     /// Cancel safety holds across a reconnect: a command whose future was
     /// dropped is sent again like the others and its reply is consumed and
     /// dropped. Cookies issued while reconnect is on are the journal's and
-    /// stay valid across connections. A structured read sent again reports
-    /// its chunks afresh from the new connection; chunks that arrived on the
-    /// lost one before it died are reported too, so a chunk may appear
-    /// twice in the result (the data in the buffer is the new server's).
+    /// stay valid across connections. A structured read or block status
+    /// query sent again reports only what the new connection sends: the
+    /// chunks and reports the lost connection had delivered for it are
+    /// dropped at the reconnect, so none appears twice.
     ///
     /// Errors (`EINVAL`): the client was not made from a [`Target`]
     /// ([`Client::connect`], [`Client::connect_uri`], ...), it is not in
@@ -240,6 +240,7 @@ fn take_over(
     let resent = r.journal.held();
     let (_, refused) = r.journal.resend(&mut conn);
     state.conn = conn;
+    state.forget_partial_replies();
     for done in refused {
         state.deliver(done, wake);
     }

@@ -254,6 +254,20 @@ impl State {
         changed
     }
 
+    /// After a reconnect: the chunks and block status reports gathered for
+    /// commands not yet completed came from the lost connection, and the
+    /// commands were sent again; the new connection reports afresh.
+    pub(crate) fn forget_partial_replies(&mut self) {
+        for slot in self.slots.values_mut() {
+            if slot.done.is_none() {
+                if let Some(chunks) = &mut slot.chunks {
+                    chunks.clear();
+                }
+                slot.statuses.clear();
+            }
+        }
+    }
+
     /// Puts a completion (under the caller's cookie) in its slot.
     pub(crate) fn deliver(&mut self, done: Completion, wake: &mut Vec<Waker>) {
         let cookie = done.cookie;

@@ -5,6 +5,7 @@
 //! with reads in flight).
 
 use std::fs;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -103,4 +104,41 @@ impl Drop for Restartable {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A Unix socket server of fake servers over one image: the first
+/// connection negotiates, takes the commands, and sends their replies all
+/// but the last byte before hanging up (so a structured read's first
+/// chunks arrive and its end never does); every later one serves.
+pub fn cut_short_then_serve(path: std::path::PathBuf, template: nbd_testkit::FakeServer) {
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let mut server = template.new_connection();
+            std::thread::spawn(move || {
+                if n > 0 {
+                    let _ = nbd_testkit::serve_socket(stream, server);
+                    return;
+                }
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let out = server.take_output();
+                    if stream.write_all(&out).is_err() {
+                        return;
+                    }
+                    let in_transmission = server.in_transmission();
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => server.handle_input(&buf[..k]),
+                    }
+                    if in_transmission {
+                        let out = server.take_output();
+                        let _ = stream.write_all(&out[..out.len().saturating_sub(1)]);
+                        return;
+                    }
+                }
+            });
+        }
+    });
 }

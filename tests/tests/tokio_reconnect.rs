@@ -7,7 +7,11 @@
 //!   reads return the right bytes, the file holds every write (the dropped
 //!   one too: it was sent again and its reply consumed);
 //! - a server that never comes back: each pending command fails once after
-//!   the policy's attempts, and later commands fail too.
+//!   the policy's attempts, and later commands fail too;
+//! - an acknowledged write, then a restart: the flush after it succeeds;
+//!   past the replay budget, that flush fails once with EIO instead;
+//! - a structured read whose reply was cut short (a scripted fake server)
+//!   is sent again and reports each chunk once.
 //!
 //! Each test runs its own nbdkit (Debian's nbdkit 1.32 aborts when a client
 //! leaves with reads in flight) on a runtime of its own, bounded by
@@ -18,8 +22,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::{CmdFlags, Errno};
-use nbd_tests::restart::Restartable;
+use nbd_proto::{CmdFlags, Errno, ReadChunk};
+use nbd_tests::restart::{self, Restartable};
 use nbd_tokio::{Client, ReconnectPolicy};
 
 const BLOCK: usize = 64 << 10;
@@ -202,5 +206,128 @@ fn a_server_that_never_returns_fails_each_pending_command_once() {
         assert!(client.take_reconnects().is_empty());
         assert_eq!(client.in_flight(), 0);
         assert!(client.closed().await.is_err());
+    });
+}
+
+/// Kills the server and starts it again at once, off the runtime's threads.
+async fn restart_now(mut server: Restartable) -> Restartable {
+    tokio::task::spawn_blocking(move || {
+        server.kill();
+        server.restart();
+        server
+    })
+    .await
+    .expect("the restart ran")
+}
+
+/// Waits until the client has reconnected once.
+async fn until_reconnected(client: &Client) -> Vec<nbd_tokio::Reconnected> {
+    loop {
+        let reconnects = client.take_reconnects();
+        if !reconnects.is_empty() {
+            return reconnects;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn an_acknowledged_write_is_written_again_and_the_flush_after_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let server = Restartable::start(dir.path(), file.clone(), "0");
+    let uri = server.uri();
+    run(async move {
+        let client = Client::connect_uri(&uri).await.unwrap();
+        client.set_reconnect(Some(policy(30))).unwrap();
+        client
+            .pwrite(
+                Bytes::from(block(2, 5)),
+                5 * BLOCK as u64,
+                CmdFlags::empty(),
+            )
+            .await
+            .unwrap();
+        let server = restart_now(server).await;
+        let reconnects = until_reconnected(&client).await;
+        assert_eq!(reconnects[0].resent, 0, "nothing was unfinished");
+        client.flush(CmdFlags::empty()).await.unwrap();
+        client.shutdown().await.unwrap();
+        drop(server);
+    });
+    let mut want = image(1);
+    want[5 * BLOCK..6 * BLOCK].copy_from_slice(&block(2, 5));
+    assert!(fs::read(&file).unwrap() == want, "the write landed");
+}
+
+#[test]
+fn past_the_replay_budget_the_flush_after_a_reconnect_fails_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let server = Restartable::start(dir.path(), file, "0");
+    let uri = server.uri();
+    run(async move {
+        let client = Client::connect_uri(&uri).await.unwrap();
+        let mut policy = policy(30);
+        policy.replay_budget = BLOCK / 2;
+        client.set_reconnect(Some(policy)).unwrap();
+        client
+            .pwrite(Bytes::from(block(2, 0)), 0, CmdFlags::empty())
+            .await
+            .unwrap();
+        let server = restart_now(server).await;
+        until_reconnected(&client).await;
+        let err = client
+            .flush(CmdFlags::empty())
+            .await
+            .expect_err("the unflushed write may be lost");
+        assert_eq!(err.errno(), Some(Errno::Io), "{err}");
+        assert!(err.to_string().contains("budget"), "{err}");
+        // Told once; the next flush covers only what this connection holds.
+        client.flush(CmdFlags::empty()).await.unwrap();
+        client.shutdown().await.unwrap();
+        drop(server);
+    });
+}
+
+#[test]
+fn a_structured_read_sent_again_reports_each_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.sock");
+    let mut contents = vec![0u8; 1 << 20];
+    nbd_testkit::Rng::new(3).fill_bytes(&mut contents);
+    let template = nbd_testkit::FakeServer::builder()
+        .contents(&contents)
+        .split_reads(true)
+        .seed(5)
+        .build();
+    restart::cut_short_then_serve(path.clone(), template);
+    let uri = format!("nbd+unix:///?socket={}", path.display());
+    run(async move {
+        let client = Client::connect_uri(&uri).await.unwrap();
+        client.set_reconnect(Some(policy(5))).unwrap();
+        let (buf, chunks) = client
+            .pread_structured(BytesMut::zeroed(BLOCK), 0, CmdFlags::empty())
+            .await
+            .unwrap();
+        assert!(buf[..] == contents[..BLOCK], "the data");
+        assert_eq!(client.take_reconnects().len(), 1, "the first reply was cut");
+        // Each byte of the request is covered by exactly one chunk.
+        let mut covered = vec![0u8; BLOCK];
+        for chunk in &chunks {
+            let (offset, len) = match chunk {
+                ReadChunk::Data { offset, length, .. } | ReadChunk::Hole { offset, length, .. } => {
+                    (*offset as usize, *length as usize)
+                }
+                other => panic!("unexpected chunk {other:?}"),
+            };
+            for c in &mut covered[offset..offset + len] {
+                *c += 1;
+            }
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{} chunks", chunks.len());
+        client.shutdown().await.unwrap();
     });
 }
