@@ -64,11 +64,11 @@ impl Drop for Handle {
     fn drop(&mut self) {
         {
             let mut state = self.shared.lock();
-            state.closing = true;
             if state.conn.is_negotiating() {
+                state.closing = true;
                 let _ = state.conn.opt_abort();
-            } else if state.conn.is_ready() {
-                let _ = state.conn.disconnect();
+            } else if state.conn.is_ready() || state.reconnect.is_some() {
+                let _ = state.ask_disconnect();
             } else if !state.is_over() {
                 // Mid-handshake: nobody will ever use this connection.
                 let _ = state.conn.notify_read(0);
@@ -451,10 +451,7 @@ impl Client {
     /// commands in flight complete first, as the core holds
     /// `NBD_CMD_DISC` back until nothing is in flight.
     pub fn aio_disconnect(&self) -> Result<()> {
-        let mut state = self.lock();
-        state.closing = true;
-        state.conn.disconnect()?;
-        drop(state);
+        self.lock().ask_disconnect()?;
         self.shared().wake_driver.notify_one();
         Ok(())
     }
@@ -472,11 +469,11 @@ impl Client {
     pub async fn shutdown(&self) -> Result<()> {
         let asked = {
             let mut state = self.lock();
-            state.closing = true;
             if state.conn.is_negotiating() {
+                state.closing = true;
                 state.conn.opt_abort()
-            } else if state.conn.is_ready() {
-                state.conn.disconnect()
+            } else if state.conn.is_ready() || state.reconnect.is_some() {
+                state.ask_disconnect()
             } else {
                 Ok(())
             }

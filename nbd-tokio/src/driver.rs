@@ -197,7 +197,8 @@ impl Driver<'_> {
             let changed = state.dispatch(&mut self.wake);
             // Commands the journal held back until the writes before them
             // completed: out now, written by the next pass.
-            if state.send_held(&mut self.wake) > 0 {
+            // So is a disconnect that waited for them.
+            if state.send_held(&mut self.wake) > 0 || state.finish_closing() {
                 self.shared.wake_driver.notify_one();
             }
             let wait = Wait {

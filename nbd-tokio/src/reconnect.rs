@@ -58,6 +58,12 @@ impl Client {
     /// command completes once with `ConnectionLost` and the cause, and new
     /// commands fail with the reason.
     ///
+    /// [`shutdown`](Self::shutdown), `aio_disconnect` or dropping the last
+    /// handle while a connection is being replaced (or while the journal
+    /// holds commands back) waits for the reconnect and the commands sent
+    /// again, then ends the new connection cleanly; commands issued after
+    /// it fail with `ESHUTDOWN`.
+    ///
     /// Cancel safety holds across a reconnect: a command whose future was
     /// dropped is sent again like the others and its reply is consumed and
     /// dropped. Cookies issued while reconnect is on are the journal's and
@@ -129,7 +135,7 @@ impl State {
         if let Some(failure) = &r.failure {
             return Err(failure.clone().into());
         }
-        if self.closing && !self.conn.is_ready() {
+        if self.closing {
             return Err(nbd_proto::Error::Shutdown("the client is disconnecting".into()).into());
         }
         Ok(if r.reconnecting {
@@ -138,6 +144,40 @@ impl State {
             r.journal.submit(&mut self.conn, request, buffer)?
         } else {
             request.issue(&mut self.conn, buffer)?
+        })
+    }
+
+    /// Asks to end the connection (shutdown, `aio_disconnect`, the last
+    /// handle dropped). With reconnect on, commands the journal holds back
+    /// (to be sent again, or issued while the connection is replaced) go
+    /// out first: the disconnect waits for them (the core then holds
+    /// `NBD_CMD_DISC` back until nothing is in flight).
+    pub(crate) fn ask_disconnect(&mut self) -> nbd_proto::Result<()> {
+        self.closing = true;
+        if self.holds_back() {
+            self.disconnect_deferred = true;
+            return Ok(());
+        }
+        self.conn.disconnect()
+    }
+
+    /// Carries out a deferred disconnect once nothing is held back; the
+    /// driver calls it every pass. Whether it did.
+    pub(crate) fn finish_closing(&mut self) -> bool {
+        if self.disconnect_deferred && self.conn.is_ready() && !self.holds_back() {
+            self.disconnect_deferred = false;
+            let _ = self.conn.disconnect();
+            return true;
+        }
+        false
+    }
+
+    /// Whether the journal holds commands back from the connection.
+    fn holds_back(&self) -> bool {
+        self.reconnect.as_ref().is_some_and(|r| {
+            r.reconnecting
+                || r.journal.held() > 0
+                || (self.conn.is_dead() && r.keeps_lost(&self.conn))
         })
     }
 
@@ -248,9 +288,9 @@ fn take_over(
         .reconnects
         .push(Reconnected::new(cause.clone(), attempt, resent));
     if state.closing {
-        // Asked to end while the connection was being replaced: the core
-        // sends the goodbye once what was sent again has completed.
-        let _ = state.conn.disconnect();
+        // Asked to end while the connection was being replaced: once what
+        // is sent again has gone out (see `State::finish_closing`).
+        state.disconnect_deferred = true;
     }
     true
 }

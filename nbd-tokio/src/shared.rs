@@ -46,6 +46,7 @@ impl Shared {
                 reconnect: None,
                 reconnects: Vec::new(),
                 closing: false,
+                disconnect_deferred: false,
             }),
             wake_driver: Notify::new(),
             changed: Notify::new(),
@@ -83,6 +84,9 @@ pub(crate) struct State {
     /// A disconnect was asked for (shutdown, or the last handle dropped):
     /// a connection that replaces a lost one is ended as soon as it can be.
     pub(crate) closing: bool,
+    /// The disconnect waits until the journal holds nothing back (commands
+    /// to be sent again, or a connection being replaced).
+    pub(crate) disconnect_deferred: bool,
 }
 
 /// Hashes a cookie with one multiplication instead of SipHash: cookies are

@@ -10,6 +10,8 @@
 //!   the policy's attempts, and later commands fail too;
 //! - an acknowledged write, then a restart: the flush after it succeeds;
 //!   past the replay budget, that flush fails once with EIO instead;
+//! - a shutdown asked for while the server is away waits for the commands
+//!   sent again, refuses new ones, and ends cleanly;
 //! - a structured read whose reply was cut short (a scripted fake server)
 //!   is sent again and reports each chunk once.
 //!
@@ -232,7 +234,7 @@ async fn until_reconnected(client: &Client) -> Vec<nbd_tokio::Reconnected> {
 }
 
 #[test]
-fn an_acknowledged_write_is_written_again_and_the_flush_after_it_succeeds() {
+fn an_acknowledged_write_survives_a_restart_and_the_flush_after_it_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     fs::write(&file, image(1)).unwrap();
@@ -330,4 +332,63 @@ fn a_structured_read_sent_again_reports_each_chunk_once() {
         assert!(covered.iter().all(|&c| c == 1), "{} chunks", chunks.len());
         client.shutdown().await.unwrap();
     });
+}
+
+/// A shutdown asked for while the connection is being replaced waits for
+/// the commands sent again, then ends the new connection cleanly.
+#[test]
+fn a_shutdown_during_a_reconnect_waits_for_the_commands_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let mut server = Restartable::start(dir.path(), file.clone(), "1");
+    let uri = server.uri();
+    run(async move {
+        let client = Client::connect_uri(&uri).await.unwrap();
+        client.set_reconnect(Some(policy(30))).unwrap();
+        let writes: Vec<_> = (0..4)
+            .map(|i| {
+                let offset = (i * BLOCK) as u64;
+                client
+                    .aio_pwrite(Bytes::from(block(2, i)), offset, CmdFlags::empty())
+                    .unwrap()
+            })
+            .collect();
+        until_in_flight(&client, 4).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            server
+        })
+        .await
+        .unwrap();
+        // The loss is seen; the shutdown comes while the server is away.
+        while !client.connection().is_dead() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let shutdown = tokio::spawn({
+            let client = client.clone();
+            async move { client.shutdown().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = client.pwrite(Bytes::from_static(b"late"), 0, CmdFlags::empty());
+        assert_eq!(refused.await.unwrap_err().errno(), Some(Errno::Shutdown));
+        let server = tokio::task::spawn_blocking(move || {
+            server.restart();
+            server
+        })
+        .await
+        .unwrap();
+        for write in writes {
+            write.await.expect("the write was sent again and done");
+        }
+        shutdown.await.unwrap().expect("a clean end");
+        assert_eq!(client.take_reconnects().len(), 1);
+        drop(server);
+    });
+    let mut want = image(1);
+    for i in 0..4 {
+        want[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&block(2, i));
+    }
+    assert!(fs::read(&file).unwrap() == want, "every write landed");
 }
