@@ -96,7 +96,8 @@ pub struct Reconnected {
     pub cause: Error,
     /// Which attempt succeeded (from 1).
     pub attempt: u32,
-    /// How many unfinished commands were sent again.
+    /// How many unfinished commands were sent again (acknowledged writes
+    /// written again for durability, see [`Journal`], are not counted).
     pub resent: usize,
 }
 
