@@ -43,9 +43,11 @@ impl Client {
     /// before each attempt), checks that it reaches the same export (same
     /// size, no flag weaker, the same meta contexts; otherwise the reconnect
     /// is refused), and sends every command that had not completed again, in
-    /// the order it was first submitted. A command that completed is never sent again, and a flush
+    /// the order it was first submitted. A command that completed is never
+    /// sent again; writes acknowledged since the last flush are written
+    /// again first (within [`ReconnectPolicy::replay_budget`]), and a flush
     /// or FUA write sent again waits for the writes before it (see
-    /// [`nbd_io::Journal`]). Each reconnect is reported by
+    /// [`nbd_io::Journal`]; past the budget it fails with EIO instead). Each reconnect is reported by
     /// [`Client::take_reconnects`]. When every attempt fails, each pending
     /// command completes once with `ConnectionLost` and the cause, and the
     /// wait returns an error; the client does not try again.
@@ -57,8 +59,11 @@ impl Client {
     /// attempt's connect and handshake (bounded by `Config::handshake_timeout`).
     ///
     /// Cookies returned while reconnect is on are the journal's: they stay
-    /// valid across connections. Chunks of a structured read cut short may
-    /// be reported twice, once per connection.
+    /// valid across connections. A structured read (or block status query)
+    /// sent again reports its chunks afresh from the new connection: those
+    /// the lost connection had delivered and [`Client::take_chunks`] (or
+    /// [`Client::take_block_status`]) had not yet taken are dropped at the
+    /// reconnect; those already taken were reported, and may come again.
     ///
     /// Errors (`EINVAL`): the client was made from a socket
     /// ([`Client::connect_socket`]) and so knows no target to connect to
@@ -84,13 +89,14 @@ impl Client {
         let mut config = config.clone();
         config.opt_mode = false;
         config.export_name = self.conn.export_name().to_string();
+        let journal = Journal::for_policy(&policy);
         self.reconnect = Some(Box::new(Reconnect {
             policy,
             target: target.clone(),
             config,
             tls: self.origin_tls.clone(),
             identity: ExportIdentity::of(&self.conn)?,
-            journal: Journal::new(),
+            journal,
             gave_up: false,
         }));
         Ok(())
@@ -219,6 +225,11 @@ impl Client {
             std::mem::swap(&mut self.socket, &mut fresh.socket);
             self.closed = false;
             let resent = r.journal.held();
+            // Chunks and block status reports of the commands sent again
+            // came from the lost connection; the new one reports afresh.
+            let journal = &r.journal;
+            self.chunks.retain(|c| !journal.is_pending(c.cookie()));
+            self.statuses.retain(|s| !journal.is_pending(s.cookie));
             let (_, refused) = r.journal.resend(&mut self.conn);
             self.completed.extend(refused);
             self.reconnects

@@ -32,7 +32,21 @@ pub struct ReconnectPolicy {
     /// Whether a connection ended by the stall deadline reconnects (the
     /// server hanging up and a reset socket always do).
     pub on_stall: bool,
+    /// Most bytes of acknowledged but unflushed writes the [`Journal`]
+    /// keeps to write again after a reconnect (payload bytes, plus
+    /// [`REPLAY_ENTRY_COST`] for each write, zero or trim). Past it, a
+    /// reconnect before the next flush makes the next flush or FUA write
+    /// fail with `WritesLost` (EIO) instead of reporting done. Default
+    /// [`DEFAULT_REPLAY_BUDGET`].
+    pub replay_budget: usize,
 }
+
+/// The default [`ReconnectPolicy::replay_budget`]: 64 MiB.
+pub const DEFAULT_REPLAY_BUDGET: usize = 64 << 20;
+
+/// What each kept write, zero or trim costs against the replay budget
+/// besides its payload, so that many small ones are bounded too.
+pub const REPLAY_ENTRY_COST: usize = 64;
 
 impl ReconnectPolicy {
     /// `attempts` attempts, the first after 100 ms, doubling up to 5 s; a
@@ -43,6 +57,7 @@ impl ReconnectPolicy {
             first_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(5),
             on_stall: true,
+            replay_budget: DEFAULT_REPLAY_BUDGET,
         }
     }
 
@@ -81,7 +96,8 @@ pub struct Reconnected {
     pub cause: Error,
     /// Which attempt succeeded (from 1).
     pub attempt: u32,
-    /// How many unfinished commands were sent again.
+    /// How many unfinished commands were sent again (acknowledged writes
+    /// written again for durability, see [`Journal`], are not counted).
     pub resent: usize,
 }
 
@@ -277,6 +293,15 @@ impl Request {
         )
     }
 
+    /// What keeping it for replay costs against the budget.
+    fn replay_cost(&self) -> usize {
+        let payload = match self {
+            Request::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        payload.saturating_add(REPLAY_ENTRY_COST)
+    }
+
     /// Whether it promises durability of what was written before it.
     fn is_barrier(&self) -> bool {
         match self {
@@ -301,6 +326,21 @@ struct Entry {
     buffer: Option<BytesMut>,
     /// Sent again after a reconnect: a barrier then waits for the writes before it.
     resent: bool,
+    /// For a flush: how many writes had been acknowledged when it was
+    /// submitted (the ones its success makes durable).
+    covers: u64,
+    /// A barrier that must fail with `WritesLost` and this reason, whatever
+    /// the server answers: writes it would report durable were lost.
+    doomed: Option<String>,
+}
+
+/// A write, zero or trim the server acknowledged, kept until a flush covers
+/// it so that it can be written again on the next connection.
+#[derive(Debug)]
+struct Replay {
+    request: Request,
+    /// Its place in the order of acknowledgements (from 1).
+    ack: u64,
 }
 
 /// The caller's cookies live in their own space, so that they never equal a
@@ -325,16 +365,34 @@ const JOURNAL_COOKIE: u64 = 1 << 63;
 ///    checks [`ExportIdentity`], and calls [`Journal::resend`]: the kept
 ///    commands go out again in the order they were first submitted. A
 ///    command that completed (successfully or not) is never sent again.
+///    Read chunks and block status reports the adapter still holds for a
+///    command sent again ([`Journal::is_pending`]) came from the lost
+///    connection: drop them, as the new connection reports afresh.
 /// 4. If every attempt fails, [`Journal::give_up`] completes each kept
 ///    command once with the cause.
 ///
-/// Ordering of durability: a flush, or a write with FUA, that is sent again
-/// waits until every write, zero and trim submitted before it has completed
-/// on the new connection, so it is reported done only after it succeeded on
-/// the connection that holds them. Limit: a write the old server had
-/// already acknowledged is not sent again; if that server lost it with its
-/// cache when it went away, no client can tell.
-#[derive(Debug, Default)]
+/// Durability: a write the old server acknowledged may have lived only in
+/// its cache. So the journal keeps every write, zero and trim acknowledged
+/// since the last successful flush (a cheap `Bytes` clone of a write's
+/// payload), and [`Journal::resend`] writes them again first, in the order
+/// they were submitted (a later write to an overlapping range lands after
+/// the earlier one, as before), and holds every unfinished command until
+/// they have all completed. A flush, or a write with FUA, that is sent again
+/// also waits until every write submitted before it has completed on the
+/// new connection. So a flush or FUA write is reported done only after it
+/// succeeded on the connection that holds every write before it. A
+/// successful flush drops the kept writes it covers: those acknowledged
+/// before it was submitted.
+///
+/// The kept writes are bounded by the replay budget
+/// ([`ReconnectPolicy::replay_budget`]). Past it the journal drops them
+/// all and marks the unflushed state unrecoverable until a flush covers it;
+/// if the connection is lost meanwhile, every flush or FUA write pending at
+/// the reconnect (or, if there is none, the next one submitted) completes
+/// with [`Error::WritesLost`] (EIO) even if the new server accepts it:
+/// never reported done. A kept write that the new server refuses does the
+/// same.
+#[derive(Debug)]
 pub struct Journal {
     /// By submission number (the caller's cookie without [`JOURNAL_COOKIE`]).
     entries: BTreeMap<u64, Entry>,
@@ -344,12 +402,68 @@ pub struct Journal {
     /// stays O(1) in the steady state.
     held: usize,
     next: u64,
+    /// Acknowledged writes not yet covered by a flush, by submission number.
+    replays: BTreeMap<u64, Replay>,
+    /// Wire cookie of a kept write being written again -> submission number.
+    /// While it is not empty, no other command goes out.
+    replay_wire: CookieMap<Cookie, u64>,
+    /// What `replays` costs against `budget`.
+    replay_bytes: usize,
+    budget: usize,
+    /// Writes acknowledged so far (numbers each [`Replay::ack`]).
+    acks: u64,
+    /// Over budget: the last acknowledgement not kept. Unrecoverable if the
+    /// connection is lost before a flush covers it.
+    unkept: Option<u64>,
+    /// The next barrier submitted fails with this reason.
+    doom_next: Option<String>,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal::with_replay_budget(DEFAULT_REPLAY_BUDGET)
+    }
 }
 
 impl Journal {
-    /// An empty journal.
+    /// An empty journal with the default replay budget.
     pub fn new() -> Self {
         Journal::default()
+    }
+
+    /// An empty journal for `policy` (its replay budget).
+    pub fn for_policy(policy: &ReconnectPolicy) -> Self {
+        Journal::with_replay_budget(policy.replay_budget)
+    }
+
+    /// An empty journal that keeps at most `budget` bytes of unflushed
+    /// writes to write again (see [`ReconnectPolicy::replay_budget`]).
+    pub fn with_replay_budget(budget: usize) -> Self {
+        Journal {
+            entries: BTreeMap::new(),
+            wire: CookieMap::default(),
+            held: 0,
+            next: 0,
+            replays: BTreeMap::new(),
+            replay_wire: CookieMap::default(),
+            replay_bytes: 0,
+            budget,
+            acks: 0,
+            unkept: None,
+            doom_next: None,
+        }
+    }
+
+    /// Acknowledged writes, zeroes and trims kept to write again after a
+    /// reconnect (not yet covered by a successful flush).
+    pub fn unflushed(&self) -> usize {
+        self.replays.len()
+    }
+
+    /// Whether acknowledged writes were dropped over the replay budget and
+    /// no flush has covered them yet: a reconnect now would lose them.
+    pub fn over_budget(&self) -> bool {
+        self.unkept.is_some()
     }
 
     /// Commands submitted and not completed (in flight, or waiting to be sent again).
@@ -392,15 +506,11 @@ impl Journal {
         request: Request,
         buffer: Option<BytesMut>,
     ) -> nbd_proto::Result<Cookie> {
-        let mut entry = Entry {
-            request,
-            wire: None,
-            buffer,
-            resent: false,
-        };
-        // Behind commands waiting to be sent, or on a connection already
-        // lost (that the adapter is about to replace), it waits its turn.
-        if self.held == 0 && !conn.is_dead() {
+        let mut entry = self.entry(request, buffer);
+        // Behind commands waiting to be sent or kept writes being written
+        // again, or on a connection already lost (that the adapter is about
+        // to replace), it waits its turn.
+        if self.held == 0 && self.replay_wire.is_empty() && !conn.is_dead() {
             let wire = entry.request.issue(conn, entry.buffer.take())?;
             entry.wire = Some(wire);
         }
@@ -423,22 +533,42 @@ impl Journal {
     pub fn hold(&mut self, request: Request, buffer: Option<BytesMut>) -> Cookie {
         let n = self.next;
         self.next += 1;
-        let entry = Entry {
+        let entry = self.entry(request, buffer);
+        self.entries.insert(n, entry);
+        self.held += 1;
+        Cookie::from_raw(n | JOURNAL_COOKIE)
+    }
+
+    /// A new entry for `request`: a flush notes what it covers, and a
+    /// barrier takes a pending loss of unflushed writes.
+    fn entry(&mut self, request: Request, buffer: Option<BytesMut>) -> Entry {
+        let doomed = if request.is_barrier() {
+            self.doom_next.take()
+        } else {
+            None
+        };
+        Entry {
             request,
             wire: None,
             buffer,
             resent: false,
-        };
-        self.entries.insert(n, entry);
-        self.held += 1;
-        Cookie::from_raw(n | JOURNAL_COOKIE)
+            covers: self.acks,
+            doomed,
+        }
     }
 
     /// Takes a completion of the connection. Returns it under the caller's
     /// cookie, except when `keep_lost` and the command was cut short by the
     /// end of the connection (`ConnectionLost`): then the journal keeps it
     /// (with its buffer) to send again, and returns `None`.
+    ///
+    /// The completion of a kept write being written again is the journal's
+    /// own and is never returned.
     pub fn complete(&mut self, mut done: Completion, keep_lost: bool) -> Option<Completion> {
+        if let Some(n) = self.replay_wire.remove(&done.cookie) {
+            self.replay_done(n, &done.result, keep_lost);
+            return None;
+        }
         let Some(n) = self.wire.remove(&done.cookie) else {
             // Not one of the journal's: pass it on as it is.
             return Some(done);
@@ -452,18 +582,121 @@ impl Journal {
                 return None;
             }
         }
-        self.entries.remove(&n);
+        if let Some(entry) = self.entries.remove(&n) {
+            if done.result.is_ok() {
+                if matches!(entry.request, Request::Flush { .. }) {
+                    self.flushed(entry.covers);
+                }
+                if let Some(why) = entry.doomed {
+                    done.result = Err(Error::WritesLost(why));
+                }
+                if entry.request.is_write() {
+                    self.keep(n, entry.request);
+                }
+            }
+        }
         done.cookie = Cookie::from_raw(n | JOURNAL_COOKIE);
         Some(done)
     }
 
-    /// After a reconnect: forgets the old connection's cookies and sends the
-    /// kept commands on `conn`, in submission order. Returns how many went
-    /// out now; the rest wait behind a flush or FUA write (see
-    /// [`Journal::send_held`]). Commands the new connection refuses come
-    /// back as completions with that error.
+    /// Keeps acknowledged write `n` to write again, within the budget.
+    fn keep(&mut self, n: u64, request: Request) {
+        self.acks += 1;
+        let ack = self.acks;
+        let cost = request.replay_cost();
+        let total = self.replay_bytes.saturating_add(cost);
+        if self.unkept.is_some() || total > self.budget {
+            // Replaying only some of the unflushed writes would not make a
+            // later flush honest, so none are kept until a flush covers them.
+            self.replays.clear();
+            self.replay_bytes = 0;
+            self.unkept = Some(ack);
+            return;
+        }
+        self.replay_bytes = total;
+        self.replays.insert(n, Replay { request, ack });
+    }
+
+    /// A flush that covered the first `covers` acknowledgements succeeded.
+    fn flushed(&mut self, covers: u64) {
+        let before = self.replays.len();
+        self.replays.retain(|_, r| r.ack > covers);
+        if self.replays.len() != before {
+            self.replay_bytes = self.replays.values().map(|r| r.request.replay_cost()).sum();
+        }
+        if self.unkept.is_some_and(|ack| ack <= covers) {
+            self.unkept = None;
+        }
+    }
+
+    /// Kept write `n`, written again, completed with `result`.
+    fn replay_done(&mut self, n: u64, result: &nbd_proto::Result<()>, keep_lost: bool) {
+        match result {
+            // It stays kept until a flush covers it.
+            Ok(()) => {}
+            // Written again on the connection after this one.
+            Err(Error::ConnectionLost(_)) if keep_lost => {}
+            Err(e) => {
+                if let Some(replay) = self.replays.remove(&n) {
+                    self.replay_bytes -= replay.request.replay_cost();
+                }
+                self.lose_unflushed(format!(
+                    "a write acknowledged by the lost connection failed when written again: {e}"
+                ));
+            }
+        }
+    }
+
+    /// Acknowledged writes were lost: every pending flush or FUA write
+    /// (or, with none pending, the next one) fails with `WritesLost`.
+    fn lose_unflushed(&mut self, why: String) {
+        let mut doomed = false;
+        for entry in self.entries.values_mut() {
+            if entry.request.is_barrier() {
+                entry.doomed = Some(why.clone());
+                doomed = true;
+            }
+        }
+        if !doomed {
+            self.doom_next = Some(why);
+        }
+    }
+
+    /// After a reconnect: forgets the old connection's cookies, writes the
+    /// kept acknowledged writes again on `conn`, then sends the unfinished
+    /// commands, each in submission order. Returns how many unfinished
+    /// commands went out now; the rest wait for the kept writes, or behind a
+    /// flush or FUA write (see [`Journal::send_held`]). Commands the new
+    /// connection refuses come back as completions with that error.
     pub fn resend(&mut self, conn: &mut Connection) -> (usize, Vec<Completion>) {
         self.wire.clear();
+        self.replay_wire.clear();
+        if self.unkept.take().is_some() {
+            self.lose_unflushed(format!(
+                "the connection was lost with more unflushed writes than the replay budget ({} bytes) keeps",
+                self.budget
+            ));
+        }
+        let mut refused = None;
+        for (&n, replay) in &self.replays {
+            match replay.request.issue(conn, None) {
+                Ok(wire) => {
+                    self.replay_wire.insert(wire, n);
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = refused {
+            // Written again only in part, they prove nothing: drop them.
+            self.replays.clear();
+            self.replay_bytes = 0;
+            self.lose_unflushed(format!(
+                "the new connection refused a write acknowledged by the lost one: {e}"
+            ));
+        }
         for entry in self.entries.values_mut() {
             entry.wire = None;
             entry.resent = true;
@@ -478,6 +711,10 @@ impl Journal {
     /// [`held`](Self::held) is not zero. Returns how many went out, and the
     /// completions of those the connection refused.
     pub fn send_held(&mut self, conn: &mut Connection) -> (usize, Vec<Completion>) {
+        if !self.replay_wire.is_empty() {
+            // Kept writes are being written again: everything waits for them.
+            return (0, Vec::new());
+        }
         let mut sent = 0;
         let mut refused = Vec::new();
         let mut writes_in_flight = false;
@@ -527,6 +764,9 @@ impl Journal {
             .map(|(&n, _)| n)
             .collect();
         self.held = 0;
+        self.replays.clear();
+        self.replay_wire.clear();
+        self.replay_bytes = 0;
         held.into_iter()
             .filter_map(|n| self.entries.remove(&n).map(|e| (n, e)))
             .map(|(n, e)| {

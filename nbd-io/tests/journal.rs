@@ -90,7 +90,17 @@ fn unfinished_commands_go_again_in_order_and_finished_ones_never() {
     identity.check(&second.client).unwrap();
     let (sent, refused) = journal.resend(&mut second.client);
     assert!(refused.is_empty());
+    // First the acknowledged but unflushed write goes again, alone.
+    assert_eq!(sent, 0);
+    assert_eq!(journal.held(), 3);
+    second.drive();
+    assert!(
+        through(&mut second, &mut journal, true).is_empty(),
+        "the journal's own"
+    );
+    assert_eq!(second.server.commands_seen(CMD_WRITE), 1);
     // The flush waits for the write before it; the read waits behind it.
+    let (sent, _) = journal.send_held(&mut second.client);
     assert_eq!(sent, 1);
     assert_eq!(journal.held(), 2);
     second.drive();
@@ -108,8 +118,9 @@ fn unfinished_commands_go_again_in_order_and_finished_ones_never() {
     }
     assert_eq!(&done[2].buffer.as_ref().unwrap()[..], b"late");
     assert!(journal.is_empty());
-    // The write that completed on the first connection went out once.
-    assert_eq!(second.server.commands_seen(CMD_WRITE), 1);
+    // The write that completed on the first connection went out again
+    // (it was not flushed), the unfinished one once.
+    assert_eq!(second.server.commands_seen(CMD_WRITE), 2);
     assert_eq!(second.server.commands_seen(CMD_FLUSH), 1);
     assert_eq!(second.server.commands_seen(CMD_READ), 1);
     assert_eq!(&second.server.image_bytes()[..5], b"early");
@@ -199,4 +210,206 @@ fn a_meta_context_no_longer_negotiated_is_another_export() {
     let mut again = Pair::new(config(), FakeServer::builder().size(8192).build());
     again.handshake().unwrap();
     identity.check(&again.client).unwrap();
+}
+
+fn flush() -> Request {
+    Request::Flush {
+        flags: CmdFlags::empty(),
+    }
+}
+
+/// Submits `request` and drives the pair until it completes successfully.
+fn done_now(pair: &mut Pair, journal: &mut Journal, request: Request) {
+    let cookie = journal.submit(&mut pair.client, request, None).unwrap();
+    pair.drive();
+    let done = through(pair, journal, true);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].cookie, cookie);
+    done[0].result.clone().unwrap();
+}
+
+/// Hangs the connection up; the journal keeps what was in flight.
+fn hang_up(pair: &mut Pair, journal: &mut Journal) {
+    pair.client.handle_input(&[]).unwrap_or(());
+    assert!(through(pair, journal, true).is_empty(), "kept back");
+}
+
+/// A server that restarted without the cache of the one before: a fresh
+/// image, all zeroes.
+fn restarted(size: u64) -> Pair {
+    ready_pair(FakeServer::builder().size(size).build())
+}
+
+#[test]
+fn an_acknowledged_unflushed_write_is_written_again_before_the_resent_flush() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::new();
+    done_now(&mut pair, &mut journal, write(b"one", 0));
+    // A later overlapping write: replayed after the first one.
+    done_now(&mut pair, &mut journal, write(b"TW", 1));
+    assert_eq!(journal.unflushed(), 2);
+    let f = journal.submit(&mut pair.client, flush(), None).unwrap();
+    hang_up(&mut pair, &mut journal);
+
+    // The new server lost the old one's cache.
+    let mut second = restarted(4096);
+    let (sent, refused) = journal.resend(&mut second.client);
+    assert!(refused.is_empty());
+    assert_eq!(sent, 0, "the flush waits for the kept writes");
+    second.drive();
+    assert!(through(&mut second, &mut journal, true).is_empty());
+    assert_eq!(second.server.commands_seen(CMD_WRITE), 2);
+    assert_eq!(second.server.commands_seen(CMD_FLUSH), 0);
+    assert_eq!(
+        &second.server.image_bytes()[..3],
+        b"oTW",
+        "in submission order"
+    );
+    let (sent, _) = journal.send_held(&mut second.client);
+    assert_eq!(sent, 1);
+    second.drive();
+    let done = through(&mut second, &mut journal, true);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].cookie, f);
+    done[0].result.clone().unwrap();
+    assert_eq!(journal.unflushed(), 0, "the flush covered them");
+}
+
+#[test]
+fn a_flush_clears_only_the_writes_acknowledged_before_it() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::new();
+    done_now(&mut pair, &mut journal, write(b"covered", 0));
+    // The flush is submitted before the second write is acknowledged.
+    let f = journal.submit(&mut pair.client, flush(), None).unwrap();
+    let w = journal
+        .submit(&mut pair.client, write(b"later", 100), None)
+        .unwrap();
+    pair.drive();
+    let done = through(&mut pair, &mut journal, true);
+    let cookies: Vec<_> = done.iter().map(|c| c.cookie).collect();
+    assert!(cookies.contains(&f) && cookies.contains(&w), "{cookies:?}");
+    assert_eq!(journal.unflushed(), 1, "only the later write is kept");
+    hang_up(&mut pair, &mut journal);
+
+    let mut second = restarted(4096);
+    journal.resend(&mut second.client);
+    second.drive();
+    assert!(through(&mut second, &mut journal, true).is_empty());
+    assert_eq!(second.server.commands_seen(CMD_WRITE), 1);
+    let image = second.server.image_bytes();
+    assert_eq!(&image[100..105], b"later");
+    assert_eq!(
+        &image[..7],
+        &[0; 7],
+        "the flushed write is not written again"
+    );
+
+    // A flush on the new connection clears the rest.
+    done_now(&mut second, &mut journal, flush());
+    assert_eq!(journal.unflushed(), 0);
+}
+
+#[test]
+fn over_the_replay_budget_a_pending_flush_fails_once_and_is_never_done() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::with_replay_budget(200);
+    done_now(&mut pair, &mut journal, write(b"fits", 0));
+    assert!(!journal.over_budget());
+    done_now(&mut pair, &mut journal, write(&[7; 300], 512));
+    assert!(journal.over_budget());
+    assert_eq!(journal.unflushed(), 0, "nothing kept past the budget");
+    let f = journal.submit(&mut pair.client, flush(), None).unwrap();
+    let fua = journal
+        .submit(
+            &mut pair.client,
+            Request::Write {
+                data: Bytes::from_static(b"fua"),
+                offset: 1024,
+                flags: CmdFlags::FUA,
+            },
+            None,
+        )
+        .unwrap();
+    hang_up(&mut pair, &mut journal);
+
+    let mut second = restarted(4096);
+    journal.resend(&mut second.client);
+    let mut done = Vec::new();
+    for _ in 0..4 {
+        journal.send_held(&mut second.client);
+        second.drive();
+        done.extend(through(&mut second, &mut journal, true));
+    }
+    assert_eq!(done.len(), 2);
+    for c in &done {
+        assert!([f, fua].contains(&c.cookie));
+        let e = c.result.clone().unwrap_err();
+        assert_eq!(e.errno(), Errno::Io, "{e}");
+        assert!(
+            matches!(e, Error::WritesLost(ref why) if why.contains("budget")),
+            "{e}"
+        );
+    }
+    // Once told, the caller starts afresh: the next flush is done.
+    assert!(!journal.over_budget());
+    done_now(&mut second, &mut journal, flush());
+}
+
+#[test]
+fn over_the_replay_budget_without_a_pending_flush_the_next_one_fails() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::with_replay_budget(100);
+    done_now(&mut pair, &mut journal, write(&[1; 200], 0));
+    hang_up(&mut pair, &mut journal);
+    let mut second = restarted(4096);
+    let (sent, refused) = journal.resend(&mut second.client);
+    assert_eq!((sent, refused.len()), (0, 0));
+    // Reads and writes carry on; the first flush reports the loss.
+    done_now(&mut second, &mut journal, write(b"x", 0));
+    let f = journal.submit(&mut second.client, flush(), None).unwrap();
+    second.drive();
+    let done = through(&mut second, &mut journal, true);
+    assert_eq!(done[0].cookie, f);
+    assert_eq!(done[0].result.clone().unwrap_err().errno(), Errno::Io);
+    done_now(&mut second, &mut journal, flush());
+}
+
+#[test]
+fn a_flush_within_the_budget_clears_an_overflow_it_covers() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::with_replay_budget(100);
+    done_now(&mut pair, &mut journal, write(&[1; 200], 0));
+    assert!(journal.over_budget());
+    done_now(&mut pair, &mut journal, flush());
+    assert!(!journal.over_budget());
+    hang_up(&mut pair, &mut journal);
+    let mut second = restarted(4096);
+    journal.resend(&mut second.client);
+    done_now(&mut second, &mut journal, flush());
+}
+
+#[test]
+fn a_kept_write_the_new_server_refuses_fails_the_flush_after_it() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::new();
+    done_now(&mut pair, &mut journal, write(b"bad", 0));
+    let f = journal.submit(&mut pair.client, flush(), None).unwrap();
+    hang_up(&mut pair, &mut journal);
+    // EIO (5) where the kept write lands.
+    let mut second = ready_pair(FakeServer::builder().size(4096).fail(0..8, 5).build());
+    journal.resend(&mut second.client);
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        second.drive();
+        done.extend(through(&mut second, &mut journal, true));
+        journal.send_held(&mut second.client);
+    }
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].cookie, f);
+    let e = done[0].result.clone().unwrap_err();
+    assert!(
+        matches!(e, Error::WritesLost(ref why) if why.contains("written again")),
+        "{e}"
+    );
 }

@@ -94,7 +94,7 @@ pub struct Client {
     /// The last write would have blocked: wait for a writable event.
     pub(crate) write_blocked: bool,
     pub(crate) completions: VecDeque<Completion>,
-    events: VecDeque<Event>,
+    pub(crate) events: VecDeque<Event>,
     pub(crate) closed: bool,
     /// The target and settings connected with: what a reconnect needs
     /// (`None` when the client was not made from a target).

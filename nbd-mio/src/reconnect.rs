@@ -13,7 +13,7 @@ use nbd_io::{
     Connecting, Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result,
     Target,
 };
-use nbd_proto::{Completion, Config, Connection, Cookie};
+use nbd_proto::{Completion, Config, Connection, Cookie, Event};
 
 use crate::client::{Client, Link};
 
@@ -90,6 +90,10 @@ impl Client {
     /// calls return the error from then on.
     ///
     /// Cookies issued while reconnect is on stay valid across connections.
+    /// A structured read (or block status query) sent again reports its
+    /// chunks afresh from the new connection: its `ReadChunk` and
+    /// `BlockStatus` events from the lost connection still queued are
+    /// dropped at the reconnect; those already taken may come again.
     ///
     /// Errors (`EINVAL`): the client was not made from a [`Target`]
     /// ([`Client::connect`], [`Client::connect_uri`],
@@ -115,13 +119,14 @@ impl Client {
         let mut config = config.clone();
         config.opt_mode = false;
         config.export_name = self.conn.export_name().to_string();
+        let journal = Journal::for_policy(&policy);
         self.reconnect = Some(Box::new(Reconnect {
             policy,
             target: target.clone(),
             config,
             tls: self.origin_tls.clone(),
             identity: ExportIdentity::of(&self.conn)?,
-            journal: Journal::new(),
+            journal,
             state: State::Idle,
             failure: None,
         }));
@@ -214,6 +219,15 @@ impl Client {
                 match r.identity.check(&self.conn) {
                     Ok(()) => {
                         let resent = r.journal.held();
+                        // Chunks and block status reports of the commands
+                        // sent again came from the lost connection; the new
+                        // one reports afresh. Those not yet taken go.
+                        let journal = &r.journal;
+                        self.events.retain(|e| match e {
+                            Event::ReadChunk(c) => !journal.is_pending(c.cookie()),
+                            Event::BlockStatus(s) => !journal.is_pending(s.cookie),
+                            _ => true,
+                        });
                         let (_, refused) = r.journal.resend(&mut self.conn);
                         self.completions.extend(refused);
                         self.reconnects

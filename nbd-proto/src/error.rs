@@ -212,6 +212,18 @@ pub enum Error {
     /// (see [`Config::command_timeout`](crate::Config::command_timeout)).
     #[error("timed out: {0}")]
     TimedOut(String),
+    /// Writes the server had acknowledged may not have reached stable
+    /// storage: the connection that held them was lost before a flush, and
+    /// they could not be written again on its successor. A flush or FUA
+    /// write that would otherwise have reported them durable fails with this.
+    ///
+    /// ```
+    /// use nbd_proto::{Errno, Error};
+    /// let e = Error::WritesLost("over the replay budget".into());
+    /// assert_eq!(e.errno(), Errno::Io);
+    /// ```
+    #[error("acknowledged writes may be lost: {0}")]
+    WritesLost(String),
 }
 
 impl Error {
@@ -238,6 +250,7 @@ impl Error {
             Error::Shutdown(_) => Errno::Shutdown,
             Error::Tls(_) => Errno::Proto,
             Error::TimedOut(_) => Errno::TimedOut,
+            Error::WritesLost(_) => Errno::Io,
         }
     }
 }

@@ -5,10 +5,8 @@ use std::pin::pin;
 use std::sync::{Arc, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use nbd_io::{Connecting, Endpoint, Error, Result, Socket, Target, UriPolicy};
-use nbd_proto::{
-    BlockSizes, BlockStatus, CmdFlags, Config, Connection, Cookie, ExportInfo, ReadChunk,
-};
+use nbd_io::{Connecting, Endpoint, Error, Request, Result, Socket, Target, UriPolicy};
+use nbd_proto::{BlockSizes, BlockStatus, CmdFlags, Config, Connection, ExportInfo, ReadChunk};
 
 use crate::command::Command;
 use crate::shared::{ExportEntry, Shared, State};
@@ -24,7 +22,7 @@ use crate::{connect, driver};
 ///   `block_status`, `pread_structured`) is an `async fn` that waits for the
 ///   reply; it issues nothing until first polled;
 /// - an `aio_` call queues the command at once and returns a [`Command`]
-///   future (with its [`Cookie`]) that resolves to the same result;
+///   future (with its [`Cookie`](nbd_proto::Cookie)) that resolves to the same result;
 /// - arguments come in libnbd's order: buffer or count, offset, flags.
 ///
 /// Many commands can be in flight at once; replies complete them in
@@ -67,9 +65,10 @@ impl Drop for Handle {
         {
             let mut state = self.shared.lock();
             if state.conn.is_negotiating() {
+                state.closing = true;
                 let _ = state.conn.opt_abort();
-            } else if state.conn.is_ready() {
-                let _ = state.conn.disconnect();
+            } else if state.conn.is_ready() || state.reconnect.is_some() {
+                let _ = state.ask_disconnect();
             } else if !state.is_over() {
                 // Mid-handshake: nobody will ever use this connection.
                 let _ = state.conn.notify_read(0);
@@ -158,7 +157,10 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(target: &Target, config: Config) -> Result<Client> {
-        Self::connect_with(connect::start(target).await?, config).await
+        let client = Self::connect_with(connect::start(target).await?, config.clone()).await?;
+        // What a reconnect needs (see `set_reconnect`).
+        client.lock().origin = Some((target.clone(), config));
+        Ok(client)
     }
 
     /// Finishes a connect the caller started (for example
@@ -199,11 +201,11 @@ impl Client {
 
     // ------------------------------------------------------------ state
 
-    fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.shared().lock()
     }
 
@@ -269,10 +271,10 @@ impl Client {
     }
 
     /// Commands issued whose replies have not arrived (a command whose
-    /// future was dropped counts until its reply arrives).
+    /// future was dropped counts until its reply arrives; with reconnect
+    /// on, so does a command waiting to be sent again).
     pub fn in_flight(&self) -> usize {
-        let state = self.lock();
-        state.conn.in_flight()
+        self.lock().pending()
     }
 
     /// Whether the connection is over: closed as asked, or dead.
@@ -282,16 +284,19 @@ impl Client {
 
     // ------------------------------------------------------------ commands
 
-    /// Queues a command with `issue` and opens its slot, under one lock so
-    /// the reply cannot arrive before the slot exists.
-    fn issue<T>(
-        &self,
-        structured: bool,
-        issue: impl FnOnce(&mut Connection) -> nbd_proto::Result<Cookie>,
-    ) -> Result<Command<T>> {
+    /// Queues `request` (a read into `buffer`) and opens its slot, under
+    /// one lock so the reply cannot arrive before the slot exists.
+    fn issue<T>(&self, request: Request, buffer: Option<BytesMut>) -> Result<Command<T>> {
+        let structured = matches!(
+            request,
+            Request::Read {
+                structured: true,
+                ..
+            }
+        );
         let cookie = {
             let mut state = self.lock();
-            let cookie = issue(&mut state.conn)?;
+            let cookie = state.issue(request, buffer)?;
             state.open_slot(cookie, structured);
             cookie
         };
@@ -307,7 +312,13 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Command<BytesMut>> {
-        self.issue(false, |c| c.pread(buf, offset, flags))
+        let request = Request::Read {
+            len: buf.len(),
+            offset,
+            flags,
+            structured: false,
+        };
+        self.issue(request, Some(buf))
     }
 
     /// Queues a read that also collects the reply's chunks (data, holes,
@@ -318,32 +329,60 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Command<(BytesMut, Vec<ReadChunk>)>> {
-        self.issue(true, |c| c.pread_structured(buf, offset, flags))
+        let request = Request::Read {
+            len: buf.len(),
+            offset,
+            flags,
+            structured: true,
+        };
+        self.issue(request, Some(buf))
     }
 
     /// Queues a write of `data` at `offset`; the payload is sent without copying.
     pub fn aio_pwrite(&self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Command<()>> {
-        self.issue(false, |c| c.pwrite(data, offset, flags))
+        self.issue(
+            Request::Write {
+                data,
+                offset,
+                flags,
+            },
+            None,
+        )
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
     pub fn aio_flush(&self, flags: CmdFlags) -> Result<Command<()>> {
-        self.issue(false, |c| c.flush(flags))
+        self.issue(Request::Flush { flags }, None)
     }
 
     /// Queues a trim of `count` bytes at `offset`.
     pub fn aio_trim(&self, count: u64, offset: u64, flags: CmdFlags) -> Result<Command<()>> {
-        self.issue(false, |c| c.trim(count, offset, flags))
+        let request = Request::Trim {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a write of `count` zeroes at `offset`.
     pub fn aio_zero(&self, count: u64, offset: u64, flags: CmdFlags) -> Result<Command<()>> {
-        self.issue(false, |c| c.zero(count, offset, flags))
+        let request = Request::Zero {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a cache (prefetch) of `count` bytes at `offset`.
     pub fn aio_cache(&self, count: u64, offset: u64, flags: CmdFlags) -> Result<Command<()>> {
-        self.issue(false, |c| c.cache(count, offset, flags))
+        let request = Request::Cache {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Queues a block status query of `count` bytes at `offset` over every
@@ -354,7 +393,12 @@ impl Client {
         offset: u64,
         flags: CmdFlags,
     ) -> Result<Command<Vec<BlockStatus>>> {
-        self.issue(false, |c| c.block_status(count, offset, flags))
+        let request = Request::BlockStatus {
+            count,
+            offset,
+            flags,
+        };
+        self.issue(request, None)
     }
 
     /// Reads `buf.len()` bytes at `offset` straight into `buf` and hands it back.
@@ -417,7 +461,7 @@ impl Client {
     /// commands in flight complete first, as the core holds
     /// `NBD_CMD_DISC` back until nothing is in flight.
     pub fn aio_disconnect(&self) -> Result<()> {
-        self.lock().conn.disconnect()?;
+        self.lock().ask_disconnect()?;
         self.shared().wake_driver.notify_one();
         Ok(())
     }
@@ -436,9 +480,10 @@ impl Client {
         let asked = {
             let mut state = self.lock();
             if state.conn.is_negotiating() {
+                state.closing = true;
                 state.conn.opt_abort()
-            } else if state.conn.is_ready() {
-                state.conn.disconnect()
+            } else if state.conn.is_ready() || state.reconnect.is_some() {
+                state.ask_disconnect()
             } else {
                 Ok(())
             }

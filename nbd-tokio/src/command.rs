@@ -51,7 +51,8 @@ impl<T> Command<T> {
         }
     }
 
-    /// The cookie the core gave the command (its handle on the wire).
+    /// The cookie the core gave the command (its handle on the wire); with
+    /// reconnect on, the journal's cookie, the same across connections.
     pub fn cookie(&self) -> Cookie {
         self.cookie
     }

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use nbd_io::{pump, Socket};
+use nbd_io::{pump, Result, Socket};
+use nbd_proto::{Config, Connection};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::Sleep;
 
-use crate::reactor;
-use crate::shared::Shared;
+use crate::shared::{Shared, State};
+use crate::{reactor, reconnect};
 
 /// Most reads in one pass before the writes and the other tasks get a turn.
 const READS_PER_PASS: usize = 16;
@@ -28,21 +29,67 @@ struct Wait {
     deadline: Option<Instant>,
 }
 
-/// Runs the connection over `socket` until it is over.
+/// Runs the connection over `socket` until it is over; with reconnect on,
+/// a lost connection is replaced (see `reconnect::recover`) and the run
+/// goes on over the new socket.
 pub(crate) async fn run(shared: Arc<Shared>, socket: Socket) {
     // However this task ends (the connection is over, or the runtime drops
     // it), the end is recorded and every command still waiting fails once.
     let _end = EndGuard(shared.clone());
+    let mut socket = socket;
+    loop {
+        if let Some(fd) = drive(&shared, socket, |_| false).await {
+            // Over: the server sees end of stream even if a copy of the
+            // descriptor lives on elsewhere; dropping `fd` deregisters and
+            // closes the socket (and stops a server the target started).
+            let _ = fd.get_ref().shutdown();
+        }
+        match reconnect::recover(&shared).await {
+            Some(fresh) => socket = fresh,
+            None => return,
+        }
+    }
+}
+
+/// Connects `socket` to a fresh connection with `config` and negotiates
+/// until it is in transmission, driven as the main connection is; returns
+/// it with its socket, or why it failed.
+pub(crate) async fn handshake(socket: Socket, config: Config) -> Result<(Connection, Socket)> {
+    socket.set_nonblocking(true)?;
+    let shared = Arc::new(Shared::new(Connection::new(config)));
+    let fd = drive(&shared, socket, |state| state.conn.is_ready()).await;
+    let mut state = shared.lock();
+    if !state.conn.is_ready() {
+        let e = state.conn.error().cloned().unwrap_or_else(|| {
+            nbd_proto::Error::NotConnected("the server closed during the handshake".into())
+        });
+        return Err(e.into());
+    }
+    let Some(fd) = fd else {
+        return Err(nbd_proto::Error::NotConnected("the socket was lost".into()).into());
+    };
+    let conn = std::mem::replace(&mut state.conn, Connection::new(Config::default()));
+    Ok((conn, fd.into_inner()))
+}
+
+/// Drives the connection of `shared` over `socket` until it is over or
+/// `stop` holds; returns the socket, still registered, unless registering
+/// it failed (the connection then is dead).
+async fn drive(
+    shared: &Arc<Shared>,
+    socket: Socket,
+    stop: impl Fn(&State) -> bool,
+) -> Option<AsyncFd<Socket>> {
     let fd = match reactor::register(socket, Interest::READABLE | Interest::WRITABLE) {
         Ok(fd) => fd,
         Err(e) => {
             let mut state = shared.lock();
             let _ = pump::socket_failed(&mut state.conn, e);
-            return;
+            return None;
         }
     };
     let mut driver = Driver {
-        shared: &shared,
+        shared,
         fd,
         write_blocked: false,
         wake: Vec::new(),
@@ -51,7 +98,7 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: Socket) {
     // Made only when the core first asks for a deadline, so a runtime
     // without a timer works as long as no timeout is configured.
     let mut sleep: Option<Pin<Box<Sleep>>> = None;
-    while let Some(wait) = driver.pass() {
+    while let Some(wait) = driver.pass(&stop) {
         match (wait.deadline, sleep.as_mut()) {
             (Some(at), Some(s)) => s.as_mut().reset(at.into()),
             (Some(at), None) => sleep = Some(Box::pin(tokio::time::sleep_until(at.into()))),
@@ -120,10 +167,7 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: Socket) {
         })
         .await;
     }
-    // Over: the server sees end of stream even if a copy of the descriptor
-    // lives on elsewhere; dropping `fd` deregisters and closes the socket
-    // (and stops a server the target started).
-    let _ = driver.fd.get_ref().shutdown();
+    Some(driver.fd)
 }
 
 struct Driver<'a> {
@@ -138,8 +182,8 @@ struct Driver<'a> {
 impl Driver<'_> {
     /// One pass over the connection: the time, the writes that can go out
     /// now, the events. Returns what to wait for, or `None` once the
-    /// connection is over.
-    fn pass(&mut self) -> Option<Wait> {
+    /// connection is over or `stop` holds.
+    fn pass(&mut self, stop: &impl Fn(&State) -> bool) -> Option<Wait> {
         let (changed, over, wait) = {
             let mut state = self.shared.lock();
             // Every pass, as the core asks: it starts the deadlines armed
@@ -151,12 +195,18 @@ impl Driver<'_> {
                 }
             }
             let changed = state.dispatch(&mut self.wake);
+            // Commands the journal held back until the writes before them
+            // completed: out now, written by the next pass.
+            // So is a disconnect that waited for them.
+            if state.send_held(&mut self.wake) > 0 || state.finish_closing() {
+                self.shared.wake_driver.notify_one();
+            }
             let wait = Wait {
                 read: state.conn.direction().is_read(),
                 write: self.write_blocked && state.conn.wants_write(),
                 deadline: state.conn.poll_timeout(),
             };
-            (changed, state.is_over(), wait)
+            (changed, state.is_over() || stop(&state), wait)
         };
         for waker in self.wake.drain(..) {
             waker.wake();

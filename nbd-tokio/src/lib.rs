@@ -103,6 +103,15 @@
 //! `Config::stall_timeout` is set). If the runtime itself shuts down, the
 //! driver's end fails every command still waiting, once.
 //!
+//! # Reconnect
+//!
+//! Opt-in, with [`Client::set_reconnect`] and a [`ReconnectPolicy`]: the
+//! driver task replaces a lost connection (sleeping between attempts on
+//! tokio's timer), checks that it reaches the same export, and sends the
+//! unfinished commands again through `nbd_io`'s [`Journal`](nbd_io::Journal),
+//! so the futures waiting for them simply complete later.
+//! [`Client::take_reconnects`] tells what happened.
+//!
 //! # Unsafe code
 //!
 //! One call: tokio's `AsyncFd::register_with_interest`, which is `unsafe`
@@ -122,12 +131,16 @@ mod driver;
 mod file;
 mod multi;
 mod reactor;
+mod reconnect;
 mod shared;
 
 pub use client::{Client, ConnectionGuard};
 pub use command::{Command, Finish};
 pub use file::ExportFile;
 pub use multi::MultiConn;
-pub use nbd_io::{self, Connecting, Endpoint, Error, Result, Socket, Target, UriPolicy};
+pub use nbd_io::{
+    self, Connecting, Endpoint, Error, ReconnectPolicy, Reconnected, Result, Socket, Target,
+    UriPolicy,
+};
 pub use nbd_proto;
 pub use shared::{ExportEntry, Reply};

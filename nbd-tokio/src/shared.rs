@@ -5,8 +5,11 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
-use nbd_proto::{BlockStatus, Completion, Connection, Cookie, CookieMap, Event, ReadChunk};
+use nbd_io::{Reconnected, Target};
+use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, CookieMap, Event, ReadChunk};
 use tokio::sync::Notify;
+
+use crate::reconnect::Reconnect;
 
 /// One export from an export list (opt mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,11 @@ impl Shared {
                 contexts: Vec::new(),
                 option_result: None,
                 driver_done: false,
+                origin: None,
+                reconnect: None,
+                reconnects: Vec::new(),
+                closing: false,
+                disconnect_deferred: false,
             }),
             wake_driver: Notify::new(),
             changed: Notify::new(),
@@ -64,6 +72,19 @@ pub(crate) struct State {
     pub(crate) option_result: Option<nbd_proto::Result<()>>,
     /// The driver has ended and closed the socket.
     pub(crate) driver_done: bool,
+    /// Where and how the client connected, when it knows (what a reconnect
+    /// needs).
+    pub(crate) origin: Option<(Target, Config)>,
+    /// Automatic reconnect, when turned on.
+    pub(crate) reconnect: Option<Box<Reconnect>>,
+    /// Reconnects not yet taken by `Client::take_reconnects`.
+    pub(crate) reconnects: Vec<Reconnected>,
+    /// A disconnect was asked for (shutdown, or the last handle dropped):
+    /// a connection that replaces a lost one is ended as soon as it can be.
+    pub(crate) closing: bool,
+    /// The disconnect waits until the journal holds nothing back (commands
+    /// to be sent again, or a connection being replaced).
+    pub(crate) disconnect_deferred: bool,
 }
 
 /// Where one command's reply waits for its future.
@@ -160,17 +181,24 @@ impl State {
         while let Some(event) = self.conn.poll_event() {
             match event {
                 Event::Completed(done) => {
-                    let cookie = done.cookie;
-                    if let Some(slot) = self.slots.get_mut(&cookie) {
-                        if slot.abandoned {
-                            self.slots.remove(&cookie);
-                        } else {
-                            slot.done = Some(done);
-                            wake.extend(slot.waker.take());
+                    let done = match &mut self.reconnect {
+                        Some(r) => {
+                            let keep = r.keeps_lost(&self.conn);
+                            r.journal.complete(done, keep)
                         }
+                        None => Some(done),
+                    };
+                    if let Some(done) = done {
+                        self.deliver(done, wake);
                     }
                 }
-                Event::ReadChunk(chunk) => {
+                Event::ReadChunk(mut chunk) => {
+                    match &mut chunk {
+                        ReadChunk::Data { cookie, .. }
+                        | ReadChunk::Hole { cookie, .. }
+                        | ReadChunk::Error { cookie, .. } => *cookie = self.caller_cookie(*cookie),
+                        _ => {}
+                    }
                     if let Some(chunks) = self
                         .slots
                         .get_mut(&chunk.cookie())
@@ -179,7 +207,8 @@ impl State {
                         chunks.push(chunk);
                     }
                 }
-                Event::BlockStatus(status) => {
+                Event::BlockStatus(mut status) => {
+                    status.cookie = self.caller_cookie(status.cookie);
                     if let Some(slot) = self.slots.get_mut(&status.cookie) {
                         if !slot.abandoned {
                             slot.statuses.push(status);
@@ -200,6 +229,58 @@ impl State {
             }
         }
         changed
+    }
+
+    /// After a reconnect: the chunks and block status reports gathered for
+    /// commands not yet completed came from the lost connection, and the
+    /// commands were sent again; the new connection reports afresh.
+    pub(crate) fn forget_partial_replies(&mut self) {
+        for slot in self.slots.values_mut() {
+            if slot.done.is_none() {
+                if let Some(chunks) = &mut slot.chunks {
+                    chunks.clear();
+                }
+                slot.statuses.clear();
+            }
+        }
+    }
+
+    /// Puts a completion (under the caller's cookie) in its slot.
+    pub(crate) fn deliver(&mut self, done: Completion, wake: &mut Vec<Waker>) {
+        let cookie = done.cookie;
+        if let Some(slot) = self.slots.get_mut(&cookie) {
+            if slot.abandoned {
+                self.slots.remove(&cookie);
+            } else {
+                slot.done = Some(done);
+                wake.extend(slot.waker.take());
+            }
+        }
+    }
+
+    /// Sends the commands the journal holds back, once the connection is
+    /// ready and the writes before them completed; those the connection
+    /// refuses complete at once. Returns how many went out.
+    pub(crate) fn send_held(&mut self, wake: &mut Vec<Waker>) -> usize {
+        let Some(r) = &mut self.reconnect else {
+            return 0;
+        };
+        if r.journal.held() == 0 || !self.conn.is_ready() {
+            return 0;
+        }
+        let (sent, refused) = r.journal.send_held(&mut self.conn);
+        for done in refused {
+            self.deliver(done, wake);
+        }
+        sent
+    }
+
+    /// The caller's cookie for a cookie of the connection.
+    fn caller_cookie(&self, wire: Cookie) -> Cookie {
+        self.reconnect
+            .as_ref()
+            .and_then(|r| r.journal.caller_cookie(wire))
+            .unwrap_or(wire)
     }
 
     /// Whether the connection is over: closed as asked, or dead.
