@@ -39,6 +39,11 @@ pub struct ReconnectPolicy {
     /// fail with `WritesLost` (EIO) instead of reporting done. Default
     /// [`DEFAULT_REPLAY_BUDGET`].
     pub replay_budget: usize,
+    /// Longest one attempt may take to connect and finish the handshake
+    /// when the connection's `Config::handshake_timeout` sets no limit of
+    /// its own, so that a server that accepts and then says nothing cannot
+    /// hold a reconnect forever. Default 30 s.
+    pub attempt_timeout: Duration,
 }
 
 /// The default [`ReconnectPolicy::replay_budget`]: 64 MiB.
@@ -58,7 +63,24 @@ impl ReconnectPolicy {
             max_delay: Duration::from_secs(5),
             on_stall: true,
             replay_budget: DEFAULT_REPLAY_BUDGET,
+            attempt_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// The handshake limit of a reconnect attempt: the connection's own
+    /// (`configured`), or else [`attempt_timeout`](Self::attempt_timeout).
+    /// Every attempt is bounded either way.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use nbd_io::ReconnectPolicy;
+    /// let policy = ReconnectPolicy::new(3);
+    /// assert_eq!(policy.attempt_limit(None), Duration::from_secs(30));
+    /// let own = Some(Duration::from_secs(2));
+    /// assert_eq!(policy.attempt_limit(own), Duration::from_secs(2));
+    /// ```
+    pub fn attempt_limit(&self, configured: Option<Duration>) -> Duration {
+        configured.unwrap_or(self.attempt_timeout)
     }
 
     /// How long to wait before attempt `attempt` (counted from 1).

@@ -98,6 +98,8 @@ impl Client {
             return Err(invalid("the connection is not in transmission"));
         }
         let mut config = config.clone();
+        // Each attempt is bounded, even where the first connect was not.
+        config.handshake_timeout = Some(policy.attempt_limit(config.handshake_timeout));
         config.opt_mode = false;
         config.export_name = state.conn.export_name().to_string();
         let journal = Journal::for_policy(&policy);

@@ -201,6 +201,46 @@ fn a_server_that_never_returns_fails_each_pending_command_once() {
     assert!(err.to_string().contains("reconnect"), "{err}");
 }
 
+/// The server comes back as a listener that accepts and never greets, and
+/// the client set no handshake limit of its own: each attempt is still
+/// bounded (the policy's `attempt_timeout`), so the client gives up and each
+/// pending command fails once, instead of waiting forever.
+#[test]
+fn a_silent_server_cannot_hold_a_reconnect_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    fs::write(&file, image(1)).unwrap();
+    let mut server = Restartable::start(dir.path(), file, "10");
+    let mut client = Client::connect_uri(&server.uri()).unwrap();
+    assert_eq!(client.connection().stall_timeout(), None);
+    let mut policy = policy();
+    policy.attempts = 2;
+    policy.attempt_timeout = Duration::from_millis(300);
+    client.set_reconnect(Some(policy)).unwrap();
+    let cookie = client
+        .aio_pread(BytesMut::zeroed(512), 0, CmdFlags::empty())
+        .unwrap();
+    client.poll(Some(Duration::from_millis(50))).unwrap();
+    server.kill();
+    let _ = fs::remove_file(&server.socket);
+    // The backlog takes each attempt's connect; nothing ever answers.
+    let silent = std::os::unix::net::UnixListener::bind(&server.socket).unwrap();
+    let err = bounded("reconnecting to a silent server", move || {
+        let err = loop {
+            if let Err(e) = client.poll(None) {
+                break e;
+            }
+        };
+        let done = client.next_completion().expect("the read completed");
+        assert_eq!(done.cookie, cookie);
+        assert!(done.result.is_err(), "the read cannot succeed");
+        assert!(client.next_completion().is_none(), "it completed once");
+        err
+    });
+    drop(silent);
+    assert!(err.to_string().contains("reconnect"), "{err}");
+}
+
 /// The server comes back with a different export: the reconnect is refused
 /// and the pending commands fail once.
 #[test]
