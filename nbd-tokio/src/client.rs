@@ -138,9 +138,12 @@ impl Client {
     /// its `tls-*` parameters (see [`nbd_io::tls`]); the files they name are
     /// read before connecting.
     pub async fn connect_endpoint(endpoint: &Endpoint, config: Config) -> Result<Client> {
-        let conn = nbd_io::tls::connection_for(endpoint, config)?;
+        let conn = nbd_io::tls::connection_for(endpoint, config.clone())?;
         let socket = connect::finish(connect::start(&endpoint.target).await?).await?;
-        Self::connect_socket_with(socket, conn).await
+        let client = Self::connect_socket_with(socket, conn).await?;
+        // What a reconnect needs (see `set_reconnect`), TLS settings included.
+        client.lock().origin = Some((endpoint.clone(), config));
+        Ok(client)
     }
 
     /// Reaches `target` without blocking the runtime (TCP tries every
@@ -159,7 +162,12 @@ impl Client {
     pub async fn connect(target: &Target, config: Config) -> Result<Client> {
         let client = Self::connect_with(connect::start(target).await?, config.clone()).await?;
         // What a reconnect needs (see `set_reconnect`).
-        client.lock().origin = Some((target.clone(), config));
+        let endpoint = Endpoint {
+            target: target.clone(),
+            export_name: config.export_name.clone(),
+            tls: None,
+        };
+        client.lock().origin = Some((endpoint, config));
         Ok(client)
     }
 

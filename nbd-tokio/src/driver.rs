@@ -54,9 +54,9 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: Socket) {
 /// Connects `socket` to a fresh connection with `config` and negotiates
 /// until it is in transmission, driven as the main connection is; returns
 /// it with its socket, or why it failed.
-pub(crate) async fn handshake(socket: Socket, config: Config) -> Result<(Connection, Socket)> {
+pub(crate) async fn handshake(socket: Socket, conn: Connection) -> Result<(Connection, Socket)> {
     socket.set_nonblocking(true)?;
-    let shared = Arc::new(Shared::new(Connection::new(config)));
+    let shared = Arc::new(Shared::new(conn));
     let fd = drive(&shared, socket, |state| state.conn.is_ready()).await;
     let mut state = shared.lock();
     if !state.conn.is_ready() {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use nbd_io::{
-    Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result, Socket, Target,
+    Endpoint, Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result,
+    Socket, Target,
 };
 use nbd_proto::{Config, Connection, Cookie};
 
@@ -18,7 +19,9 @@ use crate::{connect, driver};
 /// What a client that reconnects keeps.
 pub(crate) struct Reconnect {
     policy: ReconnectPolicy,
-    target: Target,
+    /// Where and how to connect again (TLS settings included; their
+    /// files are read again on each attempt).
+    endpoint: Endpoint,
     config: Config,
     identity: ExportIdentity,
     pub(crate) journal: Journal,
@@ -91,7 +94,7 @@ impl Client {
             state.reconnect = None;
             return Ok(());
         };
-        let Some((target, config)) = &state.origin else {
+        let Some((endpoint, config)) = &state.origin else {
             return Err(invalid("the client was not made from a target"));
         };
         if !state.conn.is_ready() {
@@ -105,7 +108,7 @@ impl Client {
         let journal = Journal::for_policy(&policy);
         state.reconnect = Some(Box::new(Reconnect {
             policy,
-            target: target.clone(),
+            endpoint: endpoint.clone(),
             config,
             identity: ExportIdentity::of(&state.conn)?,
             journal,
@@ -199,7 +202,7 @@ impl State {
 /// nothing to do, or when it gave up (the pending commands then have
 /// completed once with the cause).
 pub(crate) async fn recover(shared: &Arc<Shared>) -> Option<Socket> {
-    let (cause, policy, target, config) = {
+    let (cause, policy, endpoint, config) = {
         let mut state = shared.lock();
         let cause = state.conn.error().cloned()?;
         let stall = state.conn.stall_timeout();
@@ -218,12 +221,12 @@ pub(crate) async fn recover(shared: &Arc<Shared>) -> Option<Socket> {
         let mut config = r.config.clone();
         config.stall_timeout = stall;
         config.command_timeout = command;
-        (cause, r.policy.clone(), r.target.clone(), config)
+        (cause, r.policy.clone(), r.endpoint.clone(), config)
     };
     let mut last = None;
     for attempt in 1..=policy.attempts {
         tokio::time::sleep(policy.delay(attempt)).await;
-        let fresh = match attempt_once(&target, config.clone()).await {
+        let fresh = match attempt_once(&endpoint, config.clone()).await {
             Ok(fresh) => fresh,
             Err(e) => {
                 last = Some(e);
@@ -234,7 +237,14 @@ pub(crate) async fn recover(shared: &Arc<Shared>) -> Option<Socket> {
         let mut wake = Vec::new();
         let taken = {
             let mut state = shared.lock();
-            take_over(&mut state, conn, &cause, attempt, &target, &mut wake)
+            take_over(
+                &mut state,
+                conn,
+                &cause,
+                attempt,
+                &endpoint.target,
+                &mut wake,
+            )
         };
         finish(shared, wake);
         return taken.then_some(socket);
@@ -251,9 +261,12 @@ pub(crate) async fn recover(shared: &Arc<Shared>) -> Option<Socket> {
 }
 
 /// One attempt: connect and negotiate.
-async fn attempt_once(target: &Target, config: Config) -> Result<(Connection, Socket)> {
-    let socket = connect::finish(connect::start(target).await?).await?;
-    driver::handshake(socket, config).await
+async fn attempt_once(endpoint: &Endpoint, config: Config) -> Result<(Connection, Socket)> {
+    // Made first: TLS settings that no longer work fail the attempt before
+    // any socket.
+    let conn = nbd_io::tls::connection_for(endpoint, config)?;
+    let socket = connect::finish(connect::start(&endpoint.target).await?).await?;
+    driver::handshake(socket, conn).await
 }
 
 /// Puts `conn` in place of the lost connection if it reaches the same

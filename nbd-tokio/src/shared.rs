@@ -5,7 +5,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
-use nbd_io::{Reconnected, Target};
+use nbd_io::{Endpoint, Reconnected};
 use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, CookieMap, Event, ReadChunk};
 use tokio::sync::Notify;
 
@@ -74,7 +74,7 @@ pub(crate) struct State {
     pub(crate) driver_done: bool,
     /// Where and how the client connected, when it knows (what a reconnect
     /// needs).
-    pub(crate) origin: Option<(Target, Config)>,
+    pub(crate) origin: Option<(Endpoint, Config)>,
     /// Automatic reconnect, when turned on.
     pub(crate) reconnect: Option<Box<Reconnect>>,
     /// Reconnects not yet taken by `Client::take_reconnects`.
