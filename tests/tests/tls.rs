@@ -880,6 +880,62 @@ fn reconnect_sets_up_tls_again() {
     client.shutdown().unwrap();
 }
 
+/// The same with the tokio adapter: its driver task sets TLS up again.
+#[test]
+fn tokio_reconnect_sets_up_tls_again() {
+    use std::time::Duration;
+    let pki = Pki::new();
+    let client_dir = pki.client_dir("client", false);
+    let file = pki.path("disk.img");
+    fs::write(&file, pattern_bytes(MIB)).unwrap();
+    let mut server = RestartableTls {
+        socket: pki.path("nbd.sock"),
+        file,
+        certificates: pki.server_dir(),
+        child: None,
+    };
+    server.restart();
+    let uri = format!(
+        "nbds+unix:///?socket={}&{}",
+        server.socket.display(),
+        certs_param(&client_dir)
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime.block_on(async {
+        let client = nbd_tokio::Client::connect_uri(&uri).await.unwrap();
+        let mut policy = nbd_tokio::ReconnectPolicy::new(50);
+        policy.first_delay = Duration::from_millis(20);
+        policy.max_delay = Duration::from_millis(200);
+        client.set_reconnect(Some(policy)).unwrap();
+        client
+            .pwrite(bytes::Bytes::from_static(b"before"), 0, CmdFlags::empty())
+            .await
+            .unwrap();
+        client
+    });
+    server.kill();
+    server.restart();
+    runtime.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let back = client
+                .pread(bytes::BytesMut::zeroed(6), 0, CmdFlags::empty())
+                .await
+                .unwrap();
+            assert_eq!(&back[..], b"before");
+            assert!(client.connection().tls_negotiated());
+            let reconnects = client.take_reconnects();
+            assert_eq!(reconnects.len(), 1, "{reconnects:?}");
+            client.shutdown().await.unwrap();
+        })
+        .await
+        .expect("no hang");
+    });
+}
+
 // ---------------------------------------------------------------- the tokio adapter
 
 /// The tokio adapter reads and writes through TLS, many commands at once
