@@ -26,6 +26,11 @@ pub fn set(arg: &RetriesArg) {
     let _ = RETRIES.set(arg.retries);
 }
 
+/// Whether `--retries` asked for reconnects.
+pub fn enabled() -> bool {
+    RETRIES.get().copied().unwrap_or(0) > 0
+}
+
 /// Turns reconnect on for `client` if `--retries` asked for it.
 pub fn enable(client: &mut Client) -> Result<(), Error> {
     match RETRIES.get().copied().unwrap_or(0) {

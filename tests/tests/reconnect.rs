@@ -794,3 +794,43 @@ fn mio_a_structured_read_sent_again_reports_each_chunk_once() {
         assert!(covered.iter().all(|&c| c == 1), "each byte once");
     });
 }
+
+/// With `--retries`, a long copy flushes the destination as it goes, so
+/// that what a restarted destination must be sent again stays within the
+/// reconnect journal's budget; without it, a copy sends no flush of its own.
+#[test]
+fn nbd_copy_retries_flushes_the_destination_as_it_goes() {
+    const SIZE: usize = 48 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let data: Vec<u8> = (0..SIZE).map(|i| (i / 4096) as u8 | 1).collect();
+    fs::write(&source, &data).unwrap();
+    let flushes = |retries: &[&str]| {
+        let log = dir.path().join(format!("dst{}.log", retries.len()));
+        let destination = nbd_tests::NbdkitBuilder::memory(SIZE as u64)
+            .filter("log")
+            .param("logfile", log.to_str().unwrap())
+            .start();
+        let mut args = vec!["copy", "-C", "1"];
+        args.extend_from_slice(retries);
+        let dst_uri = destination.uri();
+        args.extend([source.to_str().unwrap(), dst_uri.as_str()]);
+        let out = nbd_tests::testkit::run_nbd(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flushes = fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" Flush "))
+            .count();
+        drop(destination);
+        flushes
+    };
+    assert_eq!(flushes(&[]), 0, "a copy without --retries or --flush");
+    let with = flushes(&["--retries", "3"]);
+    // 48 MiB written, a flush every 16 MiB of it (the last may fall at the end).
+    assert!(with >= 2, "{with} flushes");
+}

@@ -6,13 +6,13 @@
 //! did not acknowledge fails the copy with the side, the offset and the
 //! cause, and the worker stops only once nothing of its own is in flight.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use nbd_blocking::{Client, Error};
-use nbd_proto::{CmdFlags, Cookie};
+use nbd_proto::{CmdFlags, Cookie, CookieMap};
 
 use super::changes;
 use super::local::{Local, Writeback};
@@ -24,6 +24,18 @@ use crate::extents::{self, Run, BASE_ALLOCATION, STATE_ZERO};
 
 /// Largest single zero request.
 const ZERO_CHUNK: u64 = 1 << 30;
+
+/// With `--retries`, the destination is flushed each time this much has been
+/// written since its last flush (payload bytes, plus the journal's cost of
+/// each request). A reconnect writes again what the lost server acknowledged
+/// since its last flush, within the journal's budget (64 MiB by default) and
+/// past it fails the final flush: flushing well inside the budget keeps a
+/// restarted destination recoverable at any point of a long copy.
+const CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// What each write or zero counts towards [`CHECKPOINT_BYTES`] besides its
+/// payload (as the journal counts it).
+const REQUEST_COST: u64 = nbd_blocking::nbd_io::REPLAY_ENTRY_COST as u64;
 
 /// What the source's extents steer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,15 +139,19 @@ pub struct Worker<'a> {
     /// Upcoming source runs of the current piece.
     runs: VecDeque<Run>,
     /// Reads in flight: offset and length.
-    reads: HashMap<Cookie, (u64, usize)>,
+    reads: CookieMap<Cookie, (u64, usize)>,
     /// Writes and zeroes in flight: offset, length, and the data to reuse.
-    writes: HashMap<Cookie, (u64, u64, Bytes)>,
+    writes: CookieMap<Cookie, (u64, u64, Bytes)>,
     /// Bytes of buffers in flight.
     queued: usize,
     spare: Vec<BytesMut>,
     /// One request of zeroes, for destinations that cannot zero cheaply.
     zeroes: Bytes,
     stats: Stats,
+    /// The checkpoint flush in flight (`--retries` only).
+    checkpoint: Option<Cookie>,
+    /// Bytes written to the destination since the last checkpoint flush.
+    unflushed: u64,
 }
 
 /// What a worker hands back when it is done: its connections, to flush and
@@ -170,12 +186,14 @@ impl<'a> Worker<'a> {
             next: 0,
             exhausted: false,
             runs: VecDeque::new(),
-            reads: HashMap::new(),
-            writes: HashMap::new(),
+            reads: CookieMap::default(),
+            writes: CookieMap::default(),
             queued: 0,
             spare: Vec::new(),
             zeroes: Bytes::from(vec![0u8; settings.request_size]),
             stats: Stats::default(),
+            checkpoint: None,
+            unflushed: 0,
         }
     }
 
@@ -197,7 +215,28 @@ impl<'a> Worker<'a> {
     }
 
     fn in_flight(&self) -> usize {
-        self.reads.len() + self.writes.len()
+        self.reads.len() + self.writes.len() + usize::from(self.checkpoint.is_some())
+    }
+
+    /// With `--retries`, flushes the destination once enough was written
+    /// since its last flush (see [`CHECKPOINT_BYTES`]); one flush at a time.
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        if self.checkpoint.is_some() || self.unflushed < CHECKPOINT_BYTES {
+            return Ok(());
+        }
+        if !crate::retries::enabled() {
+            return Ok(());
+        }
+        if let Destination::Nbd { client, .. } = &mut self.dst {
+            if client.connection().can_flush()? {
+                let cookie = client
+                    .aio_flush(CmdFlags::empty())
+                    .map_err(|e| side::named(Side::Destination, format!("flush: {e}")))?;
+                self.checkpoint = Some(cookie);
+            }
+        }
+        self.unflushed = 0;
+        Ok(())
     }
 
     fn has_room(&self) -> bool {
@@ -213,6 +252,7 @@ impl<'a> Worker<'a> {
                 self.exhausted = !self.start_next()?;
                 self.collect()?;
             }
+            self.checkpoint()?;
             if self.exhausted && self.in_flight() == 0 {
                 return Ok(());
             }
@@ -380,6 +420,17 @@ impl<'a> Worker<'a> {
         }
         if let Destination::Nbd { client, .. } = &mut self.dst {
             while let Some(c) = client.next_completion() {
+                if self.checkpoint == Some(c.cookie) {
+                    self.checkpoint = None;
+                    c.result.map_err(|e| {
+                        let e: Error = e.into();
+                        match crate::deadline::timed_out(&e) {
+                            true => crate::deadline::explain(e, "destination", "a flush"),
+                            false => side::named(Side::Destination, format!("flush: {e}")),
+                        }
+                    })?;
+                    continue;
+                }
                 let (offset, len, data) = self.writes.remove(&c.cookie).ok_or_else(|| {
                     side::failed(Side::Destination, "write", 0, "a reply to no write")
                 })?;
@@ -444,6 +495,7 @@ impl<'a> Worker<'a> {
                     .aio_pwrite(data.clone(), offset, CmdFlags::empty())
                     .map_err(|e| side::failed(Side::Destination, "write", offset, e))?;
                 self.queued += data.len();
+                self.unflushed += len + REQUEST_COST;
                 self.writes.insert(cookie, (offset, len, data));
             }
             Destination::Local(local, writeback) => {
@@ -497,6 +549,7 @@ impl<'a> Worker<'a> {
                     let cookie = client
                         .aio_zero(n, at, zero_flags)
                         .map_err(|e| side::failed(Side::Destination, "zero", at, e))?;
+                    self.unflushed += REQUEST_COST;
                     self.writes.insert(cookie, (at, n, Bytes::new()));
                     at += n;
                 }
