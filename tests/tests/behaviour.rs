@@ -18,7 +18,8 @@
 //! scenario is one `#[test]` per adapter (`blocking::suite::NAME`,
 //! `mio::suite::NAME`, `tokio::suite::NAME`) and every adapter must pass exactly the same
 //! assertions against the same servers: nbdkit (memory, pattern, eval with
-//! delays, error and delay filters) and qemu-nbd (raw and qcow2 images).
+//! delays, error and delay filters), qemu-nbd (raw and qcow2 images) and
+//! nbd-server (simple replies only).
 //!
 //! A harness provides, besides its `client` field: `NAME`, `Client` (the
 //! adapter's client type), `Harness::connect(uri, config)` (connected and

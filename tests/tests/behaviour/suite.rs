@@ -15,7 +15,10 @@ use nbd_proto::{CmdFlags, Config, Cookie, Errno, Phase, Strict};
 use nbd_tests::testkit::{
     assert_matches_nbdinfo, negotiated, pattern_at, pattern_bytes, Op, Rng, Workload,
 };
-use nbd_tests::{read_export, ImageFormat, NbdkitBuilder, QemuNbdBuilder, ServerHandle};
+use nbd_tests::{
+    read_export, ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder,
+    ServerHandle,
+};
 
 use super::{Client, Harness, NAME};
 use crate::{assert_errno, tool_version, Done, KIB, MIB, WAIT_LIMIT};
@@ -575,6 +578,24 @@ fn qemu_qcow2_every_command() {
     every_command(&server, false, 3);
 }
 
+/// nbd-server (simple replies only: no structured replies, no block status)
+/// serving a file with trim, flush and FUA.
+fn nbd_server(size: u64) -> ServerHandle {
+    NbdServerBuilder::new()
+        .export_with(
+            NbdServerExport::new("suite", size)
+                .option("trim", "true")
+                .option("flush", "true")
+                .option("fua", "true"),
+        )
+        .start()
+}
+
+#[test]
+fn nbd_server_every_command() {
+    every_command(&nbd_server(4 * MIB), false, 4);
+}
+
 /// Block status over base:allocation sees written data and holes.
 #[test]
 fn nbdkit_block_status() {
@@ -664,6 +685,11 @@ fn qemu_qcow2_random_io() {
         false,
         0x13,
     );
+}
+
+#[test]
+fn nbd_server_random_io() {
+    random_io(&nbd_server(2 * MIB), false, 0x14);
 }
 
 /// Reads of the pattern plugin, many in flight, at random unaligned places.
