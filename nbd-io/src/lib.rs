@@ -71,8 +71,8 @@ pub use error::{Error, Result};
 pub use nonblocking::{Connecting, Progress};
 pub use policy::{Endpoint, TlsKind, TlsRequest, Transports, UriPolicy, UriTls};
 pub use reconnect::{
-    ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, DEFAULT_REPLAY_BUDGET,
-    REPLAY_ENTRY_COST,
+    refuse_in_flight, ExportIdentity, Journal, Prepared, ReconnectPolicy, Reconnected, Request,
+    DEFAULT_REPLAY_BUDGET, REPLAY_ENTRY_COST,
 };
 pub use socket::Socket;
 pub use target::Target;

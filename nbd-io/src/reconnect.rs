@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::{CmdFlags, Completion, Connection, Cookie, CookieMap, Error, TransmissionFlags};
+use nbd_proto::{
+    CmdFlags, Completion, Config, Connection, Cookie, CookieMap, Error, TransmissionFlags,
+};
 
 /// When to reconnect, how often, and how long to wait between attempts.
 ///
@@ -91,6 +93,41 @@ impl ReconnectPolicy {
             .min(self.max_delay)
     }
 
+    /// What every adapter's `set_reconnect` checks and keeps: the client
+    /// has no command `in_flight`, knows where it connected (`origin`: where
+    /// to connect again, a [`Target`](crate::Target) or an
+    /// [`Endpoint`](crate::Endpoint), and the config of its first connect),
+    /// and `conn` is in transmission. The
+    /// attempts' config is `origin` with the export name `conn` uses, no opt
+    /// mode, and a bounded handshake ([`attempt_limit`](Self::attempt_limit)).
+    ///
+    /// Errors (`EINVAL`) say which condition failed.
+    pub fn prepare<T: Clone>(
+        &self,
+        conn: &Connection,
+        origin: Option<&(T, Config)>,
+        in_flight: usize,
+    ) -> Result<Prepared<T>, Error> {
+        refuse_in_flight(in_flight)?;
+        let Some((place, origin)) = origin else {
+            return Err(cannot_set("the client was not made from a target"));
+        };
+        if !conn.is_ready() {
+            return Err(cannot_set("the connection is not in transmission"));
+        }
+        let mut config = origin.clone();
+        // Each attempt is bounded, even where the first connect was not.
+        config.handshake_timeout = Some(self.attempt_limit(config.handshake_timeout));
+        config.opt_mode = false;
+        config.export_name = conn.export_name().to_string();
+        Ok(Prepared {
+            place: place.clone(),
+            config,
+            identity: ExportIdentity::of(conn)?,
+            journal: Journal::for_policy(self),
+        })
+    }
+
     /// Whether the error that ended a connection is worth a reconnect: the
     /// server closed it or the socket failed (the core's `NotConnected`),
     /// or, if `on_stall`, the stall deadline (`TimedOut`). Never a protocol
@@ -102,6 +139,32 @@ impl ReconnectPolicy {
             _ => false,
         }
     }
+}
+
+/// What an adapter keeps to reconnect, made by [`ReconnectPolicy::prepare`].
+#[derive(Debug)]
+pub struct Prepared<T> {
+    /// Where every attempt connects.
+    pub place: T,
+    /// The settings of every attempt.
+    pub config: Config,
+    /// The export a new connection must reach.
+    pub identity: ExportIdentity,
+    /// The journal of unfinished commands, with the policy's budget.
+    pub journal: Journal,
+}
+
+/// `EINVAL` when commands are in flight: reconnect is turned on or off only
+/// between commands, so that each is journalled from its start or not at all.
+pub fn refuse_in_flight(in_flight: usize) -> Result<(), Error> {
+    match in_flight {
+        0 => Ok(()),
+        _ => Err(cannot_set("commands are in flight")),
+    }
+}
+
+fn cannot_set(why: &str) -> Error {
+    Error::InvalidArgument(format!("cannot set reconnect: {why}"))
 }
 
 impl Default for ReconnectPolicy {

@@ -10,8 +10,7 @@ use bytes::BytesMut;
 use mio::unix::SourceFd;
 use mio::Interest;
 use nbd_io::{
-    Connecting, Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result,
-    Target,
+    Connecting, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result, Target,
 };
 use nbd_proto::{Completion, Config, Connection, Cookie, Event};
 
@@ -100,35 +99,19 @@ impl Client {
     /// [`Client::connect_endpoint`]), it is not in transmission, or commands
     /// are in flight.
     pub fn set_reconnect(&mut self, policy: Option<ReconnectPolicy>) -> Result<()> {
-        let invalid = |why: &str| -> Error {
-            nbd_proto::Error::InvalidArgument(format!("cannot set reconnect: {why}")).into()
-        };
-        if self.in_flight() > 0 {
-            return Err(invalid("commands are in flight"));
-        }
+        nbd_io::refuse_in_flight(self.in_flight())?;
         let Some(policy) = policy else {
             self.reconnect = None;
             return Ok(());
         };
-        let Some((target, config)) = &self.origin else {
-            return Err(invalid("the client was not made from a target"));
-        };
-        if !self.conn.is_ready() {
-            return Err(invalid("the connection is not in transmission"));
-        }
-        let mut config = config.clone();
-        // Each attempt is bounded, even where the first connect was not.
-        config.handshake_timeout = Some(policy.attempt_limit(config.handshake_timeout));
-        config.opt_mode = false;
-        config.export_name = self.conn.export_name().to_string();
-        let journal = Journal::for_policy(&policy);
+        let prepared = policy.prepare(&self.conn, self.origin.as_ref(), self.in_flight())?;
         self.reconnect = Some(Box::new(Reconnect {
             policy,
-            target: target.clone(),
-            config,
+            target: prepared.place,
+            config: prepared.config,
             tls: self.origin_tls.clone(),
-            identity: ExportIdentity::of(&self.conn)?,
-            journal,
+            identity: prepared.identity,
+            journal: prepared.journal,
             state: State::Idle,
             failure: None,
         }));

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use nbd_io::{
-    Endpoint, Error, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result,
-    Socket, Target,
+    Endpoint, ExportIdentity, Journal, ReconnectPolicy, Reconnected, Request, Result, Socket,
+    Target,
 };
 use nbd_proto::{Config, Connection, Cookie};
 
@@ -79,39 +79,23 @@ impl Client {
     /// ([`Client::connect`], [`Client::connect_uri`], ...), it is not in
     /// transmission, or commands are in flight.
     pub fn set_reconnect(&self, policy: Option<ReconnectPolicy>) -> Result<()> {
-        let invalid = |why: &str| -> Error {
-            nbd_proto::Error::InvalidArgument(format!("cannot set reconnect: {why}")).into()
-        };
         let mut state = self.lock();
         let in_flight = match &state.reconnect {
             Some(r) => r.journal.len(),
             None => state.conn.in_flight(),
         };
-        if in_flight > 0 {
-            return Err(invalid("commands are in flight"));
-        }
+        nbd_io::refuse_in_flight(in_flight)?;
         let Some(policy) = policy else {
             state.reconnect = None;
             return Ok(());
         };
-        let Some((endpoint, config)) = &state.origin else {
-            return Err(invalid("the client was not made from a target"));
-        };
-        if !state.conn.is_ready() {
-            return Err(invalid("the connection is not in transmission"));
-        }
-        let mut config = config.clone();
-        // Each attempt is bounded, even where the first connect was not.
-        config.handshake_timeout = Some(policy.attempt_limit(config.handshake_timeout));
-        config.opt_mode = false;
-        config.export_name = state.conn.export_name().to_string();
-        let journal = Journal::for_policy(&policy);
+        let prepared = policy.prepare(&state.conn, state.origin.as_ref(), in_flight)?;
         state.reconnect = Some(Box::new(Reconnect {
             policy,
-            endpoint: endpoint.clone(),
-            config,
-            identity: ExportIdentity::of(&state.conn)?,
-            journal,
+            endpoint: prepared.place,
+            config: prepared.config,
+            identity: prepared.identity,
+            journal: prepared.journal,
             reconnecting: false,
             failure: None,
         }));
