@@ -390,3 +390,31 @@ pub fn nbdkit_reverse_order_reads(reads: u64, block: u64, step_ms: u64) -> crate
         .threads(reads as u32)
         .start()
 }
+
+/// Runs `f` on its own thread and returns its result; panics naming `what`
+/// if it has not returned within `limit` (the thread is left behind). Turns
+/// a hang into a test failure; it never measures speed.
+pub fn bounded<T: Send + 'static>(
+    what: &str,
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    use std::sync::mpsc;
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => {
+            worker.join().expect("the worker returned");
+            value
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still waiting after {limit:?}")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the worker sends before it returns"),
+        },
+    }
+}

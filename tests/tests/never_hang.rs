@@ -11,7 +11,6 @@
 //! [`HANG_LIMIT`]: a hang fails the test instead of stalling the run. The
 //! bound is generous; nothing here measures speed.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -28,23 +27,7 @@ const HANG_LIMIT: Duration = Duration::from_secs(20);
 /// Runs `f` on its own thread and returns its result; panics naming `what`
 /// if it has not returned within [`HANG_LIMIT`] (the thread is left behind).
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(HANG_LIMIT) {
-        Ok(value) => {
-            worker.join().expect("the worker returned");
-            value
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: still waiting after {HANG_LIMIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the worker sends before it returns"),
-        },
-    }
+    nbd_tests::testkit::bounded(what, HANG_LIMIT, f)
 }
 
 // ------------------------------------------------------------------ 1: idle poll

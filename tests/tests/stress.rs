@@ -36,7 +36,8 @@ use std::time::Duration;
 use nbd_proto::{BlockStatus, Completion, Config, Connection, Cookie, Errno};
 use nbd_tests::stress::ops::Op;
 use nbd_tests::stress::{
-    stress, stress_killed, stress_restarted, Blocking, Driver, Kind, Mio, Settings, Summary, Target,
+    stress, stress_checked, stress_killed, stress_restarted, Blocking, Driver, Mio, Settings,
+    Target,
 };
 use nbd_tests::{
     ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder, Restartable,
@@ -103,48 +104,13 @@ fn nbd_server() -> ServerHandle {
         .start()
 }
 
-/// Runs the stress test and checks that it did what it claims: every
-/// operation passed, and with enough of them, reads and writes (and block
-/// status and injected failures, where the server has them) were exercised
-/// with more than one command in flight.
-fn check<D: Driver>(target: Target) {
-    let test = target.test.clone();
-    let injects = target.injected_error.is_some();
-    let summary: Summary = stress::<D>(target);
-    let ops = Settings::from_env().ops;
-    assert_eq!(summary.operations, ops, "{test}: operations run");
-    assert!(summary.sweep_reads > 0, "{test}: the export was read back");
-    if ops >= 1000 {
-        let mut kinds = vec![Kind::Read, Kind::Write];
-        if summary.limits.block_status {
-            kinds.push(Kind::BlockStatus);
-        }
-        for kind in kinds {
-            assert!(
-                summary.tally.get(&kind).copied().unwrap_or(0) > 0,
-                "{test}: no {kind:?} in {ops} operations: {:?}",
-                summary.tally
-            );
-        }
-        assert!(
-            summary.max_depth > 1,
-            "{test}: never more than one in flight"
-        );
-        assert_eq!(
-            summary.injected_failures > 0,
-            injects,
-            "{test}: injected failures seen"
-        );
-    }
-}
-
 // ------------------------------------------------------------------ blocking
 
 #[test]
 fn blocking_nbdkit_memory() {
     let server = nbdkit_memory();
     // The memory plugin frees trimmed pages: they read back as zeroes.
-    check::<Blocking>(
+    stress_checked::<Blocking>(
         Target::new("blocking_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero(),
     );
 }
@@ -152,7 +118,7 @@ fn blocking_nbdkit_memory() {
 #[test]
 fn blocking_nbdkit_memory_aligned() {
     let server = nbdkit_memory_aligned();
-    check::<Blocking>(
+    stress_checked::<Blocking>(
         Target::new(
             "blocking_nbdkit_memory_aligned",
             "nbdkit memory, 4 KiB blocks",
@@ -165,7 +131,7 @@ fn blocking_nbdkit_memory_aligned() {
 #[test]
 fn blocking_nbdkit_memory_failing() {
     let server = nbdkit_memory_failing();
-    check::<Blocking>(
+    stress_checked::<Blocking>(
         Target::new(
             "blocking_nbdkit_memory_failing",
             "nbdkit memory, 2% EIO",
@@ -179,7 +145,7 @@ fn blocking_nbdkit_memory_failing() {
 #[test]
 fn blocking_qemu_nbd_raw() {
     let server = qemu_nbd(ImageFormat::Raw, Discard::Unmap);
-    check::<Blocking>(Target::new(
+    stress_checked::<Blocking>(Target::new(
         "blocking_qemu_nbd_raw",
         "qemu-nbd raw, --discard=unmap",
         &server.uri(),
@@ -189,7 +155,7 @@ fn blocking_qemu_nbd_raw() {
 #[test]
 fn blocking_qemu_nbd_qcow2() {
     let server = qemu_nbd(ImageFormat::Qcow2, Discard::Ignore);
-    check::<Blocking>(Target::new(
+    stress_checked::<Blocking>(Target::new(
         "blocking_qemu_nbd_qcow2",
         "qemu-nbd qcow2",
         &server.uri(),
@@ -209,7 +175,7 @@ fn blocking_qemu_nbd_qcow2() {
 #[ignore = "qemu-nbd 10.0 qcow2 with --discard=unmap corrupts data under concurrent commands"]
 fn blocking_qemu_nbd_qcow2_discard_unmap() {
     let server = qemu_nbd(ImageFormat::Qcow2, Discard::Unmap);
-    check::<Blocking>(Target::new(
+    stress_checked::<Blocking>(Target::new(
         "blocking_qemu_nbd_qcow2_discard_unmap",
         "qemu-nbd qcow2, --discard=unmap",
         &server.uri(),
@@ -219,7 +185,7 @@ fn blocking_qemu_nbd_qcow2_discard_unmap() {
 #[test]
 fn blocking_nbd_server() {
     let server = nbd_server();
-    check::<Blocking>(Target::new(
+    stress_checked::<Blocking>(Target::new(
         "blocking_nbd_server",
         "nbd-server",
         &server.uri(),
@@ -231,7 +197,7 @@ fn blocking_nbd_server() {
 #[test]
 fn mio_nbdkit_memory() {
     let server = nbdkit_memory();
-    check::<Mio>(
+    stress_checked::<Mio>(
         Target::new("mio_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero(),
     );
 }
@@ -239,7 +205,7 @@ fn mio_nbdkit_memory() {
 #[test]
 fn mio_nbdkit_memory_aligned() {
     let server = nbdkit_memory_aligned();
-    check::<Mio>(
+    stress_checked::<Mio>(
         Target::new(
             "mio_nbdkit_memory_aligned",
             "nbdkit memory, 4 KiB blocks",
@@ -252,7 +218,7 @@ fn mio_nbdkit_memory_aligned() {
 #[test]
 fn mio_nbdkit_memory_failing() {
     let server = nbdkit_memory_failing();
-    check::<Mio>(
+    stress_checked::<Mio>(
         Target::new(
             "mio_nbdkit_memory_failing",
             "nbdkit memory, 2% EIO",
@@ -266,7 +232,7 @@ fn mio_nbdkit_memory_failing() {
 #[test]
 fn mio_qemu_nbd_raw() {
     let server = qemu_nbd(ImageFormat::Raw, Discard::Unmap);
-    check::<Mio>(Target::new(
+    stress_checked::<Mio>(Target::new(
         "mio_qemu_nbd_raw",
         "qemu-nbd raw, --discard=unmap",
         &server.uri(),
@@ -276,7 +242,7 @@ fn mio_qemu_nbd_raw() {
 #[test]
 fn mio_qemu_nbd_qcow2() {
     let server = qemu_nbd(ImageFormat::Qcow2, Discard::Ignore);
-    check::<Mio>(Target::new(
+    stress_checked::<Mio>(Target::new(
         "mio_qemu_nbd_qcow2",
         "qemu-nbd qcow2",
         &server.uri(),
@@ -296,7 +262,7 @@ fn mio_qemu_nbd_qcow2() {
 #[ignore = "qemu-nbd 10.0 qcow2 with --discard=unmap corrupts data under concurrent commands"]
 fn mio_qemu_nbd_qcow2_discard_unmap() {
     let server = qemu_nbd(ImageFormat::Qcow2, Discard::Unmap);
-    check::<Mio>(Target::new(
+    stress_checked::<Mio>(Target::new(
         "mio_qemu_nbd_qcow2_discard_unmap",
         "qemu-nbd qcow2, --discard=unmap",
         &server.uri(),
@@ -306,7 +272,7 @@ fn mio_qemu_nbd_qcow2_discard_unmap() {
 #[test]
 fn mio_nbd_server() {
     let server = nbd_server();
-    check::<Mio>(Target::new("mio_nbd_server", "nbd-server", &server.uri()));
+    stress_checked::<Mio>(Target::new("mio_nbd_server", "nbd-server", &server.uri()));
 }
 
 // ------------------------------------------------------------------ server death

@@ -15,7 +15,6 @@
 //! a server of its own (Debian's nbdkit 1.32 aborts then).
 
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -31,23 +30,7 @@ const HANG_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs `f` on its own thread; panics naming `what` if it hangs.
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(HANG_LIMIT) {
-        Ok(value) => {
-            worker.join().expect("the worker returned");
-            value
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: still waiting after {HANG_LIMIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the worker sends before it returns"),
-        },
-    }
+    nbd_tests::testkit::bounded(what, HANG_LIMIT, f)
 }
 
 /// A pattern export whose every read is answered after `delay`.

@@ -28,7 +28,7 @@ use bytes::BytesMut;
 use nbd_proto::{BlockStatus, CmdFlags, Completion, Config, Connection, Cookie, Errno};
 use nbd_tests::stress::model::Model;
 use nbd_tests::stress::ops::{mix_seed, Generator, Op, BASE_ALLOCATION};
-use nbd_tests::stress::{stress, stress_killed, Driver, Kind, Limits, Settings, Summary, Target};
+use nbd_tests::stress::{stress_checked, stress_killed, Driver, Kind, Limits, Settings, Target};
 use nbd_tests::testkit::Rng;
 use nbd_tests::{ImageFormat, NbdServerBuilder, NbdServerExport, NbdkitBuilder, QemuNbdBuilder};
 use nbd_tokio::{Client, Command, Reply};
@@ -103,43 +103,12 @@ impl Driver for Tokio {
     }
 }
 
-/// Runs the stress test and checks that it did what it claims (as
-/// `tests/stress.rs` does for the other adapters).
-fn check(target: Target) {
-    let test = target.test.clone();
-    let injects = target.injected_error.is_some();
-    let summary: Summary = stress::<Tokio>(target);
-    let ops = Settings::from_env().ops;
-    assert_eq!(summary.operations, ops, "{test}: operations run");
-    assert!(summary.sweep_reads > 0, "{test}: the export was read back");
-    if ops >= 1000 {
-        let mut kinds = vec![Kind::Read, Kind::Write];
-        if summary.limits.block_status {
-            kinds.push(Kind::BlockStatus);
-        }
-        for kind in kinds {
-            assert!(
-                summary.tally.get(&kind).copied().unwrap_or(0) > 0,
-                "{test}: no {kind:?} in {ops} operations: {:?}",
-                summary.tally
-            );
-        }
-        assert!(
-            summary.max_depth > 1,
-            "{test}: never more than one in flight"
-        );
-        assert_eq!(
-            summary.injected_failures > 0,
-            injects,
-            "{test}: injected failures seen"
-        );
-    }
-}
-
 #[test]
 fn tokio_nbdkit_memory() {
     let server = NbdkitBuilder::memory(SIZE).start();
-    check(Target::new("tokio_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero());
+    stress_checked::<Tokio>(
+        Target::new("tokio_nbdkit_memory", "nbdkit memory", &server.uri()).trim_reads_zero(),
+    );
 }
 
 #[test]
@@ -151,7 +120,7 @@ fn tokio_nbdkit_memory_aligned() {
         .param("blocksize-maximum", "262144")
         .param("blocksize-error-policy", "error")
         .start();
-    check(
+    stress_checked::<Tokio>(
         Target::new(
             "tokio_nbdkit_memory_aligned",
             "nbdkit memory, 4 KiB blocks",
@@ -168,7 +137,7 @@ fn tokio_nbdkit_memory_failing() {
         .param("error", "EIO")
         .param("error-rate", "2%")
         .start();
-    check(
+    stress_checked::<Tokio>(
         Target::new(
             "tokio_nbdkit_memory_failing",
             "nbdkit memory, 2% EIO",
@@ -184,7 +153,7 @@ fn tokio_qemu_nbd_raw() {
     let server = QemuNbdBuilder::new(ImageFormat::Raw, QEMU_SIZE)
         .arg("--discard=unmap")
         .start();
-    check(Target::new(
+    stress_checked::<Tokio>(Target::new(
         "tokio_qemu_nbd_raw",
         "qemu-nbd raw, --discard=unmap",
         &server.uri(),
@@ -194,7 +163,7 @@ fn tokio_qemu_nbd_raw() {
 #[test]
 fn tokio_qemu_nbd_qcow2() {
     let server = QemuNbdBuilder::new(ImageFormat::Qcow2, QEMU_SIZE).start();
-    check(Target::new(
+    stress_checked::<Tokio>(Target::new(
         "tokio_qemu_nbd_qcow2",
         "qemu-nbd qcow2",
         &server.uri(),
@@ -211,7 +180,7 @@ fn tokio_nbd_server() {
                 .option("fua", "true"),
         )
         .start();
-    check(Target::new("tokio_nbd_server", "nbd-server", &server.uri()));
+    stress_checked::<Tokio>(Target::new("tokio_nbd_server", "nbd-server", &server.uri()));
 }
 
 /// The server killed halfway: commands in flight fail exactly once, new

@@ -315,3 +315,39 @@ pub fn stress<D: Driver>(target: Target) -> Summary {
     );
     summary
 }
+
+/// Runs [`stress`] and checks that the run did what it claims: every
+/// operation passed, and with enough of them, reads and writes (and block
+/// status and injected failures, where the server has them) were exercised
+/// with more than one command in flight.
+pub fn stress_checked<D: Driver>(target: Target) -> Summary {
+    let test = target.test.clone();
+    let injects = target.injected_error.is_some();
+    let summary = stress::<D>(target);
+    let ops = Settings::from_env().ops;
+    assert_eq!(summary.operations, ops, "{test}: operations run");
+    assert!(summary.sweep_reads > 0, "{test}: the export was read back");
+    if ops >= 1000 {
+        let mut kinds = vec![Kind::Read, Kind::Write];
+        if summary.limits.block_status {
+            kinds.push(Kind::BlockStatus);
+        }
+        for kind in kinds {
+            assert!(
+                summary.tally.get(&kind).copied().unwrap_or(0) > 0,
+                "{test}: no {kind:?} in {ops} operations: {:?}",
+                summary.tally
+            );
+        }
+        assert!(
+            summary.max_depth > 1,
+            "{test}: never more than one in flight"
+        );
+        assert_eq!(
+            summary.injected_failures > 0,
+            injects,
+            "{test}: injected failures seen"
+        );
+    }
+    summary
+}
