@@ -53,6 +53,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod buffer;
 mod config;
 mod connection;
 pub mod context;
@@ -76,6 +77,7 @@ mod transmit;
 pub mod uri;
 pub mod wire;
 
+pub use buffer::{aligned_zeroed, BUFFER_ALIGN};
 pub use config::Config;
 pub use connection::{Connection, Direction, Phase};
 pub use cookie_hash::{CookieHasher, CookieMap, CookieSet};

@@ -260,8 +260,14 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// A buffer of `len` bytes: a spare one, or a new page-aligned one of a
+    /// whole request (the kernel copies into aligned buffers several times
+    /// faster; see [`nbd_proto::aligned_zeroed`]).
     fn buffer(&mut self, len: usize) -> BytesMut {
-        let mut buf = self.spare.pop().unwrap_or_default();
+        let mut buf = match self.spare.pop() {
+            Some(buf) if buf.capacity() >= len => buf,
+            _ => nbd_proto::aligned_zeroed(len.max(self.settings.request_size)),
+        };
         buf.resize(len, 0);
         buf
     }
