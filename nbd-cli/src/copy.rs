@@ -27,6 +27,7 @@ mod ordered;
 mod plan;
 mod progress;
 mod side;
+mod window;
 mod worker;
 
 use std::io;
@@ -64,9 +65,11 @@ pub struct CopyArgs {
     /// Size of each request (suffixes K, M allowed).
     #[arg(long, default_value = "256K", value_parser = parse_request_size)]
     pub request_size: u64,
-    /// Most bytes of requests in flight per connection.
-    #[arg(long, default_value = "16M", value_parser = parse_queue_size)]
-    pub queue_size: u64,
+    /// Most bytes of requests in flight per connection. Default: 1M where
+    /// both ends are near (Unix sockets, loopback), growing with the round
+    /// trip the kernel measured, up to 16M for distant servers.
+    #[arg(long, value_parser = parse_queue_size)]
+    pub queue_size: Option<u64>,
     /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it
     /// off. Default: 4096, or the destination's preferred block size if larger.
     #[arg(short = 'S', long, value_parser = parse_size)]
@@ -220,16 +223,19 @@ fn worker_count(args: &CopyArgs, ends_allow: usize) -> usize {
 
 /// The workers' settings, from the options and what the ends said.
 fn settings(args: &CopyArgs, src: &open::SourceInfo, dst: &open::DestinationInfo) -> Settings {
+    let request_size = (args.request_size as usize)
+        .min(src.max_request)
+        .min(dst.max_request);
     Settings {
         requests: if args.synchronous {
             1
         } else {
             args.requests as usize
         },
-        queue_size: args.queue_size as usize,
-        request_size: (args.request_size as usize)
-            .min(src.max_request)
-            .min(dst.max_request),
+        queue_size: args.queue_size.unwrap_or_else(|| {
+            window::default_window(&[src.round_trip, dst.round_trip], request_size as u64)
+        }) as usize,
+        request_size,
         sparse: args
             .sparse
             .unwrap_or(DEFAULT_SPARSE.max(dst.preferred_block)) as usize,

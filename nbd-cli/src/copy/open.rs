@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nbd_blocking::{Client, Error};
 use nbd_proto::Config;
@@ -58,6 +59,9 @@ pub struct SourceInfo {
     pub max_request: usize,
     /// Whether it advertised multi-conn (`None`: not an NBD export).
     pub multi_conn: Option<bool>,
+    /// The round trip to its server: zero for a local end, `None` where the
+    /// kernel cannot tell.
+    pub round_trip: Option<Duration>,
 }
 
 /// Opens the source. `changed` is `--changed`'s context; `use_extents` is
@@ -79,6 +83,7 @@ pub fn source(
             extents: Extents::Ignore,
             max_request: usize::MAX,
             multi_conn: None,
+            round_trip: Some(Duration::ZERO),
         };
         let kind = match path {
             "-" => Kind::Stream,
@@ -142,6 +147,7 @@ pub fn source(
         extents,
         max_request: client.max_request(),
         multi_conn: Some(multi_conn),
+        round_trip: client.socket().round_trip_time(),
     };
     let opened = nbd_opened(operand, config, multi_conn, Source::Nbd(Box::new(client)));
     Ok((opened, info))
@@ -166,6 +172,9 @@ pub struct DestinationInfo {
     pub max_request: usize,
     /// Whether it advertised multi-conn (`None`: not an NBD export).
     pub multi_conn: Option<bool>,
+    /// The round trip to its server: zero for a local end, `None` where the
+    /// kernel cannot tell.
+    pub round_trip: Option<Duration>,
 }
 
 /// Opens the destination for a source of `size` bytes (`None`: a stream of
@@ -182,6 +191,7 @@ pub fn destination(
             preferred_block: 0,
             max_request: usize::MAX,
             multi_conn: None,
+            round_trip: Some(Duration::ZERO),
         };
         let name = |e: io::Error| side::named(Side::Destination, format!("{path}: {e}"));
         if path == "null:" {
@@ -237,6 +247,7 @@ pub fn destination(
         preferred_block: conn.block_sizes().map_or(0, |b| u64::from(b.preferred)),
         max_request: client.max_request(),
         multi_conn: Some(multi_conn),
+        round_trip: client.socket().round_trip_time(),
     };
     let dest = Destination::Nbd {
         client: Box::new(client),
