@@ -21,6 +21,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nbdsh", "libnbd-bin"),
     ("nbddump", "libnbd-bin"),
     ("file", "file"),
+    ("fincore", "util-linux-extra"),
     // Pseudo-terminals for progress bars (Debian marks it essential).
     ("script", "bsdutils"),
 ];

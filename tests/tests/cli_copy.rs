@@ -446,6 +446,56 @@ fn block_devices_as_source_and_destination() {
     );
 }
 
+/// Bytes of `path` in the page cache, as fincore(1) counts them.
+fn resident_bytes(path: &Path) -> u64 {
+    let fincore = require_tool("fincore");
+    let out = Command::new(fincore)
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fincore: {}", text(&out.stderr));
+    text(&out.stdout)
+        .trim()
+        .parse()
+        .expect("fincore prints a byte count")
+}
+
+/// A copy into a file leaves little of it in the page cache: write-back
+/// starts as it goes and what is on disk is dropped, so a long copy never
+/// fills memory with dirty pages (nor throttles on them). One worker keeps
+/// at most 7 regions of 8 MiB cached (3 gathering writes, 4 in write-back);
+/// a copy that left the cache alone would keep all 256 MiB.
+#[test]
+fn a_copy_into_a_file_keeps_the_page_cache_small() {
+    const SIZE: usize = 256 * MIB;
+    // Not the system's temporary directory, which may be a tmpfs (whose
+    // pages are the file's only copy and never leave the cache).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stat = rustix::fs::statfs(dir.path()).unwrap();
+    if stat.f_type as i64 == 0x0102_1994 {
+        eprintln!("SKIPPED a_copy_into_a_file_keeps_the_page_cache_small: tmpfs");
+        return;
+    }
+    let out = dir.path().join("copy.img");
+    let server = NbdkitBuilder::pattern(SIZE).start();
+    nbd_quiet(&["copy", "-T", "1", &server.uri(), out.to_str().unwrap()]);
+    let resident = resident_bytes(&out);
+    assert!(
+        resident <= 64 * MIB as u64,
+        "{} MiB of the 256 MiB copy stayed in the page cache",
+        resident / MIB as u64
+    );
+    // Every 16th MiB is checked: reading it all would take a while in a
+    // debug build, and a misplaced or missing write shows in any of them.
+    let copy = fs::read(&out).unwrap();
+    assert_eq!(copy.len(), SIZE);
+    for at in (0..SIZE).step_by(16 * MIB) {
+        let want = nbd_tests::testkit::pattern_at(at as u64, MIB);
+        assert!(copy[at..at + MIB] == want[..], "the copy differs at {at}");
+    }
+}
+
 /// `nbd ARGS` with `input` on standard input; must succeed quietly.
 fn nbd_with_stdin(args: &[&str], input: &[u8]) {
     use std::io::Write;

@@ -302,16 +302,18 @@ impl Writeback {
         local.advise(start, end - start, libc::POSIX_FADV_DONTNEED);
     }
 
-    /// Settles everything still gathered or in write-back.
+    /// Starts write-back of everything still gathered, and leaves the last
+    /// regions to the kernel: the copy is done when its data is in the page
+    /// cache, as with any write (`--flush` is what waits for the disk). At
+    /// most [`WRITEBACK_DEPTH`] + [`OPEN_REGIONS`] regions per worker stay
+    /// cached, already on their way to disk.
     pub fn finish(&mut self, local: &Local) {
         let mut open = std::mem::take(&mut self.open);
         open.sort_unstable();
         for (_, lo, hi) in open {
             self.start(local, (lo, hi));
         }
-        while let Some(region) = self.started.pop_front() {
-            Self::settle(local, region);
-        }
+        self.started.clear();
     }
 }
 
