@@ -57,6 +57,7 @@ mod connect;
 mod connect_within;
 mod error;
 mod nonblocking;
+mod overlap;
 mod policy;
 pub mod pump;
 mod reconnect;

@@ -5,12 +5,15 @@
 //! The adapter's side of it is described on [`Journal`].
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use nbd_proto::{
     CmdFlags, Completion, Config, Connection, Cookie, CookieMap, Error, TransmissionFlags,
 };
+
+use crate::overlap::uncovered_by_later;
 
 /// When to reconnect, how often, and how long to wait between attempts.
 ///
@@ -378,6 +381,49 @@ impl Request {
         )
     }
 
+    /// The export range a write, trim or zero changes.
+    fn changed_range(&self) -> Option<Range<u64>> {
+        let (offset, len) = match self {
+            Request::Write { data, offset, .. } => (*offset, data.len() as u64),
+            Request::Trim { count, offset, .. } | Request::Zero { count, offset, .. } => {
+                (*offset, *count)
+            }
+            _ => return None,
+        };
+        Some(offset..offset.saturating_add(len))
+    }
+
+    /// The same write, trim or zero over `range`, a part of its
+    /// [`changed_range`](Self::changed_range).
+    fn confined_to(&self, range: Range<u64>) -> Request {
+        let count = range.end - range.start;
+        match *self {
+            Request::Write {
+                ref data,
+                offset,
+                flags,
+            } => {
+                let from = (range.start - offset) as usize;
+                Request::Write {
+                    data: data.slice(from..from + count as usize),
+                    offset: range.start,
+                    flags,
+                }
+            }
+            Request::Trim { flags, .. } => Request::Trim {
+                count,
+                offset: range.start,
+                flags,
+            },
+            Request::Zero { flags, .. } => Request::Zero {
+                count,
+                offset: range.start,
+                flags,
+            },
+            ref other => other.clone(),
+        }
+    }
+
     /// What keeping it for replay costs against the budget.
     fn replay_cost(&self) -> usize {
         let payload = match self {
@@ -459,10 +505,11 @@ const JOURNAL_COOKIE: u64 = 1 << 63;
 /// Durability: a write the old server acknowledged may have lived only in
 /// its cache. So the journal keeps every write, zero and trim acknowledged
 /// since the last successful flush (a cheap `Bytes` clone of a write's
-/// payload), and [`Journal::resend`] writes them again first, in the order
-/// they were submitted (a later write to an overlapping range lands after
-/// the earlier one, as before), and holds every unfinished command until
-/// they have all completed. A flush, or a write with FUA, that is sent again
+/// payload), and [`Journal::resend`] writes them again first, and holds
+/// every unfinished command until they have all completed. They go out
+/// together, and a server may carry out commands in flight in any order, so
+/// where kept writes overlap only the parts that no later one covers are
+/// written: the export ends as it was after the writes in submission order. A flush, or a write with FUA, that is sent again
 /// also waits until every write submitted before it has completed on the
 /// new connection. So a flush or FUA write is reported done only after it
 /// succeeded on the connection that holds every write before it. A
@@ -748,7 +795,8 @@ impl Journal {
     }
 
     /// After a reconnect: forgets the old connection's cookies, writes the
-    /// kept acknowledged writes again on `conn`, then sends the unfinished
+    /// kept acknowledged writes again on `conn` (where they overlap, only
+    /// what no later one covers), then sends the unfinished
     /// commands, each in submission order. Returns how many unfinished
     /// commands went out now; the rest wait for the kept writes, or behind a
     /// flush or FUA write (see [`Journal::send_held`]). Commands the new
@@ -763,8 +811,16 @@ impl Journal {
             ));
         }
         let mut refused = None;
-        for (&n, replay) in &self.replays {
-            match replay.request.issue(conn, None) {
+        // Sent together, overlapping kept writes could land in any order:
+        // only what no later one covers goes out, so the pieces are disjoint.
+        let pieces = uncovered_by_later(
+            self.replays
+                .iter()
+                .filter_map(|(&n, r)| Some((n, r.request.changed_range()?))),
+        );
+        for (n, range) in pieces {
+            let request = self.replays[&n].request.confined_to(range);
+            match request.issue(conn, None) {
                 Ok(wire) => {
                     self.replay_wire.insert(wire, n);
                 }

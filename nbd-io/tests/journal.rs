@@ -4,7 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 use nbd_io::{ExportIdentity, Journal, ReconnectPolicy, Request};
-use nbd_proto::wire::consts::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+use nbd_proto::wire::consts::{CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES};
 use nbd_proto::{CmdFlags, Completion, Config, Errno, Error, Event};
 use nbd_testkit::{FakeServer, Pair};
 
@@ -245,7 +245,7 @@ fn an_acknowledged_unflushed_write_is_written_again_before_the_resent_flush() {
     let mut pair = ready_pair(FakeServer::builder().size(4096).build());
     let mut journal = Journal::new();
     done_now(&mut pair, &mut journal, write(b"one", 0));
-    // A later overlapping write: replayed after the first one.
+    // A later overlapping write: where they overlap, only its bytes go again.
     done_now(&mut pair, &mut journal, write(b"TW", 1));
     assert_eq!(journal.unflushed(), 2);
     let f = journal.submit(&mut pair.client, flush(), None).unwrap();
@@ -273,6 +273,47 @@ fn an_acknowledged_unflushed_write_is_written_again_before_the_resent_flush() {
     assert_eq!(done[0].cookie, f);
     done[0].result.clone().unwrap();
     assert_eq!(journal.unflushed(), 0, "the flush covered them");
+}
+
+/// Kept writes go out together, and a server may carry out commands in
+/// flight in any order: where they overlap, only what no later one covers
+/// is written again, so the order cannot matter.
+#[test]
+fn overlapping_kept_writes_go_again_as_disjoint_pieces() {
+    let mut pair = ready_pair(FakeServer::builder().size(4096).build());
+    let mut journal = Journal::new();
+    done_now(&mut pair, &mut journal, write(b"older", 100));
+    done_now(&mut pair, &mut journal, write(b"abcdefgh", 0));
+    done_now(
+        &mut pair,
+        &mut journal,
+        Request::Zero {
+            count: 2,
+            offset: 2,
+            flags: CmdFlags::empty(),
+        },
+    );
+    done_now(&mut pair, &mut journal, write(b"XY", 6));
+    // Covers the first write entirely: it is not written again.
+    done_now(&mut pair, &mut journal, write(b"newer", 100));
+    assert_eq!(journal.unflushed(), 5);
+    hang_up(&mut pair, &mut journal);
+
+    let mut second = restarted(4096);
+    let (_, refused) = journal.resend(&mut second.client);
+    assert!(refused.is_empty());
+    second.drive();
+    assert!(through(&mut second, &mut journal, true).is_empty());
+    // "ab" and "ef" of the second write, "XY", "newer"; and the zero.
+    assert_eq!(second.server.commands_seen(CMD_WRITE), 4);
+    assert_eq!(second.server.commands_seen(CMD_WRITE_ZEROES), 1);
+    let image = second.server.image_bytes();
+    assert_eq!(&image[..8], b"ab\0\0efXY");
+    assert_eq!(&image[100..105], b"newer");
+    // They all stay kept until a flush covers them.
+    assert_eq!(journal.unflushed(), 5);
+    done_now(&mut second, &mut journal, flush());
+    assert_eq!(journal.unflushed(), 0);
 }
 
 #[test]
