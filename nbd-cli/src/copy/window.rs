@@ -13,7 +13,8 @@
 
 use std::time::Duration;
 
-/// The window on a local link (Unix socket, loopback, vsock).
+/// The window on a local link (Unix socket, loopback, vsock), before the
+/// floor of two requests: with the default 1 MiB requests, 2 MiB.
 pub const LOCAL_WINDOW: u64 = 1 << 20;
 
 /// The largest default window: nbdcopy's queue size.
